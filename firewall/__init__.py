@@ -1,0 +1,1 @@
+"""The network lock: default-deny iptables/ip6tables rules applied with python-iptables."""

@@ -1,0 +1,1 @@
+"""copilot_here secure proxy runtime: policy core, interceptor, init and host CLI."""
