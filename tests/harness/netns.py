@@ -246,6 +246,12 @@ class Topology:
             (self.net, self.net_if, self.net_ip, self.net_ip6),
         ):
             ipn = ["ip", "-n", ns]
+            # No DAD at all, link-local included: a tentative fe80:: address silently
+            # drops the first neighbour advertisements and makes early IPv6 flaky.
+            _run(
+                ["ip", "netns", "exec", ns, "sysctl", "-qw"]
+                + [f"net.ipv6.conf.{i}.accept_dad=0" for i in ("all", "default", ifname)]
+            )
             _run([*ipn, "link", "set", "lo", "up"])
             _run([*ipn, "addr", "add", f"{v4}/24", "dev", ifname])
             _run([*ipn, "-6", "addr", "add", f"{v6}/64", "dev", ifname, "nodad"])
@@ -253,6 +259,15 @@ class Topology:
         _run(["ip", "-n", self.box, "route", "add", "default", "via", self.net_ip])
         _run(["ip", "-n", self.box, "-6", "route", "add", "default", "via", self.net_ip6])
         self.write_etc()
+        self._wait_no_tentative()
+
+    def _wait_no_tentative(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        for ns in (self.box, self.net):
+            while "tentative" in _run(["ip", "-n", ns, "-6", "addr"]).stdout:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"IPv6 addresses in {ns} still tentative")
+                time.sleep(0.05)
 
     def close(self) -> None:
         if not self._started:

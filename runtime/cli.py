@@ -1,0 +1,300 @@
+"""`copilot_here`: the host CLI.
+
+Network configuration commands (init, show, enable/disable, check) work on the
+same files and through the same core the container uses. Exit codes: 0
+success, 1 config error, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from runtime import paths
+from runtime.config import ConfigError, validate_config
+from runtime.explain import explain
+from runtime.policy import Mode, Request
+from runtime.resolve import (
+    BUILT_IN,
+    GLOBAL,
+    REPO,
+    Resolved,
+    find_config,
+    global_config_path,
+    repo_config_path,
+    resolve,
+)
+
+EXIT_OK, EXIT_CONFIG, EXIT_USAGE = 0, 1, 2
+
+TEMPLATE: dict[str, Any] = {
+    "enabled": False,
+    "inherit_defaults": True,
+    "mode": "monitor",
+    "log_to_file": False,
+    "allowed_rules": [],
+}
+NO_INHERIT_RULES = [
+    {"host": "github.com"},
+    {"host": "api.github.com"},
+    {"host": "copilot-proxy.githubusercontent.com"},
+]
+
+
+def template(no_inherit: bool) -> dict[str, Any]:
+    data = dict(TEMPLATE)
+    if no_inherit:
+        data["inherit_defaults"] = False
+        data["allowed_rules"] = [dict(rule) for rule in NO_INHERIT_RULES]
+    return data
+
+
+class UsageError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# Files
+
+
+def dump(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Temp file beside the target, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(prefix=".network-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_ordered(path: Path) -> dict[str, Any]:
+    """The file as written (key order kept), validated so we never write a broken config."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        from runtime.config import parse_config
+
+        parse_config(text, str(path))  # raises the ConfigError with line and column
+        raise
+    validate_config(data, str(path))
+    return data
+
+
+# ---------------------------------------------------------------------------
+# Commands
+
+
+def cmd_init(target: Path, no_inherit: bool, force: bool, out) -> int:
+    if target.exists() and not force:
+        print(
+            f"A network config already exists at {target}; it was left unchanged "
+            "(use --force to replace it).",
+            file=out,
+        )
+        return EXIT_OK
+    atomic_write(target, dump(template(no_inherit)))
+    print(f"Created {target}", file=out)
+    return EXIT_OK
+
+
+def cmd_set_enabled(target: Path, enabled: bool, out) -> int:
+    if target.exists():
+        data = load_ordered(target)
+        created = False
+    else:
+        data = template(no_inherit=False)
+        created = True
+    data["enabled"] = enabled
+    validate_config(data, str(target))
+    atomic_write(target, dump(data))
+    state = "enabled" if enabled else "disabled"
+    print(f"Secure proxy {state} in {target}{' (created)' if created else ''}", file=out)
+    return EXIT_OK
+
+
+def describe_rules(resolved: Resolved) -> list[str]:
+    lines = []
+    for rule in resolved.policy.rules:
+        paths_text = ", ".join(e.text for e in rule.allowed_paths) or "all paths"
+        methods = ", ".join(sorted(rule.methods)) if rule.methods else "all methods"
+        lines.append(f"  {rule.host:<40} {paths_text:<24} {methods:<14} [{rule.origin.label}]")
+    return lines
+
+
+def cmd_show(project: Path, home: Path, config_write: bool, out) -> int:
+    resolved = resolve(project, home)
+    policy = resolved.policy
+    where = {REPO: "repo config", GLOBAL: "global config", BUILT_IN: "no config file"}[
+        resolved.kind
+    ]
+    print(f"Config source: {resolved.source} ({where})", file=out)
+    if policy.mode is Mode.ALLOW_ALL:
+        print("Rules: DISABLED (allow-all mode: every request goes through)", file=out)
+    else:
+        print(f"Rules: ENABLED (mode: {policy.mode.value})", file=out)
+    if policy.mode is Mode.MONITOR and not resolved.config.log_to_file:
+        logging = "on (forced by monitor mode)"
+    else:
+        logging = "on" if policy.log_to_file else "off"
+    print(f"Traffic log: {logging} ({paths.traffic_log()} in the container)", file=out)
+    print(
+        f"Inherit built-in defaults: {'yes' if resolved.config.inherit_defaults else 'no'}",
+        file=out,
+    )
+    if resolved.path is not None:
+        mount = (
+            "writable (--network-config-write)"
+            if config_write
+            else ("read-only (pass --network-config-write to edit rules live)")
+        )
+        print(f"Config mount in a run: {mount}", file=out)
+    if policy.mode is not Mode.ALLOW_ALL:
+        print(f"Allowed rules ({len(policy.rules)}):", file=out)
+        lines = describe_rules(resolved)
+        print("\n".join(lines) if lines else "  (none: every request is a violation)", file=out)
+    return EXIT_OK
+
+
+def request_for_url(url: str, method: str) -> Request:
+    parts = urlsplit(url if "://" in url else "https://" + url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"--network-check needs an http(s) URL, not {url!r}")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:
+        raise UsageError(f"bad port in {url!r}: {exc}") from None
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    host = parts.hostname
+    return Request(
+        method=method,
+        path=path,
+        scheme=parts.scheme,
+        port=port,
+        sni=host if parts.scheme == "https" else None,
+        host_header=host,
+    )
+
+
+def cmd_check(project: Path, home: Path, url: str, method: str, out) -> int:
+    resolved = resolve(project, home)
+    request = request_for_url(url, method.upper())
+    decision = resolved.policy.decide(request)
+    print(explain(decision, request.method, url, resolved.source), end="", file=out)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# Argument parsing
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="copilot_here",
+        description="Run coding agents in a container whose outbound network is guarded.",
+    )
+    net = parser.add_argument_group("network configuration")
+    actions = net.add_mutually_exclusive_group()
+    actions.add_argument(
+        "--network-init",
+        action="store_true",
+        help="create .copilot_here/network.json in this project",
+    )
+    actions.add_argument(
+        "--network-init-global", action="store_true", help="create ~/.copilot_here/network.json"
+    )
+    actions.add_argument(
+        "--network-show",
+        action="store_true",
+        help="show the effective config, its source and rules",
+    )
+    actions.add_argument(
+        "--network-enable",
+        action="store_true",
+        help="enable rules in the config in use (repo, else global, else new repo)",
+    )
+    actions.add_argument(
+        "--network-disable", action="store_true", help="disable rules in the config in use"
+    )
+    actions.add_argument(
+        "--network-enable-global", action="store_true", help="enable rules in the global config"
+    )
+    actions.add_argument(
+        "--network-disable-global", action="store_true", help="disable rules in the global config"
+    )
+    actions.add_argument(
+        "--network-check",
+        metavar="URL",
+        help="explain how the effective policy treats a request to URL",
+    )
+    net.add_argument("--method", default="GET", help="HTTP method for --network-check")
+    net.add_argument(
+        "--no-inherit",
+        action="store_true",
+        help="with --network-init*: do not inherit built-in defaults",
+    )
+    net.add_argument(
+        "--force", action="store_true", help="with --network-init*: replace an existing config"
+    )
+    net.add_argument(
+        "--network-config-write",
+        action="store_true",
+        help="mount the network config writable in the container (live edits)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    project = Path.cwd()
+    home = Path(os.environ.get("HOME") or Path.home())
+    out = sys.stdout
+    try:
+        if (args.no_inherit or args.force) and not (args.network_init or args.network_init_global):
+            raise UsageError(
+                "--no-inherit and --force go with --network-init or --network-init-global"
+            )
+        if args.network_init:
+            return cmd_init(repo_config_path(project), args.no_inherit, args.force, out)
+        if args.network_init_global:
+            return cmd_init(global_config_path(home), args.no_inherit, args.force, out)
+        if args.network_show:
+            return cmd_show(project, home, args.network_config_write, out)
+        if args.network_enable or args.network_disable:
+            _, path = find_config(project, home)
+            target = path if path is not None else repo_config_path(project)
+            return cmd_set_enabled(target, args.network_enable, out)
+        if args.network_enable_global or args.network_disable_global:
+            return cmd_set_enabled(global_config_path(home), args.network_enable_global, out)
+        if args.network_check:
+            return cmd_check(project, home, args.network_check, args.method, out)
+        parser.print_help(out)
+        return EXIT_OK
+    except UsageError as exc:
+        print(f"copilot_here: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as exc:
+        print(f"copilot_here: invalid network config\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""The `network.json` model: parsing, validation with actionable errors, compilation.
+
+Pure: text and values in, a config or a list of problems out. Reading files is
+`runtime.resolve`'s job. Every problem names the field (a JSON pointer) and
+the fix, in the manner of smokescreen's ACL errors.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+from urllib.parse import urlsplit
+
+from runtime.policy import (
+    BUILT_IN_ORIGIN,
+    HostError,
+    Mode,
+    Origin,
+    Policy,
+    Rule,
+    make_rule,
+    normalize_host_pattern,
+    normalize_path,
+)
+
+TOP_LEVEL_KEYS = ("$schema", "enabled", "inherit_defaults", "mode", "log_to_file", "allowed_rules")
+RULE_KEYS = ("host", "allowed_paths", "methods")
+MODES = ("monitor", "enforce")
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE")
+
+# Names people reach for from other tools; difflib alone would not find these.
+ALIASES = {
+    "allowedhosts": "allowed_rules",
+    "allowed_hosts": "allowed_rules",
+    "allowedrules": "allowed_rules",
+    "rules": "allowed_rules",
+    "hosts": "allowed_rules",
+    "allowed_domains": "allowed_rules",
+    "allowlist": "allowed_rules",
+    "inheritdefaults": "inherit_defaults",
+    "logtofile": "log_to_file",
+    "log": "log_to_file",
+    "enable": "enabled",
+    "paths": "allowed_paths",
+    "allowedpaths": "allowed_paths",
+    "path": "allowed_paths",
+    "method": "methods",
+    "domain": "host",
+    "hostname": "host",
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    pointer: str  # JSON pointer to the field, "" for the whole document
+    message: str
+    fix: str
+
+    def render(self, source: str) -> str:
+        where = f"{source}: {self.pointer or '/'}"
+        return f"{where}: {self.message}. Fix: {self.fix}"
+
+
+class ConfigError(Exception):
+    """A config that cannot be used. `str()` is the full, user-facing explanation."""
+
+    def __init__(self, source: str, problems: Iterable[Problem]) -> None:
+        self.source = source
+        self.problems = tuple(problems)
+        super().__init__("\n".join(p.render(source) for p in self.problems))
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """A rule as written by the user, already validated."""
+
+    host: str
+    allowed_paths: tuple[str, ...] = ()
+    methods: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    enabled: bool = False
+    inherit_defaults: bool = True
+    mode: str = "monitor"
+    log_to_file: bool = False
+    allowed_rules: tuple[RuleSpec, ...] = field(default_factory=tuple)
+
+
+# ---------------------------------------------------------------------------
+# Parsing and validation
+
+
+def parse_config(text: str, source: str) -> NetworkConfig:
+    """Parse and validate a network.json document; raise ConfigError naming every problem."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            source,
+            [
+                Problem(
+                    "",
+                    f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
+                    "correct the JSON syntax there (a trailing comma or a missing quote?)",
+                )
+            ],
+        ) from None
+    return validate_config(data, source)
+
+
+def validate_config(data: Any, source: str) -> NetworkConfig:
+    problems: list[Problem] = []
+    if not isinstance(data, dict):
+        raise ConfigError(
+            source,
+            [
+                Problem(
+                    "",
+                    f"the document must be a JSON object, not {_type_name(data)}",
+                    'start from {"enabled": true, "mode": "enforce", "allowed_rules": []}',
+                )
+            ],
+        )
+    problems += _unknown_keys(data, TOP_LEVEL_KEYS, "")
+    enabled = _bool(data, "enabled", False, "", problems)
+    inherit = _bool(data, "inherit_defaults", True, "", problems)
+    log_to_file = _bool(data, "log_to_file", False, "", problems)
+    mode = data.get("mode", "monitor")
+    if mode not in MODES:
+        problems.append(
+            Problem("/mode", f"{json.dumps(mode)} is not a mode", 'use "monitor" or "enforce"')
+        )
+    if "$schema" in data and not isinstance(data["$schema"], str):
+        problems.append(Problem("/$schema", "must be a string", "give the schema's URL or path"))
+    rules: list[RuleSpec] = []
+    raw_rules = data.get("allowed_rules", [])
+    if not isinstance(raw_rules, list):
+        problems.append(
+            Problem(
+                "/allowed_rules",
+                f"must be a list of rules, not {_type_name(raw_rules)}",
+                'write [{"host": "example.com"}]',
+            )
+        )
+    else:
+        for index, raw in enumerate(raw_rules):
+            rule = _validate_rule(raw, f"/allowed_rules/{index}", problems)
+            if rule is not None:
+                rules.append(rule)
+    if problems:
+        raise ConfigError(source, problems)
+    return NetworkConfig(
+        enabled=enabled,
+        inherit_defaults=inherit,
+        mode=mode,
+        log_to_file=log_to_file,
+        allowed_rules=tuple(rules),
+    )
+
+
+def _validate_rule(raw: Any, pointer: str, problems: list[Problem]) -> RuleSpec | None:
+    if isinstance(raw, str):
+        problems.append(
+            Problem(pointer, "a rule must be an object", f'write {{"host": {json.dumps(raw)}}}')
+        )
+        return None
+    if not isinstance(raw, dict):
+        problems.append(
+            Problem(
+                pointer,
+                f"a rule must be an object, not {_type_name(raw)}",
+                'write {"host": "example.com"}',
+            )
+        )
+        return None
+    before = len(problems)
+    problems += _unknown_keys(raw, RULE_KEYS, pointer)
+    host = raw.get("host")
+    if "host" not in raw:
+        problems.append(
+            Problem(pointer, "the rule has no host", 'add "host": "example.com" to the rule')
+        )
+    elif not isinstance(host, str):
+        problems.append(
+            Problem(
+                f"{pointer}/host",
+                f"must be a string, not {_type_name(host)}",
+                'write "host": "example.com"',
+            )
+        )
+    else:
+        _check_host(host, f"{pointer}/host", problems)
+    paths = raw.get("allowed_paths", [])
+    if not isinstance(paths, list):
+        problems.append(
+            Problem(
+                f"{pointer}/allowed_paths",
+                f"must be a list of paths, not {_type_name(paths)}",
+                'write "allowed_paths": ["/v1/"] ([] allows every path)',
+            )
+        )
+    else:
+        for index, path in enumerate(paths):
+            _check_path(path, f"{pointer}/allowed_paths/{index}", problems)
+    methods = raw.get("methods")
+    if methods is not None:
+        if not isinstance(methods, list) or not methods:
+            problems.append(
+                Problem(
+                    f"{pointer}/methods",
+                    "must be a non-empty list of HTTP methods",
+                    'write "methods": ["GET", "HEAD"], or leave it out to allow every method',
+                )
+            )
+        else:
+            for index, method in enumerate(methods):
+                if not isinstance(method, str) or method.upper() not in HTTP_METHODS:
+                    problems.append(
+                        Problem(
+                            f"{pointer}/methods/{index}",
+                            f"{json.dumps(method)} is not an HTTP method",
+                            "use one of " + ", ".join(HTTP_METHODS),
+                        )
+                    )
+    if len(problems) > before:
+        return None
+    return RuleSpec(
+        host=host,
+        allowed_paths=tuple(paths),
+        methods=None if methods is None else tuple(m.upper() for m in methods),
+    )
+
+
+def _check_host(host: str, pointer: str, problems: list[Problem]) -> None:
+    def bad(message: str, use: str) -> None:
+        problems.append(Problem(pointer, message, use))
+
+    if "://" in host or "/" in host:
+        url = urlsplit(host if "://" in host else "//" + host)
+        name = url.hostname or ""
+        path = url.path or ""
+        fix = {"host": name}
+        if path not in ("", "/"):
+            fix["allowed_paths"] = [path]
+        bad(
+            f"{json.dumps(host)} is a URL, not a host",
+            f"write the rule as {json.dumps(fix)}",
+        )
+        return
+    stripped = host.strip()
+    if stripped == "*" or stripped == "*.":
+        bad(
+            "a bare '*' would allow every host",
+            'set "enabled": false for allow-all, or list the hosts you need',
+        )
+        return
+    if ":" in stripped and not _looks_ipv6(stripped):
+        name = stripped.rsplit(":", 1)[0]
+        bad(
+            f"{json.dumps(host)} has a port; rules match hosts on any port",
+            f'write "host": {json.dumps(name)}',
+        )
+        return
+    try:
+        normalized = normalize_host_pattern(stripped)
+    except HostError as exc:
+        use = (
+            f'write "host": {json.dumps(exc.suggestion)}'
+            if exc.suggestion
+            else ('write a host name such as "api.example.com", "*.example.com" or an IP address')
+        )
+        bad(str(exc), use)
+        return
+    if normalized.startswith("*.") and _is_public_suffix(normalized[2:]):
+        bad(
+            f"{json.dumps(host)} would allow every site under the public suffix {normalized[2:]!r}",
+            f'name the registrable domain, e.g. "*.example.{normalized[2:]}"',
+        )
+
+
+def _looks_ipv6(text: str) -> bool:
+    return text.startswith("[") or text.count(":") >= 2
+
+
+@cache
+def _public_suffixes() -> Any:
+    from publicsuffixlist import PublicSuffixList
+
+    return PublicSuffixList(only_icann=True)
+
+
+def _is_public_suffix(domain: str) -> bool:
+    return bool(_public_suffixes().is_public(domain))
+
+
+def _check_path(path: Any, pointer: str, problems: list[Problem]) -> None:
+    if not isinstance(path, str):
+        problems.append(
+            Problem(
+                pointer, f"must be a string, not {_type_name(path)}", 'write a path like "/v1/"'
+            )
+        )
+        return
+    if not path.startswith("/"):
+        problems.append(
+            Problem(pointer, f"{json.dumps(path)} must start with '/'", f'write "/{path}"')
+        )
+        return
+    if "?" in path or "#" in path or any(c.isspace() for c in path):
+        clean = path.split("#", 1)[0].split("?", 1)[0].strip()
+        problems.append(
+            Problem(
+                pointer,
+                f"{json.dumps(path)} has a query, fragment or space; paths match without them",
+                f'write "{clean}"',
+            )
+        )
+        return
+    normalized = normalize_path(path)
+    if normalized != path and normalized.rstrip("/") != path.rstrip("/"):
+        problems.append(
+            Problem(
+                pointer,
+                f"{json.dumps(path)} is not in normal form (dot segments, repeated slashes "
+                "or escapes)",
+                f'write "{normalized}"',
+            )
+        )
+
+
+def _unknown_keys(data: Mapping[str, Any], known: tuple[str, ...], pointer: str) -> list[Problem]:
+    problems = []
+    for key in data:
+        if key in known:
+            continue
+        guess = ALIASES.get(key.lower().replace("-", "_")) or ALIASES.get(key.lower())
+        if guess not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            guess = close[0] if close else None
+        fix = f'rename it to "{guess}"' if guess else "remove it; known keys: " + ", ".join(known)
+        problems.append(Problem(f"{pointer}/{_escape(key)}", f'unknown key "{key}"', fix))
+    return problems
+
+
+def _bool(data: Mapping[str, Any], key: str, default: bool, pointer: str, problems: list[Problem]):
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        problems.append(
+            Problem(
+                f"{pointer}/{key}",
+                f"must be true or false, not {json.dumps(value)}",
+                f'write "{key}": {"true" if value in (1, "true", "yes", "on") else "false"}',
+            )
+        )
+        return default
+    return value
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def _type_name(value: Any) -> str:
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
+# ---------------------------------------------------------------------------
+# Compilation
+
+
+def user_rules(config: NetworkConfig, source_file: str) -> list[Rule]:
+    origin = Origin("user", source_file)
+    return [make_rule(r.host, r.allowed_paths, r.methods, origin) for r in config.allowed_rules]
+
+
+def merge_rules(user: Iterable[Rule], built_in: Iterable[Rule]) -> tuple[Rule, ...]:
+    """User rules first; a built-in rule is added unless the user wrote a rule for its host."""
+    user = tuple(user)
+    overridden = {rule.host for rule in user}
+    return user + tuple(rule for rule in built_in if rule.host not in overridden)
+
+
+def compile_policy(
+    config: NetworkConfig,
+    source: str,
+    built_in: Iterable[Rule] = (),
+) -> Policy:
+    """The seed's behaviour matrix, in one place.
+
+    enabled false -> allow-all (log only if log_to_file); enabled true ->
+    rules apply in monitor (logging forced on) or enforce mode.
+    """
+    if not config.enabled:
+        return Policy.build(Mode.ALLOW_ALL, config.log_to_file, (), source)
+    rules = user_rules(config, source)
+    merged = merge_rules(rules, built_in) if config.inherit_defaults else tuple(rules)
+    return Policy.build(Mode(config.mode), config.log_to_file, merged, source)
+
+
+def built_in_rules(specs: Iterable[Mapping[str, Any]]) -> tuple[Rule, ...]:
+    return tuple(
+        make_rule(s["host"], s.get("allowed_paths", ()), s.get("methods"), BUILT_IN_ORIGIN)
+        for s in specs
+    )

@@ -1,0 +1,431 @@
+"""The policy core: host and path normalisation, rule matching, decisions.
+
+No I/O and no mitmproxy here. The interceptor addon, the host CLI, the
+reloader and the tests all call this one module, so there is exactly one
+place that decides whether a request may leave the box.
+
+Modelled on smokescreen's ACL (every decision carries its reason) and on
+h11 (a core that only transforms values).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import idna
+
+# ---------------------------------------------------------------------------
+# Vocabulary
+
+
+class Mode(StrEnum):
+    ALLOW_ALL = "allow-all"
+    MONITOR = "monitor"
+    ENFORCE = "enforce"
+
+
+class Action(StrEnum):
+    ALLOW = "allow"
+    BLOCK = "block"
+    #: monitor mode: the request violates the rules but is let through
+    VIOLATION = "violation"
+
+
+class Reason(StrEnum):
+    ALLOW_ALL = "allow_all"
+    RULE_MATCH = "rule_match"
+    HOST_NOT_ALLOWED = "host_not_allowed"
+    PATH_NOT_ALLOWED = "path_not_allowed"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    HOST_MISMATCH = "host_mismatch"
+
+
+BUILT_IN = "built-in"
+
+
+class HostError(ValueError):
+    """A host that cannot be used in a rule or judged; `suggestion` is the form to use."""
+
+    def __init__(self, message: str, suggestion: str | None = None) -> None:
+        super().__init__(message)
+        self.suggestion = suggestion
+
+
+# ---------------------------------------------------------------------------
+# Hosts
+
+
+def _ip_literal(text: str) -> str | None:
+    """The canonical text of an IP literal (brackets allowed around IPv6), else None."""
+    candidate = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    try:
+        return str(ipaddress.ip_address(candidate))
+    except ValueError:
+        return None
+
+
+def normalize_host(raw: str) -> str:
+    """Canonical form of a host name or IP literal, as rules and requests compare it.
+
+    Lower case, one trailing dot dropped, international names in punycode
+    (IDNA 2008 with UTS 46 mapping), IPv6 compressed without brackets.
+    Raises HostError for anything that is not a host.
+    """
+    text = raw.strip()
+    if not text:
+        raise HostError("host is empty")
+    ip = _ip_literal(text)
+    if ip is not None:
+        return ip
+    if text.endswith("."):
+        text = text[:-1]
+    if not text or text.startswith(".") or ".." in text:
+        raise HostError(f"{raw!r} has an empty label")
+    try:
+        return idna.encode(text, uts46=True).decode("ascii")
+    except idna.IDNAError as exc:
+        raise HostError(f"{raw!r} is not a valid host name ({exc})") from None
+
+
+def normalize_host_pattern(raw: str) -> str:
+    """Canonical form of a rule's host: a host, an IP literal, or `*.` + a host."""
+    text = raw.strip()
+    if text.startswith("*."):
+        rest = normalize_host(text[2:])
+        if _ip_literal(rest) is not None:
+            raise HostError(f"{raw!r}: a wildcard cannot cover an IP address", rest)
+        return "*." + rest
+    if "*" in text:
+        raise HostError(
+            f"{raw!r}: '*' is only allowed as the whole first label, as in '*.example.com'"
+        )
+    return normalize_host(text)
+
+
+def split_host_port(value: str) -> str:
+    """Host part of a Host header or authority (`example.com:443`, `[::1]:80`)."""
+    value = value.strip()
+    if value.startswith("["):
+        end = value.find("]")
+        return value[: end + 1] if end != -1 else value
+    if value.count(":") == 1:
+        return value.split(":", 1)[0]
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Paths
+
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def _decode_unreserved(match: re.Match[str]) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else "%" + match.group(1).upper()
+
+
+def _is_dot_segment(segment: str, dots: str) -> bool:
+    # `..;x` is `..` to servlet containers (path parameters): treat it as one.
+    return segment.split(";", 1)[0] == dots
+
+
+def normalize_path(raw: str) -> str:
+    """The path a request is judged on.
+
+    Query and fragment dropped, percent-encoded unreserved characters decoded
+    (other escapes upper-cased, so `%2f` stays data, never a separator), dot
+    segments resolved, repeated slashes collapsed. Always starts with `/`.
+    """
+    path = raw.split("#", 1)[0].split("?", 1)[0]
+    path = _PERCENT.sub(_decode_unreserved, path)
+    trailing = (
+        path.endswith("/")
+        or _is_dot_segment(path.rsplit("/", 1)[-1], ".")
+        or (_is_dot_segment(path.rsplit("/", 1)[-1], ".."))
+    )
+    out: list[str] = []
+    for segment in path.split("/"):
+        if segment == "" or _is_dot_segment(segment, "."):
+            continue
+        if _is_dot_segment(segment, ".."):
+            if out:
+                out.pop()
+            continue
+        out.append(segment)
+    normalized = "/" + "/".join(out)
+    if trailing and out:
+        normalized += "/"
+    return normalized
+
+
+@dataclass(frozen=True, slots=True)
+class PathEntry:
+    """One `allowed_paths` entry, normalised once at compile time."""
+
+    text: str
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.text.endswith("/")
+
+    def covers(self, path: str) -> bool:
+        if self.is_prefix:
+            return path.startswith(self.text)
+        return path == self.text or path.startswith(self.text + "/")
+
+
+# ---------------------------------------------------------------------------
+# Rules and the compiled policy
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a rule came from: the image's built-in defaults or a user's config file."""
+
+    kind: str  # BUILT_IN or "user"
+    file: str | None = None
+
+    @property
+    def label(self) -> str:
+        return BUILT_IN if self.kind == BUILT_IN else (self.file or "user")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "file": self.file}
+
+
+BUILT_IN_ORIGIN = Origin(BUILT_IN)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    host: str  # normalised pattern
+    allowed_paths: tuple[PathEntry, ...] = ()
+    methods: frozenset[str] | None = None
+    origin: Origin = BUILT_IN_ORIGIN
+
+    @property
+    def is_wildcard(self) -> bool:
+        return self.host.startswith("*.")
+
+    def allows_path(self, path: str) -> bool:
+        return not self.allowed_paths or any(entry.covers(path) for entry in self.allowed_paths)
+
+    def allows_method(self, method: str) -> bool:
+        return self.methods is None or method in self.methods
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "host": self.host,
+            "allowed_paths": [entry.text for entry in self.allowed_paths],
+        }
+        if self.methods is not None:
+            data["methods"] = sorted(self.methods)
+        data["origin"] = self.origin.to_json()
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Rule:
+        origin = data.get("origin") or {}
+        methods = data.get("methods")
+        return make_rule(
+            data["host"],
+            data.get("allowed_paths", ()),
+            methods,
+            Origin(origin.get("kind", BUILT_IN), origin.get("file")),
+        )
+
+
+def make_rule(
+    host: str,
+    allowed_paths: Iterable[str] = (),
+    methods: Iterable[str] | None = None,
+    origin: Origin = BUILT_IN_ORIGIN,
+) -> Rule:
+    """Build a rule from already validated values, normalising them once."""
+    return Rule(
+        host=normalize_host_pattern(host),
+        allowed_paths=tuple(
+            dict.fromkeys(PathEntry(normalize_path(path)) for path in allowed_paths)
+        ),
+        methods=None if methods is None else frozenset(m.upper() for m in methods),
+        origin=origin,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What the core needs to know about one request.
+
+    The host judged is the TLS SNI, else the Host header, else the IP dialled.
+    """
+
+    method: str
+    path: str
+    scheme: str = "https"
+    port: int = 443
+    sni: str | None = None
+    host_header: str | None = None
+    dialled: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    reason: Reason
+    mode: Mode
+    host: str
+    path: str
+    rule: Rule | None = None
+
+    @property
+    def blocked(self) -> bool:
+        return self.action is Action.BLOCK
+
+    @property
+    def violation(self) -> bool:
+        return self.action is Action.VIOLATION
+
+    @property
+    def log_action(self) -> str:
+        """The traffic log's `action` field: ALLOW or BLOCK, as in the seed."""
+        return "BLOCK" if self.blocked else "ALLOW"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One immutable, compiled policy. Build it with `Policy.build` or `from_json`."""
+
+    mode: Mode
+    log_to_file: bool
+    rules: tuple[Rule, ...]
+    source: str  # config path, or "built-in defaults"
+    exact: Mapping[str, tuple[Rule, ...]] = field(repr=False, default_factory=dict)
+    wildcard: Mapping[str, tuple[Rule, ...]] = field(repr=False, default_factory=dict)
+
+    @classmethod
+    def build(cls, mode: Mode, log_to_file: bool, rules: Iterable[Rule], source: str) -> Policy:
+        rules = tuple(rules) if mode is not Mode.ALLOW_ALL else ()
+        exact: dict[str, list[Rule]] = {}
+        wildcard: dict[str, list[Rule]] = {}
+        for rule in rules:
+            table, key = (wildcard, rule.host[2:]) if rule.is_wildcard else (exact, rule.host)
+            table.setdefault(key, []).append(rule)
+        # Monitor mode always logs: that is its whole point.
+        log = True if mode is Mode.MONITOR else log_to_file
+        return cls(
+            mode=mode,
+            log_to_file=log,
+            rules=rules,
+            source=source,
+            exact={k: tuple(v) for k, v in exact.items()},
+            wildcard={k: tuple(v) for k, v in wildcard.items()},
+        )
+
+    # -- lookups --------------------------------------------------------------
+
+    def rules_for_host(self, host: str) -> tuple[Rule, ...]:
+        """Rules of the most specific pattern covering `host` (exact beats wildcard).
+
+        A dictionary probe per label: flat however many rules there are.
+        """
+        found = self.exact.get(host)
+        if found:
+            return found
+        if _ip_literal(host) is not None:
+            return ()
+        rest = host
+        while "." in rest:
+            rest = rest.split(".", 1)[1]
+            found = self.wildcard.get(rest)
+            if found:
+                return found
+        return ()
+
+    def decide(self, request: Request) -> Decision:
+        path = normalize_path(request.path)
+        method = request.method.upper()
+        try:
+            host, mismatch = judged_host(request)
+        except HostError:
+            host, mismatch = (request.sni or request.host_header or request.dialled or ""), True
+            if self.mode is not Mode.ALLOW_ALL:
+                return self._verdict(Reason.HOST_NOT_ALLOWED, host, path, None)
+        if self.mode is Mode.ALLOW_ALL:
+            return Decision(Action.ALLOW, Reason.ALLOW_ALL, self.mode, host, path)
+        if mismatch:
+            return self._verdict(Reason.HOST_MISMATCH, host, path, None)
+        candidates = self.rules_for_host(host)
+        if not candidates:
+            return self._verdict(Reason.HOST_NOT_ALLOWED, host, path, None)
+        path_match: Rule | None = None
+        for rule in candidates:
+            if rule.allows_path(path):
+                if rule.allows_method(method):
+                    return Decision(Action.ALLOW, Reason.RULE_MATCH, self.mode, host, path, rule)
+                path_match = path_match or rule
+        if path_match is not None:
+            return self._verdict(Reason.METHOD_NOT_ALLOWED, host, path, path_match)
+        return self._verdict(Reason.PATH_NOT_ALLOWED, host, path, candidates[0])
+
+    def _verdict(self, reason: Reason, host: str, path: str, rule: Rule | None) -> Decision:
+        action = Action.VIOLATION if self.mode is Mode.MONITOR else Action.BLOCK
+        return Decision(action, reason, self.mode, host, path, rule)
+
+    # -- serialisation (policy.json) ---------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "mode": self.mode.value,
+            "log_to_file": self.log_to_file,
+            "source": self.source,
+            "rules": [rule.to_json() for rule in self.rules],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Policy:
+        if data.get("version") != 1:
+            raise ValueError(f"unsupported policy version {data.get('version')!r}")
+        return cls.build(
+            Mode(data["mode"]),
+            bool(data["log_to_file"]),
+            (Rule.from_json(rule) for rule in data.get("rules", ())),
+            str(data.get("source", "")),
+        )
+
+
+def judged_host(request: Request) -> tuple[str, bool]:
+    """(host to judge, whether SNI and Host header disagree: domain fronting)."""
+    sni = normalize_host(request.sni) if request.sni else None
+    header = normalize_host(split_host_port(request.host_header)) if request.host_header else None
+    if sni is not None:
+        return sni, header is not None and header != sni
+    if header is not None:
+        return header, False
+    if request.dialled:
+        return normalize_host(request.dialled), False
+    raise HostError("request names no host")
+
+
+def suggested_rule(decision: Decision) -> dict[str, Any]:
+    """The rule a user could add so that this request would be allowed."""
+    if decision.reason is Reason.METHOD_NOT_ALLOWED and decision.rule is not None:
+        rule = decision.rule.to_json()
+        rule.pop("origin")
+        return rule
+    if decision.reason is Reason.PATH_NOT_ALLOWED and decision.rule is not None:
+        paths = [entry.text for entry in decision.rule.allowed_paths]
+        return {"host": decision.rule.host, "allowed_paths": [*paths, _parent(decision.path)]}
+    return {"host": decision.host, "allowed_paths": [_parent(decision.path)]}
+
+
+def _parent(path: str) -> str:
+    """`/v1/models` -> `/v1/`: the narrowest useful prefix to suggest."""
+    head = path.rsplit("/", 1)[0]
+    return head + "/" if head else path

@@ -1,0 +1,118 @@
+"""Finding, reading and compiling the config: the I/O around the pure core.
+
+Resolution, exactly as the seed says: the repo config wins outright; else the
+global config; else the built-in defaults (allow-all). No merging between repo
+and global. The init, the reloader and the host CLI all resolve through here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime import paths
+from runtime.config import (
+    ConfigError,
+    NetworkConfig,
+    Problem,
+    built_in_rules,
+    compile_policy,
+    parse_config,
+)
+from runtime.policy import Policy, Rule
+from runtime.registries import registry_hosts
+
+BUILT_IN_SOURCE = "built-in defaults"
+REPO, GLOBAL, BUILT_IN = "repo", "global", "built-in"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    kind: str  # REPO, GLOBAL or BUILT_IN
+    path: Path | None
+    config: NetworkConfig
+    policy: Policy
+
+    @property
+    def source(self) -> str:
+        return str(self.path) if self.path else BUILT_IN_SOURCE
+
+
+def repo_config_path(project_dir: Path) -> Path:
+    return project_dir / paths.REPO_CONFIG_RELATIVE
+
+
+def global_config_path(home: Path) -> Path:
+    return home / paths.REPO_CONFIG_RELATIVE
+
+
+def find_config(project_dir: Path, home: Path) -> tuple[str, Path | None]:
+    """Which config is in force. A path that exists wins even if it is broken:
+    a broken repo config is an error, never a silent fall-back to global."""
+    repo = repo_config_path(project_dir)
+    if os.path.lexists(repo):
+        return REPO, repo
+    glob = global_config_path(home)
+    if os.path.lexists(glob):
+        return GLOBAL, glob
+    return BUILT_IN, None
+
+
+def read_config(path: Path) -> NetworkConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            str(path),
+            [Problem("", f"cannot read the file ({exc})", "make it a readable UTF-8 JSON file")],
+        ) from None
+    return parse_config(text, str(path))
+
+
+def load_built_in(share: Path | None = None) -> tuple[Rule, ...]:
+    share = share or paths.share_dir()
+    defaults = json.loads((share / "defaults.json").read_text())
+    specs = list(defaults.get("allowed_rules", []))
+    hosts = registry_hosts(share)
+    for name in defaults.get("package_registries", []):
+        specs += [{"host": host} for host in hosts.get(name, [])]
+    return built_in_rules(specs)
+
+
+def resolve(project_dir: Path, home: Path, share: Path | None = None) -> Resolved:
+    kind, path = find_config(project_dir, home)
+    config = read_config(path) if path else NetworkConfig()
+    return compile_resolved(kind, path, config, share)
+
+
+def compile_resolved(
+    kind: str, path: Path | None, config: NetworkConfig, share: Path | None = None
+) -> Resolved:
+    source = str(path) if path else BUILT_IN_SOURCE
+    built_in = load_built_in(share) if config.enabled and config.inherit_defaults else ()
+    return Resolved(kind, path, config, compile_policy(config, source, built_in))
+
+
+def write_policy(policy: Policy, target: Path | None = None) -> Path:
+    """Write policy.json atomically (temp file in the same directory, then rename)."""
+    target = target or paths.policy_file()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".policy-", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(policy.to_json(), handle, indent=1)
+            handle.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def read_policy(path: Path | None = None) -> Policy:
+    path = path or paths.policy_file()
+    return Policy.from_json(json.loads(path.read_text()))
