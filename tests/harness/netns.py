@@ -259,15 +259,25 @@ class Topology:
         _run(["ip", "-n", self.box, "route", "add", "default", "via", self.net_ip])
         _run(["ip", "-n", self.box, "-6", "route", "add", "default", "via", self.net_ip6])
         self.write_etc()
-        self._wait_no_tentative()
+        self._wait_link_ready()
 
-    def _wait_no_tentative(self, timeout: float = 5.0) -> None:
+    def _wait_link_ready(self, timeout: float = 5.0) -> None:
+        """Wait until both veth ends can really send.
+
+        Until the kernel's linkwatch runs (up to a second after link up) a veth keeps
+        the noop qdisc, which drops everything: the first neighbour solicitation is
+        lost and the first IPv6 packet then waits a full second. Wait that out here.
+        """
         deadline = time.monotonic() + timeout
-        for ns in (self.box, self.net):
-            while "tentative" in _run(["ip", "-n", ns, "-6", "addr"]).stdout:
+        for ns, ifname in ((self.box, self.box_if), (self.net, self.net_if)):
+            while True:
+                link = _run(["ip", "-n", ns, "link", "show", "dev", ifname]).stdout
+                addrs = _run(["ip", "-n", ns, "-6", "addr"]).stdout
+                if "LOWER_UP" in link and "qdisc noop" not in link and "tentative" not in addrs:
+                    break
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"IPv6 addresses in {ns} still tentative")
-                time.sleep(0.05)
+                    raise TimeoutError(f"{ifname} in {ns} not ready: {link} {addrs}")
+                time.sleep(0.02)
 
     def close(self) -> None:
         if not self._started:
