@@ -25,6 +25,7 @@ from runtime.policy import (
     make_rule,
     normalize_host_pattern,
     normalize_path,
+    normalize_path_escapes,
 )
 
 TOP_LEVEL_KEYS = ("$schema", "enabled", "inherit_defaults", "mode", "log_to_file", "allowed_rules")
@@ -322,14 +323,17 @@ def _check_path(path: Any, pointer: str, problems: list[Problem]) -> None:
             )
         )
         return
-    normalized = normalize_path(path)
-    if normalized != path and normalized.rstrip("/") != path.rstrip("/"):
+    segments = normalize_path_escapes(path).split("/")[1:]
+    dot_or_empty = any(seg.split(";", 1)[0] in (".", "..") for seg in segments) or any(
+        seg == "" for seg in segments[:-1]
+    )
+    if dot_or_empty:
         problems.append(
             Problem(
                 pointer,
-                f"{json.dumps(path)} is not in normal form (dot segments, repeated slashes "
-                "or escapes)",
-                f'write "{normalized}"',
+                f"{json.dumps(path)} has '.', '..' or empty segments; rules are compared "
+                "with normalised paths",
+                f'write "{normalize_path(path)}"',
             )
         )
 

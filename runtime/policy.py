@@ -60,6 +60,9 @@ class HostError(ValueError):
 # Hosts
 
 
+_ASCII_HOST = re.compile(r"[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*")
+
+
 def _ip_literal(text: str) -> str | None:
     """The canonical text of an IP literal (brackets allowed around IPv6), else None."""
     candidate = text[1:-1] if text.startswith("[") and text.endswith("]") else text
@@ -86,6 +89,16 @@ def normalize_host(raw: str) -> str:
         text = text[:-1]
     if not text or text.startswith(".") or ".." in text:
         raise HostError(f"{raw!r} has an empty label")
+    if text.isascii():
+        # Plain ASCII names are compared as DNS sees them. IDNA 2008 would
+        # reject underscores, which real hosts (and DNS) do use.
+        name = text.lower()
+        if not _ASCII_HOST.fullmatch(name) or len(name) > 253:
+            raise HostError(
+                f"{raw!r} is not a valid host name (letters, digits, '-' and '_' in "
+                "dot-separated labels of at most 63 characters)"
+            )
+        return name
     try:
         return idna.encode(text, uts46=True).decode("ascii")
     except idna.IDNAError as exc:
@@ -130,6 +143,11 @@ def _decode_unreserved(match: re.Match[str]) -> str:
     return char if char in _UNRESERVED else "%" + match.group(1).upper()
 
 
+def normalize_path_escapes(path: str) -> str:
+    """Decode percent-encoded unreserved characters; upper-case the other escapes."""
+    return _PERCENT.sub(_decode_unreserved, path)
+
+
 def _is_dot_segment(segment: str, dots: str) -> bool:
     # `..;x` is `..` to servlet containers (path parameters): treat it as one.
     return segment.split(";", 1)[0] == dots
@@ -142,8 +160,7 @@ def normalize_path(raw: str) -> str:
     (other escapes upper-cased, so `%2f` stays data, never a separator), dot
     segments resolved, repeated slashes collapsed. Always starts with `/`.
     """
-    path = raw.split("#", 1)[0].split("?", 1)[0]
-    path = _PERCENT.sub(_decode_unreserved, path)
+    path = normalize_path_escapes(raw.split("#", 1)[0].split("?", 1)[0])
     trailing = (
         path.endswith("/")
         or _is_dot_segment(path.rsplit("/", 1)[-1], ".")

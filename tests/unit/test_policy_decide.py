@@ -1,0 +1,149 @@
+"""Decisions: reasons, modes, methods, domain fronting, serialisation."""
+
+from __future__ import annotations
+
+import json
+
+from runtime.explain import explain
+from runtime.policy import (
+    Action,
+    Mode,
+    Origin,
+    Policy,
+    Reason,
+    Request,
+    make_rule,
+    suggested_rule,
+)
+
+USER = Origin("user", "/work/.copilot_here/network.json")
+
+
+def build(mode: Mode = Mode.ENFORCE, log: bool = False) -> Policy:
+    return Policy.build(
+        mode,
+        log,
+        [
+            make_rule("api.github.com", ["/repos/", "/user"], origin=USER),
+            make_rule("uploads.example.com", ["/v1/"], ["GET"], origin=USER),
+            make_rule("uploads.example.com", ["/v1/"], ["PUT"], origin=USER),
+            make_rule("github.com"),
+        ],
+        USER.file or "",
+    )
+
+
+def req(host: str, path: str = "/", method: str = "GET", **kw) -> Request:
+    return Request(method, path, sni=host, host_header=host, **kw)
+
+
+def test_enforce_reasons() -> None:
+    p = build()
+    cases = [
+        (req("api.github.com", "/repos/a/b"), Action.ALLOW, Reason.RULE_MATCH),
+        (req("api.github.com", "/user/repos"), Action.ALLOW, Reason.RULE_MATCH),
+        (req("api.github.com", "/users"), Action.BLOCK, Reason.PATH_NOT_ALLOWED),
+        (req("api.github.com", "/repos/../admin"), Action.BLOCK, Reason.PATH_NOT_ALLOWED),
+        (req("evil.test"), Action.BLOCK, Reason.HOST_NOT_ALLOWED),
+        (req("uploads.example.com", "/v1/x", "put"), Action.ALLOW, Reason.RULE_MATCH),
+        (req("uploads.example.com", "/v1/x", "POST"), Action.BLOCK, Reason.METHOD_NOT_ALLOWED),
+        (req("uploads.example.com", "/v2/x", "GET"), Action.BLOCK, Reason.PATH_NOT_ALLOWED),
+    ]
+    for request, action, reason in cases:
+        d = p.decide(request)
+        assert (d.action, d.reason) == (action, reason), request
+        assert d.mode is Mode.ENFORCE
+
+
+def test_decision_carries_rule_and_origin() -> None:
+    d = build().decide(req("api.github.com", "/repos/x"))
+    assert d.rule is not None
+    assert d.rule.host == "api.github.com"
+    assert d.rule.origin.label == "/work/.copilot_here/network.json"
+    d = build().decide(req("github.com", "/x"))
+    assert d.rule is not None and d.rule.origin.label == "built-in"
+
+
+def test_monitor_never_blocks_but_flags() -> None:
+    p = build(Mode.MONITOR)
+    d = p.decide(req("evil.test"))
+    assert d.action is Action.VIOLATION and not d.blocked and d.violation
+    assert d.reason is Reason.HOST_NOT_ALLOWED
+    assert d.log_action == "ALLOW"
+    assert p.log_to_file, "monitor forces logging on"
+    ok = p.decide(req("github.com"))
+    assert ok.action is Action.ALLOW and not ok.violation
+
+
+def test_allow_all_allows_everything_even_fronting() -> None:
+    p = Policy.build(Mode.ALLOW_ALL, False, [make_rule("github.com")], "built-in defaults")
+    assert p.rules == ()
+    for request in (req("evil.test"), Request("GET", "/", sni="a.test", host_header="b.test")):
+        d = p.decide(request)
+        assert (d.action, d.reason) == (Action.ALLOW, Reason.ALLOW_ALL)
+
+
+def test_domain_fronting_blocked() -> None:
+    p = build()
+    d = p.decide(Request("GET", "/", sni="github.com", host_header="evil.test"))
+    assert (d.action, d.reason) == (Action.BLOCK, Reason.HOST_MISMATCH)
+    # Same host with a port or different case is not fronting.
+    d = p.decide(Request("GET", "/", sni="GitHub.com", host_header="github.com:443"))
+    assert d.reason is Reason.RULE_MATCH
+    m = build(Mode.MONITOR).decide(Request("GET", "/", sni="github.com", host_header="evil.test"))
+    assert (m.action, m.reason) == (Action.VIOLATION, Reason.HOST_MISMATCH)
+
+
+def test_judged_host_order() -> None:
+    p = build()
+    assert (
+        p.decide(Request("GET", "/", sni="github.com", dialled="198.18.0.9")).host == "github.com"
+    )
+    d = p.decide(
+        Request(
+            "GET", "/", scheme="http", port=80, host_header="github.com:80", dialled="198.18.0.9"
+        )
+    )
+    assert d.host == "github.com" and d.reason is Reason.RULE_MATCH
+    d = p.decide(Request("GET", "/", dialled="198.18.0.9"))
+    assert d.host == "198.18.0.9" and d.reason is Reason.HOST_NOT_ALLOWED
+    d = p.decide(Request("GET", "/"))
+    assert d.blocked and d.reason is Reason.HOST_NOT_ALLOWED
+
+
+def test_garbage_host_header_is_blocked_not_crashing() -> None:
+    d = build().decide(Request("GET", "/", host_header="exa mple..com"))
+    assert d.blocked and d.reason is Reason.HOST_NOT_ALLOWED
+
+
+def test_policy_json_round_trip() -> None:
+    p = build(Mode.MONITOR)
+    again = Policy.from_json(json.loads(json.dumps(p.to_json())))
+    assert again.to_json() == p.to_json()
+    assert again.rules == p.rules
+    assert again.decide(req("api.github.com", "/users")).reason is Reason.PATH_NOT_ALLOWED
+
+
+def test_suggestions() -> None:
+    p = build()
+    assert suggested_rule(p.decide(req("evil.test", "/v1/models"))) == {
+        "host": "evil.test",
+        "allowed_paths": ["/v1/"],
+    }
+    assert suggested_rule(p.decide(req("api.github.com", "/orgs/x"))) == {
+        "host": "api.github.com",
+        "allowed_paths": ["/repos/", "/user", "/orgs/"],
+    }
+    assert suggested_rule(p.decide(req("evil.test", "/"))) == {
+        "host": "evil.test",
+        "allowed_paths": ["/"],
+    }
+
+
+def test_explain_text_names_everything_an_agent_needs() -> None:
+    d = build().decide(req("evil.test", "/v1/models?key=secret"))
+    text = explain(d, "GET", "https://evil.test/v1/models", "/work/.copilot_here/network.json")
+    assert text.startswith("BLOCKED: GET https://evil.test/v1/models\n")
+    assert "host_not_allowed" in text
+    assert "/work/.copilot_here/network.json" in text
+    assert '{"host": "evil.test", "allowed_paths": ["/v1/"]}' in text
