@@ -1,0 +1,181 @@
+"""secure-proxy-firewall: apply, verify and show the network lock.
+
+    secure-proxy-firewall apply  [--proxy-user NAME|UID] [--port N] [--resolv-conf PATH]
+    secure-proxy-firewall verify [same options]
+    secure-proxy-firewall status [same options]
+
+apply: install the rules (IPv4 + IPv6), read them back, compare with the intent;
+only if identical write the marker runtime.paths.firewall_marker(). Any failure:
+remove a stale marker, print one line of cause and fix, exit 1.
+verify: exit 0 if the rules in the kernel are exactly the intended ones, else 1
+(and remove a stale marker). status: print our rules in iptables-save form and
+whether they are intact; exit 0 intact, 1 not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pwd
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from loguru import logger
+
+from runtime import paths
+
+from . import iptables
+from .iptables import FirewallError
+from .ruleset import Ruleset, build_ruleset, parse_resolv_conf
+
+PROG = "secure-proxy-firewall"
+
+
+def resolve_uid(user: str) -> int:
+    if user.isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise FirewallError(
+            f"unknown proxy-user '{user}': create it (useradd --system {user}) "
+            "or pass --proxy-user with a numeric uid"
+        ) from None
+
+
+def read_nameservers(path: Path) -> list[str]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        logger.warning("{} not found: DNS allowed to loopback resolvers only", path)
+        return []
+    except OSError as exc:
+        raise FirewallError(f"cannot read {path} ({exc.strerror}): pass --resolv-conf") from exc
+    return parse_resolv_conf(text)
+
+
+def build_from_args(args: argparse.Namespace) -> Ruleset:
+    uid = resolve_uid(str(args.proxy_user))
+    try:
+        return build_ruleset(uid, args.port, read_nameservers(Path(args.resolv_conf)))
+    except ValueError as exc:
+        raise FirewallError(f"{exc}: pass another --proxy-user / --port") from exc
+
+
+def remove_marker() -> None:
+    """Fail closed: no marker while the rules are not known to be intact."""
+    with contextlib.suppress(FileNotFoundError):
+        paths.firewall_marker().unlink()
+
+
+def write_marker(ruleset: Ruleset) -> Path:
+    run = paths.run_dir()
+    run.mkdir(mode=0o755, parents=True, exist_ok=True)
+    os.chmod(run, 0o755)
+    marker = paths.firewall_marker()
+    tmp = marker.with_name(f".{marker.name}.{os.getpid()}")
+    payload = {
+        "verified_at": time.time(),
+        "proxy_uid": ruleset.proxy_uid,
+        "port": ruleset.port,
+        "nameservers": list(ruleset.nameservers),
+    }
+    tmp.write_text(json.dumps(payload) + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, marker)
+    return marker
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    # Everything that can fail without touching the kernel comes first.
+    ruleset = build_from_args(args)
+    iptables.check_capabilities()
+    remove_marker()
+    iptables.apply(ruleset)
+    problems = iptables.verify(ruleset)
+    if problems:
+        raise FirewallError(
+            f"rules read back differ from the intended set ({problems[0]}; "
+            f"{len(problems)} difference(s)): another tool is changing iptables, stop it"
+        )
+    marker = write_marker(ruleset)
+    logger.info(
+        "firewall applied and verified (proxy uid {}, port {}, nameservers {}); marker {}",
+        ruleset.proxy_uid,
+        ruleset.port,
+        ", ".join(ruleset.nameservers) or "none",
+        marker,
+    )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    ruleset = build_from_args(args)
+    problems = iptables.verify(ruleset)
+    if problems:
+        for p in problems:
+            logger.debug(p)
+        raise FirewallError(
+            f"firewall not intact ({problems[0]}; {len(problems)} difference(s)): "
+            f"run `{PROG} apply`"
+        )
+    logger.info("firewall intact")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    ruleset = build_from_args(args)
+    iptables.check_capabilities()
+    states = iptables.read_states(ruleset)
+    sys.stdout.write(iptables.status_text(states))
+    problems = [p for spec, state in states for p in iptables.diff_table(spec, state)]
+    if problems:
+        print("# NOT intact:")
+        for p in problems:
+            print(f"#   {p}")
+        return 1
+    print("# intact")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, help_ in (
+        ("apply", "install, read back and verify the rules; then write the marker"),
+        ("verify", "exit 0 if the rules are intact, 1 otherwise"),
+        ("status", "print our rules (iptables-save form) and whether they are intact"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--proxy-user", default=paths.PROXY_USER, help="name or numeric uid")
+        p.add_argument("--port", type=int, default=paths.INTERCEPTOR_PORT)
+        p.add_argument("--resolv-conf", default="/etc/resolv.conf")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logger.remove()
+    level = "DEBUG" if args.verbose or os.environ.get("SECURE_PROXY_DEBUG") else "INFO"
+    logger.add(sys.stderr, level=level, format=f"{PROG}: {{level}}: {{message}}")
+    handler = {"apply": cmd_apply, "verify": cmd_verify, "status": cmd_status}[args.cmd]
+    try:
+        return handler(args)
+    except FirewallError as exc:
+        if args.cmd != "status":
+            try:
+                remove_marker()
+            except OSError as rm_exc:
+                logger.error(f"{exc}; also cannot remove stale marker: {rm_exc}")
+                return 1
+        logger.error(str(exc))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""Thin adapter between the pure rule set and the kernel, through python-iptables.
+
+python-iptables talks to the kernel with libiptc, i.e. *legacy* iptables: its rules
+show in `iptables-legacy-save`, not in the nft-backed `iptables-save`.
+
+apply() touches only our two chains and the one jump from OUTPUT into each (plus the
+filter OUTPUT policy, the backstop). Each table is changed in a single commit.
+read_state()/verify() read the tables back and compare them with the intent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import multiprocessing
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from loguru import logger
+
+from .ruleset import OUTPUT, FamilySpec, Match, Opt, Rule, Ruleset, TableSpec
+
+T = TypeVar("T")
+
+CAP_NET_ADMIN = 12
+CAP_NET_RAW = 13
+
+CAPS_FIX = "iptables needs NET_ADMIN and NET_RAW: run the container with --cap-add=NET_ADMIN"
+# Podman, unlike Docker, does not grant NET_RAW by default.
+CAPS_FIX_RAW = CAPS_FIX + " --cap-add=NET_RAW"
+
+
+class FirewallError(Exception):
+    """A failure with one line of cause and fix, meant for the user."""
+
+
+# ----------------------------------------------------------------------- preflight
+
+
+def effective_caps(status_text: str | None = None) -> int:
+    text = status_text if status_text is not None else Path("/proc/self/status").read_text()
+    for line in text.splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def check_capabilities(status_text: str | None = None) -> None:
+    caps = effective_caps(status_text)
+    has_admin = bool(caps & (1 << CAP_NET_ADMIN))
+    has_raw = bool(caps & (1 << CAP_NET_RAW))
+    if has_admin and has_raw:
+        return
+    if not has_raw:
+        raise FirewallError(CAPS_FIX_RAW)
+    raise FirewallError(CAPS_FIX)
+
+
+def ipv6_available() -> bool:
+    """False only when the kernel has no IPv6 at all (then there is nothing to lock)."""
+    return Path("/proc/net/if_inet6").exists()
+
+
+def _iptc() -> Any:
+    try:
+        import iptc
+    except Exception as exc:  # ImportError, XTablesError when libxtables is missing
+        raise FirewallError(
+            f"python-iptables cannot load ({exc}): install the iptables package "
+            "(libxtables, libip4tc, libip6tc) in the image"
+        ) from exc
+    return iptc
+
+
+def _table(family: int, name: str) -> Any:
+    iptc = _iptc()
+    try:
+        if family == 4:
+            return iptc.Table(name, autocommit=False)
+        return iptc.Table6(name, autocommit=False)
+    except iptc.IPTCError as exc:
+        raise _explain(exc, family, name) from exc
+
+
+def _explain(exc: Exception, family: int, table: str) -> FirewallError:
+    msg = str(exc)
+    low = msg.lower()
+    tool = "iptables" if family == 4 else "ip6tables"
+    if "permission denied" in low or "not permitted" in low:
+        return FirewallError(CAPS_FIX_RAW)
+    if "does not exist" in low or "insmod" in low or "protocol not supported" in low:
+        module = "ip_tables" if family == 4 else "ip6_tables"
+        return FirewallError(
+            f"this kernel has no legacy {tool} (table {table}: {msg.strip()}): "
+            f"load the {module} and iptable_{table} modules on the host (modprobe)"
+        )
+    return FirewallError(f"{tool} {table} table failed: {msg.strip()}")
+
+
+# ----------------------------------------------------------------------- conversion
+
+_PROTO_OUT = {"ipv6-icmp": "icmpv6"}
+_PROTO_IN = {"icmpv6": "ipv6-icmp", "58": "ipv6-icmp", "6": "tcp", "17": "udp", "1": "icmp"}
+
+
+def _opt_name(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def to_iptc(rule: Rule, family: int) -> Any:
+    iptc = _iptc()
+    r = iptc.Rule() if family == 4 else iptc.Rule6()
+    if rule.src:
+        r.src = rule.src
+    if rule.dst:
+        r.dst = rule.dst
+    if rule.in_iface:
+        r.in_interface = rule.in_iface
+    if rule.out_iface:
+        r.out_interface = rule.out_iface
+    if rule.proto:
+        r.protocol = _PROTO_OUT.get(rule.proto, rule.proto)
+    for m in rule.matches:
+        match = r.create_match(m.name)
+        for o in m.opts:
+            setattr(match, _opt_name(o.name), ("!" if o.negated else "") + o.value)
+    r.target = iptc.Target(r, rule.target)
+    for o in rule.target_opts:
+        setattr(r.target, _opt_name(o.name), o.value)
+    return r
+
+
+def _norm_addr(addr: str | None) -> str | None:
+    if not addr:
+        return None
+    neg = addr.startswith("!")
+    addr = addr.lstrip("!")
+    host, _, mask = addr.partition("/")
+    ip = ipaddress.ip_address(host)
+    if mask and not mask.isdigit():
+        plen = bin(int(ipaddress.ip_address(mask))).count("1")
+    else:
+        plen = int(mask) if mask else ip.max_prefixlen
+    if plen == 0 and int(ip) == 0:
+        return None
+    return ("!" if neg else "") + str(ipaddress.ip_network(f"{ip}/{plen}", strict=False))
+
+
+def _opts(params: dict[str, list[str]]) -> tuple[Opt, ...]:
+    out = []
+    for name, values in params.items():
+        vals = list(values)
+        negated = bool(vals) and vals[0] == "!"
+        if negated:
+            vals = vals[1:]
+        out.append(Opt(name, " ".join(vals), negated))
+    return tuple(out)
+
+
+def from_iptc(r: Any) -> Rule:
+    proto = r.protocol
+    proto = None if proto in (None, "ip", "all", "0") else _PROTO_IN.get(proto, proto)
+    return Rule(
+        target=r.target.name if r.target is not None else "",
+        src=_norm_addr(r.src),
+        dst=_norm_addr(r.dst),
+        in_iface=r.in_interface or None,
+        out_iface=r.out_interface or None,
+        proto=proto,
+        matches=tuple(Match(m.name, _opts(m.get_all_parameters())) for m in r.matches),
+        target_opts=_opts(r.target.get_all_parameters()) if r.target is not None else (),
+    )
+
+
+# ----------------------------------------------------------------------- apply
+
+
+def apply_table(family: int, spec: TableSpec) -> None:
+    """Replace our chain and our jump in one table, in one commit."""
+    iptc = _iptc()
+    table = _table(family, spec.table)
+    try:
+        table.autocommit = False
+        table.refresh()
+        if table.is_chain(spec.chain):
+            chain = iptc.Chain(table, spec.chain)
+            chain.flush()
+        else:
+            chain = table.create_chain(spec.chain)
+        for rule in spec.rules:
+            chain.append_rule(to_iptc(rule, family))
+        output = iptc.Chain(table, OUTPUT)
+        for existing in list(output.rules):
+            if existing.target is not None and existing.target.name == spec.chain:
+                output.delete_rule(existing)
+        output.insert_rule(to_iptc(spec.jump, family))
+        if spec.output_policy:
+            output.set_policy(spec.output_policy)
+        table.commit()
+    except (iptc.IPTCError, iptc.XTablesError) as exc:
+        # Throw away the uncommitted batch so a later caller starts clean.
+        with contextlib.suppress(iptc.IPTCError):
+            table.refresh()
+        raise _explain(exc, family, spec.table) from exc
+    finally:
+        table.autocommit = True
+    logger.debug("applied {} {} ({} rules)", _tool(family), spec.table, len(spec.rules))
+
+
+def apply_family(spec: FamilySpec) -> None:
+    # filter first: if nat then fails, 80/443 are rejected rather than let through.
+    for t in sorted(spec.tables, key=lambda t: t.table != "filter"):
+        apply_table(spec.family, t)
+
+
+def _tool(family: int) -> str:
+    return "iptables" if family == 4 else "ip6tables"
+
+
+# ----------------------------------------------------------------------- read back
+
+
+@dataclass(frozen=True)
+class TableState:
+    family: int
+    table: str
+    chain: str
+    output_policy: str | None
+    output_rules: tuple[Rule, ...]
+    chain_rules: tuple[Rule, ...] | None  # None: our chain does not exist
+
+    def save_lines(self) -> list[str]:
+        """What is there, limited to our chain and OUTPUT, in iptables-save form."""
+        lines = [f"*{self.table}", f":{OUTPUT} {self.output_policy or '-'}"]
+        if self.chain_rules is not None:
+            lines.append(f":{self.chain} -")
+        lines += [f"-A {OUTPUT} {r.render()}" for r in self.output_rules if r.target == self.chain]
+        lines += [f"-A {self.chain} {r.render()}" for r in self.chain_rules or ()]
+        return [*lines, "COMMIT"]
+
+
+def read_table(family: int, spec: TableSpec) -> TableState:
+    iptc = _iptc()
+    table = _table(family, spec.table)
+    try:
+        table.refresh()
+        output = iptc.Chain(table, OUTPUT)
+        policy = output.get_policy()
+        out_rules = tuple(from_iptc(r) for r in output.rules)
+        chain_rules = None
+        if table.is_chain(spec.chain):
+            chain_rules = tuple(from_iptc(r) for r in iptc.Chain(table, spec.chain).rules)
+    except (iptc.IPTCError, iptc.XTablesError) as exc:
+        raise _explain(exc, family, spec.table) from exc
+    return TableState(
+        family=family,
+        table=spec.table,
+        chain=spec.chain,
+        output_policy=policy.name if policy is not None else None,
+        output_rules=out_rules,
+        chain_rules=chain_rules,
+    )
+
+
+def diff_table(spec: TableSpec, state: TableState) -> list[str]:
+    """Every way the kernel's table differs from the intent; empty when intact."""
+    where = f"{_tool(state.family)} {spec.table}"
+    problems: list[str] = []
+    if spec.output_policy and state.output_policy != spec.output_policy:
+        problems.append(
+            f"{where}: OUTPUT policy is {state.output_policy}, want {spec.output_policy}"
+        )
+    jumps = [i for i, r in enumerate(state.output_rules) if r.target == spec.chain]
+    if jumps != [0]:
+        problems.append(
+            f"{where}: want exactly one jump to {spec.chain} first in OUTPUT, "
+            f"found at positions {jumps}"
+        )
+    elif state.output_rules[0] != spec.jump:
+        problems.append(
+            f"{where}: OUTPUT jump is '{state.output_rules[0].render()}', "
+            f"want '{spec.jump.render()}'"
+        )
+    if state.chain_rules is None:
+        problems.append(f"{where}: chain {spec.chain} is missing")
+        return problems
+    want = [r.render() for r in spec.rules]
+    have = [r.render() for r in state.chain_rules]
+    if want != have:
+        for i in range(max(len(want), len(have))):
+            w = want[i] if i < len(want) else "(nothing)"
+            h = have[i] if i < len(have) else "(nothing)"
+            if w != h:
+                problems.append(f"{where}: {spec.chain} rule {i + 1} is '{h}', want '{w}'")
+    return problems
+
+
+def families_to_lock(ruleset: Ruleset) -> list[FamilySpec]:
+    fams = [ruleset.family(4)]
+    if ipv6_available():
+        fams.append(ruleset.family(6))
+    else:
+        logger.warning("kernel has no IPv6: skipping ip6tables")
+    return fams
+
+
+def in_child(fn: Callable[..., T], *args: Any) -> T:
+    """Run fn in a forked child and return its result (or re-raise its FirewallError).
+
+    python-iptables keeps one process-wide xtables extension registry: once an
+    extension shared by both families (libxt_REDIRECT, libxt_owner, ...) has been
+    loaded for IPv4 it cannot be found for IPv6 in the same process ("can't find
+    target REDIRECT", "Extension owner revision 0 not supported"), and the other way
+    round. So every family is handled in a process of its own.
+    """
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+
+    def target() -> None:
+        try:
+            send.send(("ok", fn(*args)))
+        except FirewallError as exc:
+            send.send(("fw", str(exc)))
+        except BaseException as exc:
+            send.send(("exc", f"{type(exc).__name__}: {exc}"))
+
+    proc = ctx.Process(target=target, daemon=True)
+    proc.start()
+    send.close()
+    try:
+        kind, value = recv.recv()
+    except EOFError:
+        proc.join()
+        raise FirewallError(
+            f"iptables helper process died (exit {proc.exitcode}): see the log above"
+        ) from None
+    proc.join()
+    if kind == "ok":
+        return value
+    if kind == "fw":
+        raise FirewallError(value)
+    raise FirewallError(f"unexpected error in iptables helper: {value}")
+
+
+def _open_tables(spec: FamilySpec) -> None:
+    for t in spec.tables:
+        _table(spec.family, t.table)
+
+
+def _read_family(spec: FamilySpec) -> list[tuple[TableSpec, TableState]]:
+    return [(t, read_table(spec.family, t)) for t in spec.tables]
+
+
+def apply(ruleset: Ruleset) -> None:
+    check_capabilities()
+    fams = families_to_lock(ruleset)
+    # Open every table before changing any: a missing ip6tables fails before v4 moves.
+    for fam in fams:
+        in_child(_open_tables, fam)
+    for fam in fams:
+        in_child(apply_family, fam)
+
+
+def read_states(ruleset: Ruleset) -> list[tuple[TableSpec, TableState]]:
+    out: list[tuple[TableSpec, TableState]] = []
+    for fam in families_to_lock(ruleset):
+        out += in_child(_read_family, fam)
+    return out
+
+
+def verify(ruleset: Ruleset) -> list[str]:
+    check_capabilities()
+    problems: list[str] = []
+    for spec, state in read_states(ruleset):
+        problems += diff_table(spec, state)
+    return problems
+
+
+def status_text(states: list[tuple[TableSpec, TableState]]) -> str:
+    lines: list[str] = []
+    current = None
+    for _spec, state in states:
+        if state.family != current:
+            current = state.family
+            lines.append(f"# {_tool(state.family)}-legacy (secure-proxy chains only)")
+        lines += state.save_lines()
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,253 @@
+"""The intended rule set, as plain data. Pure: no iptables, no I/O besides parsing text.
+
+build_ruleset(proxy_uid, port, nameservers) returns, for IPv4 and IPv6, the rules of
+our own chains in the filter and nat tables, plus the one jump from OUTPUT into each.
+Every Rule renders to the exact argument string iptables-save prints for it, which
+is both what `status` shows and what verification compares after reading back.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+FILTER_CHAIN = "SECURE_PROXY_OUT"
+NAT_CHAIN = "SECURE_PROXY_NAT"
+OUTPUT = "OUTPUT"
+# Backstop behind our chain: if the jump were ever removed, OUTPUT drops.
+FILTER_OUTPUT_POLICY = "DROP"
+
+DIRECT_PORTS = (80, 443)
+DNS_PORT = 53
+QUIC_PORT = 443
+# Neighbour discovery: without it no IPv6 packet (proxy-user's, DNS) ever leaves.
+# 133 router solicitation, 135 neighbour solicitation, 136 neighbour advertisement.
+NDP_TYPES = (133, 135, 136)
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One option of a match or target: `[!] --name value`."""
+
+    name: str
+    value: str
+    negated: bool = False
+
+    def render(self) -> str:
+        neg = "! " if self.negated else ""
+        return f"{neg}--{self.name} {self.value}"
+
+
+@dataclass(frozen=True)
+class Match:
+    name: str
+    opts: tuple[Opt, ...] = ()
+
+    def render(self) -> str:
+        return " ".join([f"-m {self.name}", *(o.render() for o in self.opts)])
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule in the fields iptables-save prints, in its order."""
+
+    target: str
+    src: str | None = None
+    dst: str | None = None  # CIDR, e.g. 198.18.0.1/32
+    in_iface: str | None = None
+    out_iface: str | None = None
+    proto: str | None = None  # tcp, udp, icmp, ipv6-icmp
+    matches: tuple[Match, ...] = ()
+    target_opts: tuple[Opt, ...] = ()
+
+    def render(self) -> str:
+        parts: list[str] = []
+        if self.src:
+            parts.append(f"-s {self.src}")
+        if self.dst:
+            parts.append(f"-d {self.dst}")
+        if self.in_iface:
+            parts.append(f"-i {self.in_iface}")
+        if self.out_iface:
+            parts.append(f"-o {self.out_iface}")
+        if self.proto:
+            parts.append(f"-p {self.proto}")
+        parts += [m.render() for m in self.matches]
+        parts.append(f"-j {self.target}")
+        parts += [o.render() for o in self.target_opts]
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """Our chain in one table, and how OUTPUT must look at it."""
+
+    table: str  # "filter" or "nat"
+    chain: str
+    rules: tuple[Rule, ...]
+    output_policy: str | None = None  # None: leave the built-in policy alone
+
+    @property
+    def jump(self) -> Rule:
+        return Rule(target=self.chain)
+
+    def save_lines(self) -> list[str]:
+        """Our part of this table in iptables-save form."""
+        lines = [f"*{self.table}"]
+        if self.output_policy:
+            lines.append(f":{OUTPUT} {self.output_policy}")
+        lines.append(f":{self.chain} -")
+        lines.append(f"-A {OUTPUT} {self.jump.render()}")
+        lines += [f"-A {self.chain} {r.render()}" for r in self.rules]
+        return lines
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    family: int  # 4 or 6
+    tables: tuple[TableSpec, ...]
+
+    def save_text(self) -> str:
+        lines: list[str] = []
+        for t in self.tables:
+            lines += [*t.save_lines(), "COMMIT"]
+        return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    proxy_uid: int
+    port: int
+    nameservers: tuple[str, ...]
+    families: tuple[FamilySpec, ...] = field(default_factory=tuple)
+
+    def family(self, version: int) -> FamilySpec:
+        return next(f for f in self.families if f.family == version)
+
+
+def _tcp(port: int) -> Match:
+    return Match("tcp", (Opt("dport", str(port)),))
+
+
+def _udp(port: int) -> Match:
+    return Match("udp", (Opt("dport", str(port)),))
+
+
+def _owner(uid: int, negated: bool = False) -> Match:
+    return Match("owner", (Opt("uid-owner", str(uid), negated),))
+
+
+def _reject(with_: str) -> tuple[Opt, ...]:
+    return (Opt("reject-with", with_),)
+
+
+def split_nameservers(nameservers: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Non-loopback nameservers by family, deduplicated, order kept.
+
+    Loopback resolvers (127.0.0.11 of Docker, 127.0.0.53, ::1) are covered by the
+    loopback rule. Zone ids (fe80::1%eth0) are dropped: iptables cannot match them.
+    """
+    v4: list[str] = []
+    v6: list[str] = []
+    for raw in nameservers:
+        ip = ipaddress.ip_address(raw.split("%", 1)[0])
+        if ip.is_loopback:
+            continue
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        bucket = v4 if ip.version == 4 else v6
+        if str(ip) not in bucket:
+            bucket.append(str(ip))
+    return v4, v6
+
+
+def _family_spec(family: int, proxy_uid: int, port: int, nameservers: Sequence[str]) -> FamilySpec:
+    v6 = family == 6
+    host_len = 128 if v6 else 32
+    filter_rules: list[Rule] = [
+        # Loopback, which also carries everything REDIRECTed to the interceptor.
+        Rule("ACCEPT", out_iface="lo"),
+        Rule("ACCEPT", matches=(Match("conntrack", (Opt("ctstate", "RELATED,ESTABLISHED"),)),)),
+    ]
+    if v6:
+        filter_rules += [
+            Rule(
+                "ACCEPT",
+                proto="ipv6-icmp",
+                matches=(Match("icmp6", (Opt("icmpv6-type", str(t)),)),),
+            )
+            for t in NDP_TYPES
+        ]
+    # Only the proxy-user's own sockets may leave directly, on TCP 80/443 only.
+    filter_rules += [
+        Rule("ACCEPT", proto="tcp", matches=(_tcp(p), _owner(proxy_uid))) for p in DIRECT_PORTS
+    ]
+    for ns in nameservers:
+        for proto, match in (("udp", _udp(DNS_PORT)), ("tcp", _tcp(DNS_PORT))):
+            filter_rules.append(
+                Rule("ACCEPT", dst=f"{ns}/{host_len}", proto=proto, matches=(match,))
+            )
+    port_unreach = "icmp6-port-unreachable" if v6 else "icmp-port-unreachable"
+    prohibited = "icmp6-adm-prohibited" if v6 else "icmp-admin-prohibited"
+    filter_rules += [
+        # QUIC: fail at once so clients fall back to TCP (and so to the interceptor).
+        Rule("REJECT", proto="udp", matches=(_udp(QUIC_PORT),), target_opts=_reject(port_unreach)),
+        Rule("REJECT", proto="tcp", target_opts=_reject("tcp-reset")),
+        Rule("REJECT", target_opts=_reject(prohibited)),
+    ]
+    nat_rules: list[Rule] = [
+        # Local traffic stays local (a dev server on localhost:80 is not intercepted).
+        Rule("RETURN", out_iface="lo"),
+    ]
+    nat_rules += [
+        Rule(
+            "REDIRECT",
+            proto="tcp",
+            matches=(_tcp(p), _owner(proxy_uid, negated=True)),
+            target_opts=(Opt("to-ports", str(port)),),
+        )
+        for p in DIRECT_PORTS
+    ]
+    return FamilySpec(
+        family=family,
+        tables=(
+            TableSpec("filter", FILTER_CHAIN, tuple(filter_rules), FILTER_OUTPUT_POLICY),
+            TableSpec("nat", NAT_CHAIN, tuple(nat_rules)),
+        ),
+    )
+
+
+def build_ruleset(proxy_uid: int, port: int, nameservers: Iterable[str]) -> Ruleset:
+    """The complete intended state for IPv4 and IPv6."""
+    if isinstance(proxy_uid, bool) or not isinstance(proxy_uid, int) or proxy_uid < 0:
+        raise ValueError(f"proxy uid must be a non-negative integer, got {proxy_uid!r}")
+    if proxy_uid == 0:
+        raise ValueError("proxy-user must not be root: root's traffic would bypass the lock")
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be 1-65535, got {port}")
+    ns_list = list(nameservers)
+    v4, v6 = split_nameservers(ns_list)
+    return Ruleset(
+        proxy_uid=proxy_uid,
+        port=port,
+        nameservers=tuple(ns_list),
+        families=(
+            _family_spec(4, proxy_uid, port, v4),
+            _family_spec(6, proxy_uid, port, v6),
+        ),
+    )
+
+
+def parse_resolv_conf(text: str) -> list[str]:
+    """Nameserver addresses from resolv.conf text; malformed entries are skipped."""
+    out = []
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split(";", 1)[0].split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            try:
+                ipaddress.ip_address(fields[1].split("%", 1)[0])
+            except ValueError:
+                continue
+            out.append(fields[1])
+    return out
