@@ -366,6 +366,9 @@ class Policy:
 
     def decide(self, request: Request) -> Decision:
         path = normalize_path(request.path)
+        # Some servers (IIS, some proxies) treat a backslash as a separator:
+        # a path must be allowed under both readings.
+        alt = _backslash_reading(request.path)
         method = request.method.upper()
         try:
             host, mismatch = judged_host(request)
@@ -382,7 +385,7 @@ class Policy:
             return self._verdict(Reason.HOST_NOT_ALLOWED, host, path, None)
         path_match: Rule | None = None
         for rule in candidates:
-            if rule.allows_path(path):
+            if rule.allows_path(path) and (alt is None or rule.allows_path(alt)):
                 if rule.allows_method(method):
                     return Decision(Action.ALLOW, Reason.RULE_MATCH, self.mode, host, path, rule)
                 path_match = path_match or rule
@@ -415,6 +418,13 @@ class Policy:
             (Rule.from_json(rule) for rule in data.get("rules", ())),
             str(data.get("source", "")),
         )
+
+
+def _backslash_reading(raw: str) -> str | None:
+    if "\\" not in raw and "%5c" not in raw.lower():
+        return None
+    query_free = raw.split("#", 1)[0].split("?", 1)[0]
+    return normalize_path(query_free.replace("\\", "/").replace("%5c", "/").replace("%5C", "/"))
 
 
 def judged_host(request: Request) -> tuple[str, bool]:

@@ -147,3 +147,10 @@ def test_explain_text_names_everything_an_agent_needs() -> None:
     assert "host_not_allowed" in text
     assert "/work/.copilot_here/network.json" in text
     assert '{"host": "evil.test", "allowed_paths": ["/v1/"]}' in text
+
+
+def test_backslash_must_be_allowed_under_both_readings() -> None:
+    p = build()
+    for path in ("/repos/..\\admin", "/repos/%5c..%5cadmin", "/repos\\x"):
+        assert p.decide(req("api.github.com", path)).reason is Reason.PATH_NOT_ALLOWED, path
+    assert p.decide(req("api.github.com", "/repos/a\\b")).reason is Reason.RULE_MATCH
