@@ -152,10 +152,10 @@ def split_nameservers(nameservers: Iterable[str]) -> tuple[list[str], list[str]]
     v6: list[str] = []
     for raw in nameservers:
         ip = ipaddress.ip_address(raw.split("%", 1)[0])
-        if ip.is_loopback:
-            continue
         if ip.version == 6 and ip.ipv4_mapped:
             ip = ip.ipv4_mapped
+        if ip.is_loopback:
+            continue
         bucket = v4 if ip.version == 4 else v6
         if str(ip) not in bucket:
             bucket.append(str(ip))

@@ -1,0 +1,165 @@
+"""The pure rule builder: no iptables needed."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from firewall.iptables import CAPS_FIX, FirewallError, _norm_addr, check_capabilities
+from firewall.ruleset import (
+    FILTER_CHAIN,
+    NAT_CHAIN,
+    build_ruleset,
+    parse_resolv_conf,
+    split_nameservers,
+)
+
+
+def rules(rs, family, table):
+    fam = rs.family(family)
+    spec = next(t for t in fam.tables if t.table == table)
+    return [r.render() for r in spec.rules]
+
+
+def test_ipv4_filter_order_matches_the_issue():
+    rs = build_ruleset(999, 58080, ["198.18.0.1", "127.0.0.11"])
+    assert rules(rs, 4, "filter") == [
+        "-o lo -j ACCEPT",
+        "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        "-p tcp -m tcp --dport 80 -m owner --uid-owner 999 -j ACCEPT",
+        "-p tcp -m tcp --dport 443 -m owner --uid-owner 999 -j ACCEPT",
+        "-d 198.18.0.1/32 -p udp -m udp --dport 53 -j ACCEPT",
+        "-d 198.18.0.1/32 -p tcp -m tcp --dport 53 -j ACCEPT",
+        "-p udp -m udp --dport 443 -j REJECT --reject-with icmp-port-unreachable",
+        "-p tcp -j REJECT --reject-with tcp-reset",
+        "-j REJECT --reject-with icmp-admin-prohibited",
+    ]
+
+
+def test_nat_redirects_everyone_but_proxy_user_both_families():
+    rs = build_ruleset(999, 12345, [])
+    for fam in (4, 6):
+        assert rules(rs, fam, "nat") == [
+            "-o lo -j RETURN",
+            "-p tcp -m tcp --dport 80 -m owner ! --uid-owner 999 -j REDIRECT --to-ports 12345",
+            "-p tcp -m tcp --dport 443 -m owner ! --uid-owner 999 -j REDIRECT --to-ports 12345",
+        ]
+
+
+def test_ipv6_is_locked_the_same_way_and_ends_in_reject():
+    rs = build_ruleset(999, 58080, ["2001:db8::53", "198.18.0.1"])
+    v6 = rules(rs, 6, "filter")
+    assert v6[0] == "-o lo -j ACCEPT"
+    assert "-d 2001:db8::53/128 -p udp -m udp --dport 53 -j ACCEPT" in v6
+    assert not any("198.18.0.1" in r for r in v6)
+    assert v6[-1] == "-j REJECT --reject-with icmp6-adm-prohibited"
+    assert "-p udp -m udp --dport 443 -j REJECT --reject-with icmp6-port-unreachable" in v6
+    # Only neighbour discovery is let through among ICMPv6 (plus related errors).
+    icmp = [r for r in v6 if "ipv6-icmp" in r]
+    assert {r.split("--icmpv6-type ")[1].split()[0] for r in icmp} == {"133", "135", "136"}
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+def test_every_accept_is_bounded(fam):
+    """Nothing accepts by port alone: each ACCEPT is loopback, established, NDP,
+    proxy-uid owned, or a DNS nameserver address."""
+    rs = build_ruleset(4242, 58080, ["198.18.0.1", "2001:db8::1"])
+    for r in rules(rs, fam, "filter"):
+        if not r.endswith("-j ACCEPT"):
+            continue
+        assert (
+            r.startswith("-o lo ")
+            or "--ctstate RELATED,ESTABLISHED" in r
+            or "--icmpv6-type" in r
+            or "-m owner --uid-owner 4242" in r
+            or (r.startswith("-d ") and "--dport 53" in r)
+        ), r
+
+
+def test_outputs_jump_and_policies():
+    rs = build_ruleset(1, 58080, [])
+    for fam in rs.families:
+        f, n = fam.tables
+        assert (f.table, f.chain, f.output_policy) == ("filter", FILTER_CHAIN, "DROP")
+        assert (n.table, n.chain, n.output_policy) == ("nat", NAT_CHAIN, None)
+        assert f.jump.render() == f"-j {FILTER_CHAIN}"
+    text = rs.family(4).save_text()
+    assert text.startswith("*filter\n:OUTPUT DROP\n:SECURE_PROXY_OUT -\n-A OUTPUT -j SECURE")
+    assert text.count("COMMIT") == 2
+
+
+def test_deterministic():
+    a = build_ruleset(7, 58080, ["198.18.0.1", "198.18.0.1", "2001:db8::1"])
+    b = build_ruleset(7, 58080, ["198.18.0.1", "2001:db8::1"])
+    assert a.families == b.families
+
+
+@pytest.mark.parametrize(
+    ("uid", "port"), [(0, 58080), (-1, 58080), (True, 58080), (5, 0), (5, 70000)]
+)
+def test_rejects_bad_input(uid, port):
+    with pytest.raises(ValueError):
+        build_ruleset(uid, port, [])
+
+
+def test_nameserver_split():
+    v4, v6 = split_nameservers(
+        ["127.0.0.11", "198.18.0.1", "::1", "fe80::1%eth0", "::ffff:198.18.0.9", "2001:db8::1"]
+    )
+    assert v4 == ["198.18.0.1", "198.18.0.9"]
+    assert v6 == ["fe80::1", "2001:db8::1"]
+
+
+def test_parse_resolv_conf():
+    text = """# generated
+nameserver 127.0.0.11
+options ndots:0
+nameserver 198.18.0.1 # comment
+nameserver not-an-ip
+search example.com
+nameserver 2001:db8::53
+"""
+    assert parse_resolv_conf(text) == ["127.0.0.11", "198.18.0.1", "2001:db8::53"]
+
+
+def test_docker_embedded_dns_needs_no_rule():
+    rs = build_ruleset(999, 58080, parse_resolv_conf("nameserver 127.0.0.11\n"))
+    assert not any("--dport 53" in r for r in rules(rs, 4, "filter"))
+
+
+@given(
+    uid=st.integers(min_value=1, max_value=2**31),
+    port=st.integers(min_value=1, max_value=65535),
+    servers=st.lists(st.ip_addresses(), max_size=5),
+)
+def test_property_shape(uid, port, servers):
+    rs = build_ruleset(uid, port, [str(s) for s in servers])
+    for fam in (4, 6):
+        f = rules(rs, fam, "filter")
+        assert f[0] == "-o lo -j ACCEPT"
+        assert f[-1].startswith("-j REJECT")
+        assert sum(f"--uid-owner {uid} -j ACCEPT" in r for r in f) == 2
+        nat = rules(rs, fam, "nat")
+        assert all(f"--to-ports {port}" in r for r in nat[1:])
+
+
+def test_norm_addr_readback_forms():
+    assert _norm_addr("0.0.0.0/0.0.0.0") is None
+    assert _norm_addr("::/0") is None
+    assert _norm_addr("198.18.0.1/255.255.255.255") == "198.18.0.1/32"
+    assert _norm_addr("198.18.0.0/255.255.255.0") == "198.18.0.0/24"
+    assert _norm_addr("2001:db8::1/128") == "2001:db8::1/128"
+
+
+def _status(caps: int) -> str:
+    return f"Name:\tx\nCapEff:\t{caps:016x}\n"
+
+
+def test_capability_check():
+    check_capabilities(_status((1 << 12) | (1 << 13)))
+    for caps in (0, 1 << 12, 1 << 13):
+        with pytest.raises(FirewallError) as e:
+            check_capabilities(_status(caps))
+        assert str(e.value).startswith(CAPS_FIX)
+        assert "\n" not in str(e.value)
