@@ -165,9 +165,13 @@ def split_nameservers(nameservers: Iterable[str]) -> tuple[list[str], list[str]]
 def _family_spec(family: int, proxy_uid: int, port: int, nameservers: Sequence[str]) -> FamilySpec:
     v6 = family == 6
     host_len = 128 if v6 else 32
+    loopback = "::1/128" if v6 else "127.0.0.1/32"
     filter_rules: list[Rule] = [
-        # Loopback, which also carries everything REDIRECTed to the interceptor.
         Rule("ACCEPT", out_iface="lo"),
+        # Traffic REDIRECTed to the interceptor. The loopback rule does not catch it:
+        # filter OUTPUT still sees the *original* output interface (the route looked
+        # up before nat OUTPUT rewrote the destination), only the new destination.
+        Rule("ACCEPT", dst=loopback, proto="tcp", matches=(_tcp(port),)),
         Rule("ACCEPT", matches=(Match("conntrack", (Opt("ctstate", "RELATED,ESTABLISHED"),)),)),
     ]
     if v6:

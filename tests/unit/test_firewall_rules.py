@@ -26,6 +26,7 @@ def test_ipv4_filter_order_matches_the_issue():
     rs = build_ruleset(999, 58080, ["198.18.0.1", "127.0.0.11"])
     assert rules(rs, 4, "filter") == [
         "-o lo -j ACCEPT",
+        "-d 127.0.0.1/32 -p tcp -m tcp --dport 58080 -j ACCEPT",
         "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
         "-p tcp -m tcp --dport 80 -m owner --uid-owner 999 -j ACCEPT",
         "-p tcp -m tcp --dport 443 -m owner --uid-owner 999 -j ACCEPT",
@@ -51,6 +52,7 @@ def test_ipv6_is_locked_the_same_way_and_ends_in_reject():
     rs = build_ruleset(999, 58080, ["2001:db8::53", "198.18.0.1"])
     v6 = rules(rs, 6, "filter")
     assert v6[0] == "-o lo -j ACCEPT"
+    assert v6[1] == "-d ::1/128 -p tcp -m tcp --dport 58080 -j ACCEPT"
     assert "-d 2001:db8::53/128 -p udp -m udp --dport 53 -j ACCEPT" in v6
     assert not any("198.18.0.1" in r for r in v6)
     assert v6[-1] == "-j REJECT --reject-with icmp6-adm-prohibited"
@@ -70,6 +72,7 @@ def test_every_accept_is_bounded(fam):
             continue
         assert (
             r.startswith("-o lo ")
+            or r.startswith(("-d 127.0.0.1/32 -p tcp -m tcp --dport 58080 ", "-d ::1/128 -p tcp"))
             or "--ctstate RELATED,ESTABLISHED" in r
             or "--icmpv6-type" in r
             or "-m owner --uid-owner 4242" in r
