@@ -1,0 +1,644 @@
+"""The interceptor: mitmproxy in transparent mode with the policy addons.
+
+Small addons, one concern each, in the order mitmproxy calls them:
+
+- PolicyGate: judges every request (each request of a keep-alive connection,
+  every HTTP/2 stream, WebSocket upgrades, plain HTTP) with the policy core at
+  `requestheaders` -- before any byte of the request can reach upstream, even
+  when the body is streamed -- and answers blocked ones with a 403.
+- UpstreamPinning: sends allowed requests to the judged name, resolved by the
+  proxy, never to the IP the client dialled.
+- TrafficLogger: one JSON line per request, when the response completes or the
+  request fails (runtime.trafficlog holds the schema).
+- PolicyReloader: SIGHUP re-reads policy.json and swaps the policy in one step.
+- Readiness: publishes the CA certificate, then the readiness marker, once
+  mitmproxy is listening.
+
+`main()` is the console script `secure-proxy-interceptor`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+from mitmproxy import ctx, http
+from mitmproxy.proxy.mode_specs import TransparentMode
+
+from runtime import paths
+from runtime.explain import explain
+from runtime.policy import (
+    Decision,
+    HostError,
+    Mode,
+    Policy,
+    Request,
+    normalize_host,
+)
+from runtime.resolve import read_policy
+from runtime.trafficlog import TrafficLogWriter, make_record
+
+METADATA_KEY = "secure_proxy"
+DECISION_HEADER = "X-Secure-Proxy-Decision"
+CA_CERT_NAME = "mitmproxy-ca-cert.pem"
+UPSTREAM_BUNDLE_NAME = "upstream-trust.pem"
+SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+STREAM_LARGE_BODIES = "1m"
+
+#: Fail closed when no policy could ever be loaded: nothing is allowed.
+NO_POLICY = Policy.build(Mode.ENFORCE, True, (), "no policy loaded (interceptor misconfigured)")
+
+
+def default_confdir() -> Path:
+    """mitmproxy's confdir (CA key inside). supervisord sets no HOME, so never ~/.mitmproxy."""
+    confdir = getattr(paths, "confdir", None)
+    if confdir is not None:
+        return confdir()
+    return Path(os.environ.get("SECURE_PROXY_CONFDIR", "/var/lib/secure-proxy/mitmproxy"))
+
+
+# ---------------------------------------------------------------------------
+# Per-request state
+
+
+class _Counter:
+    """A stream callable that passes chunks through and counts their bytes."""
+
+    __slots__ = ("total",)
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.total += len(chunk)
+        return chunk
+
+
+@dataclass(slots=True)
+class Verdict:
+    """What the gate decided for one flow, and what the logger needs at the end."""
+
+    decision: Decision
+    policy: Policy
+    port: int
+    upstream_host: str
+    started: float
+    invalid: bool = False  # mitmproxy rejected the request itself (the client got a 400)
+    logged: bool = False
+    sent_out: _Counter = field(default_factory=_Counter)
+    sent_in: _Counter = field(default_factory=_Counter)
+
+
+def verdict_of(flow: http.HTTPFlow) -> Verdict | None:
+    return flow.metadata.get(METADATA_KEY)
+
+
+def _original_destination(flow: http.HTTPFlow) -> tuple[str, int]:
+    """The address the client dialled. In transparent mode mitmproxy stores it as sockname."""
+    if isinstance(flow.client_conn.proxy_mode, TransparentMode) and flow.client_conn.sockname:
+        host, port = flow.client_conn.sockname[:2]
+        return str(host), int(port)
+    return flow.request.host, flow.request.port
+
+
+def to_core_request(flow: http.HTTPFlow) -> tuple[Request, int]:
+    """The policy core's view of a flow (and the port dialled)."""
+    dialled, port = _original_destination(flow)
+    request = Request(
+        method=flow.request.method,
+        path=flow.request.path,
+        scheme=flow.request.scheme,
+        port=port,
+        sni=flow.client_conn.sni or None,
+        # HTTP/2: the :authority pseudo-header, else Host (mitmproxy maps both).
+        host_header=flow.request.host_header or None,
+        dialled=dialled,
+    )
+    return request, port
+
+
+def _upstream_host(decision: Decision, dialled: str | None) -> str:
+    """The name to connect to: the judged host, resolved by the proxy."""
+    try:
+        return normalize_host(decision.host)
+    except HostError:
+        # Only reachable when the request names no usable host and the policy let it
+        # through anyway (allow-all or monitor): then the dialled address is all we have.
+        return dialled or decision.host
+
+
+def block_response(
+    decision: Decision, method: str, scheme: str, port: int, source: str
+) -> http.Response:
+    """403 with the explanation an agent can act on (the same text as `--network-check`)."""
+    host = f"[{decision.host}]" if ":" in decision.host else decision.host
+    default = {"http": 80, "https": 443}.get(scheme)
+    authority = host if port == default else f"{host}:{port}"
+    url = f"{scheme}://{authority}{decision.path}"
+    body = explain(decision, method, url, source).encode("utf-8")
+    return http.Response.make(
+        403,
+        body,
+        {
+            "Content-Type": "text/plain; charset=utf-8",
+            DECISION_HEADER: f"block; reason={decision.reason.value}",
+            "Cache-Control": "no-store",
+        },
+    )
+
+
+# ---------------------------------------------------------------------------
+# Addons
+
+
+class PolicyGate:
+    """Judges every request with the policy core; answers blocked ones with a 403.
+
+    `policy` is swapped by PolicyReloader with one attribute assignment; each
+    request reads it exactly once, so it is judged by one policy, old or new.
+    """
+
+    def __init__(self, policy: Policy | None = None) -> None:
+        self.policy: Policy = policy or NO_POLICY
+
+    def judge(self, flow: http.HTTPFlow) -> Verdict:
+        """Decide (once per flow) and remember the verdict on the flow."""
+        found = verdict_of(flow)
+        if found is not None:
+            return found
+        policy = self.policy
+        request, port = to_core_request(flow)
+        decision = policy.decide(request)
+        verdict = Verdict(
+            decision=decision,
+            policy=policy,
+            port=port,
+            upstream_host=_upstream_host(decision, request.dialled),
+            started=flow.request.timestamp_start or time.time(),
+        )
+        flow.metadata[METADATA_KEY] = verdict
+        return verdict
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        invalid = flow.error is not None  # mitmproxy refused it already (and answers 400)
+        verdict = self.judge(flow)
+        verdict.invalid = invalid
+        if invalid or flow.response is not None:
+            return
+        if verdict.decision.blocked:
+            # Streaming would open the upstream connection; a set response must not stream.
+            flow.request.stream = False
+            flow.response = block_response(
+                verdict.decision,
+                flow.request.method,
+                flow.request.scheme,
+                verdict.port,
+                verdict.policy.source,
+            )
+
+
+class UpstreamPinning:
+    """Connects allowed requests to the judged name, never to the IP the client dialled.
+
+    mitmproxy resolves the name itself; the upstream SNI becomes that name and
+    the certificate is verified for it. An IP literal is connected to only when
+    it is the judged host (no SNI and no Host header), which a rule must allow.
+    """
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        verdict = verdict_of(flow)
+        if verdict is None or flow.response is not None or flow.error is not None:
+            return
+        # .data: the Host header / :authority the client sent stays as it was.
+        flow.request.data.host = verdict.upstream_host
+        flow.request.data.port = verdict.port
+
+
+class TrafficLogger:
+    """One JSON line per request, exactly once: at the response, or at the error."""
+
+    def __init__(self, gate: PolicyGate, writer: TrafficLogWriter | None = None) -> None:
+        self.gate = gate
+        self.writer = writer
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "secure_proxy_traffic_log",
+            str,
+            str(paths.traffic_log()),
+            "Traffic log file (JSON Lines), written when the policy's log_to_file is true.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "secure_proxy_traffic_log" in updated:
+            path = Path(ctx.options.secure_proxy_traffic_log)
+            if self.writer is None or self.writer.path != path:
+                if self.writer is not None:
+                    self.writer.close()
+                self.writer = TrafficLogWriter(path)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # Count body bytes as they pass. Streaming every allowed body also keeps
+        # no body in memory; bodies are never inspected here.
+        verdict = verdict_of(flow)
+        if verdict is None or flow.response is not None or flow.error is not None:
+            return
+        if not callable(flow.request.stream):
+            flow.request.stream = verdict.sent_out
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        verdict = verdict_of(flow)
+        if verdict is None or flow.response is None or verdict.decision.blocked:
+            return
+        if not callable(flow.response.stream):
+            flow.response.stream = verdict.sent_in
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        assert flow.response is not None
+        self._write(flow, flow.response.status_code)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._write(flow, self._status_after_error(flow))
+
+    @staticmethod
+    def _status_after_error(flow: http.HTTPFlow) -> int | None:
+        verdict = verdict_of(flow)
+        if flow.response is not None and flow.response.timestamp_end:
+            return flow.response.status_code
+        if verdict is not None and verdict.invalid:
+            return 400
+        message = (flow.error.msg if flow.error else "").lower()
+        if flow.error and flow.error.msg == flow.error.KILLED_MESSAGE:
+            return None
+        if "client" in message:  # the client went away: it got nothing
+            return None
+        return 502  # mitmproxy answers upstream failures with 502 Bad Gateway
+
+    def _write(self, flow: http.HTTPFlow, status: int | None) -> None:
+        if flow.request is None:
+            return
+        verdict = self.gate.judge(flow)
+        if verdict.logged:
+            return
+        verdict.logged = True
+        if not verdict.policy.log_to_file or self.writer is None:
+            return
+        decision = verdict.decision
+        rule = decision.rule
+        request = flow.request
+        response = flow.response
+        bytes_in = verdict.sent_in.total
+        if response is not None and response.raw_content:
+            bytes_in += len(response.raw_content)
+        bytes_out = verdict.sent_out.total + len(request.raw_content or b"")
+        record = make_record(
+            ts=verdict.started,
+            action=decision.log_action,
+            violation=decision.violation,
+            mode=decision.mode.value,
+            reason=decision.reason.value,
+            rule=rule.host if rule else None,
+            rule_source=rule.origin.label if rule else None,
+            method=request.method,
+            scheme=request.scheme,
+            host=decision.host,
+            port=verdict.port,
+            path=decision.path,
+            status=status,
+            http_version=request.http_version,
+            duration_ms=(time.time() - verdict.started) * 1000.0,
+            bytes_out=bytes_out,
+            bytes_in=bytes_in,
+        )
+        self.writer.write(record)
+
+    def done(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class PolicyReloader:
+    """SIGHUP: read policy.json again and swap it into the gate in one assignment.
+
+    A missing or broken file keeps the policy in force and says why.
+    """
+
+    def __init__(self, gate: PolicyGate) -> None:
+        self.gate = gate
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "secure_proxy_policy",
+            str,
+            str(paths.policy_file()),
+            "Compiled policy (policy.json) to load on SIGHUP.",
+        )
+
+    def running(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self._loop = loop
+
+    def reload(self) -> bool:
+        path = Path(ctx.options.secure_proxy_policy)
+        try:
+            policy = read_policy(path)
+        except FileNotFoundError:
+            logger.error("policy reload: {} is missing; keeping the policy in force", path)
+            return False
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.error(
+                "policy reload: {} is unusable ({}: {}); keeping the policy in force",
+                path,
+                type(exc).__name__,
+                exc,
+            )
+            return False
+        self.gate.policy = policy
+        logger.info(
+            "policy reloaded from {}: mode {}, {} rules, source {}",
+            path,
+            policy.mode.value,
+            len(policy.rules),
+            policy.source,
+        )
+        return True
+
+    def done(self) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_signal_handler(signal.SIGHUP)
+            self._loop = None
+
+
+def _write_atomic(target: Path, data: bytes, mode: int) -> None:
+    """Write via a temp file and rename; fall back to rewriting in place if the
+    directory is not ours (a file pre-created for us by root)."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    except PermissionError:
+        with open(target, "wb") as handle:
+            handle.write(data)
+        with contextlib.suppress(PermissionError):
+            os.chmod(target, mode)
+        return
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Readiness:
+    """CA certificate published, then the readiness marker -- only once listening.
+
+    mitmproxy calls `running` after its servers are bound, so the marker never
+    appears before port 58080 accepts connections. A stale marker is removed at
+    start and the marker is removed at shutdown.
+    """
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "secure_proxy_ca_cert",
+            str,
+            str(paths.ca_cert()),
+            "Where to publish the public CA certificate (0644).",
+        )
+        loader.add_option(
+            "secure_proxy_ready_marker",
+            str,
+            str(paths.interceptor_marker()),
+            "Readiness marker written once the interceptor is listening.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "secure_proxy_ready_marker" in updated:
+            self._remove_marker()
+
+    def _remove_marker(self) -> None:
+        marker = Path(ctx.options.secure_proxy_ready_marker)
+        try:
+            marker.unlink(missing_ok=True)
+        except OSError as exc:
+            logger.warning("cannot remove stale readiness marker {}: {}", marker, exc)
+
+    def running(self) -> None:
+        confdir = Path(os.path.expanduser(ctx.options.confdir))
+        cert = (confdir / CA_CERT_NAME).read_bytes()
+        target = Path(ctx.options.secure_proxy_ca_cert)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(target, cert, 0o644)
+        proxyserver = ctx.master.addons.get("proxyserver")
+        listening = [list(a[:2]) for a in proxyserver.listen_addrs()] if proxyserver else []
+        marker = Path(ctx.options.secure_proxy_ready_marker)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        info = {"pid": os.getpid(), "listening": listening, "ca_cert": str(target)}
+        _write_atomic(marker, (json.dumps(info) + "\n").encode(), 0o644)
+        logger.info("interceptor ready: listening on {}, CA at {}", listening, target)
+
+    def done(self) -> None:
+        with contextlib.suppress(Exception):
+            self._remove_marker()
+
+
+def make_addons(policy: Policy | None, writer: TrafficLogWriter | None = None) -> list[Any]:
+    gate = PolicyGate(policy)
+    return [
+        gate,
+        UpstreamPinning(),
+        TrafficLogger(gate, writer),
+        PolicyReloader(gate),
+        Readiness(),
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Start-up
+
+
+def prepare_confdir(confdir: Path, fresh_ca: bool = False) -> None:
+    """Make the confdir private; with fresh_ca, drop the old CA so mitmproxy makes a new one.
+
+    The init calls this (or passes --fresh-ca) at container start; a restart of
+    the interceptor alone keeps the CA that running clients already trust.
+    """
+    confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(PermissionError):
+        os.chmod(confdir, 0o700)
+    if fresh_ca:
+        for entry in confdir.glob("mitmproxy-*"):
+            entry.unlink(missing_ok=True)
+
+
+def build_upstream_bundle(
+    confdir: Path, extra: str | None, system: Path = SYSTEM_CA_BUNDLE
+) -> Path | None:
+    """System trust store + the optional extra CA bundle, as one file for mitmproxy.
+
+    mitmproxy verifies upstream against certifi unless told otherwise; corporate
+    CAs live in the system store. None: no system store and no extra (certifi stays).
+    """
+    parts: list[bytes] = []
+    if system.is_file():
+        parts.append(system.read_bytes())
+    if extra:
+        extra_path = Path(extra)
+        if not extra_path.is_file():
+            raise FileNotFoundError(f"upstream CA bundle {extra_path} does not exist")
+        parts.append(extra_path.read_bytes())
+    if not parts:
+        return None
+    if not system.is_file():
+        import certifi  # a mitmproxy dependency
+
+        parts.insert(0, Path(certifi.where()).read_bytes())
+    target = confdir / UPSTREAM_BUNDLE_NAME
+    data = b"".join(p.rstrip(b"\n") + b"\n" for p in parts)
+    _write_atomic(target, data, 0o644)
+    return target
+
+
+def mitmproxy_options(
+    *,
+    confdir: Path,
+    listen_host: str,
+    listen_port: int,
+    upstream_bundle: Path | None,
+    policy_file: Path,
+    traffic_log: Path,
+    ca_cert: Path,
+    ready_marker: Path,
+    verbosity: str,
+) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "mode": ["transparent"],
+        "listen_host": listen_host,
+        "listen_port": listen_port,
+        "confdir": str(confdir),
+        "connection_strategy": "lazy",
+        "onboarding": False,
+        "flow_detail": 0,
+        "termlog_verbosity": verbosity,
+        "stream_large_bodies": STREAM_LARGE_BODIES,
+        # Clients reach us only through the box's REDIRECT rules; their source may be
+        # a global IPv6 address, which block_global would refuse.
+        "block_global": False,
+        "ssl_insecure": False,
+        "secure_proxy_policy": str(policy_file),
+        "secure_proxy_traffic_log": str(traffic_log),
+        "secure_proxy_ca_cert": str(ca_cert),
+        "secure_proxy_ready_marker": str(ready_marker),
+    }
+    if upstream_bundle is not None:
+        opts["ssl_verify_upstream_trusted_ca"] = str(upstream_bundle)
+    return opts
+
+
+async def serve(options: dict[str, Any], policy: Policy, extra_addons: list[Any] = ()) -> int:
+    from mitmproxy.options import Options
+    from mitmproxy.tools.dump import DumpMaster
+
+    master = DumpMaster(Options(), with_termlog=True, with_dumper=True)
+    master.addons.add(*make_addons(policy), *extra_addons)
+    master.options.update(**options)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, master.shutdown)
+    await master.run()
+    return 0
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    env = os.environ.get
+    ap = argparse.ArgumentParser(
+        prog="secure-proxy-interceptor",
+        description="mitmproxy in transparent mode, enforcing /run/secure-proxy/policy.json.",
+    )
+    ap.add_argument("--listen-host", default=env("SECURE_PROXY_LISTEN_HOST", ""))
+    ap.add_argument("--port", type=int, default=paths.INTERCEPTOR_PORT)
+    ap.add_argument("--confdir", type=Path, default=default_confdir())
+    ap.add_argument("--policy", type=Path, default=paths.policy_file())
+    ap.add_argument("--traffic-log", type=Path, default=paths.traffic_log())
+    ap.add_argument("--ca-cert", type=Path, default=paths.ca_cert())
+    ap.add_argument("--ready-marker", type=Path, default=paths.interceptor_marker())
+    ap.add_argument(
+        "--upstream-ca",
+        default=env("SECURE_PROXY_UPSTREAM_CA") or None,
+        help="extra CA bundle trusted for upstream servers, besides the system store",
+    )
+    ap.add_argument(
+        "--fresh-ca",
+        action="store_true",
+        default=env("SECURE_PROXY_FRESH_CA", "") == "1",
+        help="delete the CA in the confdir first, so a new one is generated",
+    )
+    ap.add_argument(
+        "--verbosity",
+        default=env("SECURE_PROXY_MITM_VERBOSITY", "warn"),
+        choices=("error", "warn", "info", "alert", "debug"),
+        help="mitmproxy's own log level",
+    )
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logger.remove()
+    logger.add(sys.stderr, level=os.environ.get("SECURE_PROXY_LOG_LEVEL", "INFO"))
+    try:
+        policy = read_policy(args.policy)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.error(
+            "cannot load the policy {} ({}); the init writes it before starting the "
+            "interceptor. Not starting: traffic stays blocked (fail closed).",
+            args.policy,
+            exc,
+        )
+        return 2
+    try:
+        prepare_confdir(args.confdir, args.fresh_ca)
+        bundle = build_upstream_bundle(args.confdir, args.upstream_ca)
+    except OSError as exc:
+        logger.error("cannot prepare {}: {}", args.confdir, exc)
+        return 2
+    with contextlib.suppress(OSError):
+        # Stale from an earlier run: it must not claim readiness before we listen.
+        args.ready_marker.unlink(missing_ok=True)
+    options = mitmproxy_options(
+        confdir=args.confdir,
+        listen_host=args.listen_host,
+        listen_port=args.port,
+        upstream_bundle=bundle,
+        policy_file=args.policy,
+        traffic_log=args.traffic_log,
+        ca_cert=args.ca_cert,
+        ready_marker=args.ready_marker,
+        verbosity=args.verbosity,
+    )
+    logger.info(
+        "interceptor starting: mode {}, policy {}, confdir {}, port {}",
+        policy.mode.value,
+        args.policy,
+        args.confdir,
+        args.port,
+    )
+    return asyncio.run(serve(options, policy))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
