@@ -62,3 +62,66 @@ def container_project_dir() -> Path:
 
 
 REPO_CONFIG_RELATIVE = Path(".copilot_here") / "network.json"
+
+
+# --- container runtime (init, supervisord, reloader, logguard, installer) ---
+
+
+def prefix_dir() -> Path:
+    """Where the runtime is installed: /opt/secure-proxy (venv, config, supervisor files)."""
+    return _path("SECURE_PROXY_PREFIX", "/opt/secure-proxy")
+
+
+def venv_dir() -> Path:
+    return prefix_dir() / "venv"
+
+
+def supervisor_dir() -> Path:
+    return _path("SECURE_PROXY_SUPERVISOR_DIR", "/etc/secure-proxy/supervisor")
+
+
+def supervisor_conf() -> Path:
+    return supervisor_dir() / "supervisord.conf"
+
+
+def supervisor_socket() -> Path:
+    return run_dir() / "supervisor.sock"
+
+
+def component_log_dir() -> Path:
+    """Component logs (supervisord, firewall, interceptor, reloader, logguard)."""
+    return _path("SECURE_PROXY_COMPONENT_LOG_DIR", "/var/log/secure-proxy")
+
+
+def component_log(name: str) -> Path:
+    return component_log_dir() / f"{name}.log"
+
+
+def state_dir() -> Path:
+    """proxy-user's private state: the mitmproxy confdir with the CA key lives here."""
+    return _path("SECURE_PROXY_STATE_DIR", "/var/lib/secure-proxy")
+
+
+def confdir() -> Path:
+    return _path("SECURE_PROXY_CONFDIR", str(state_dir() / "mitmproxy"))
+
+
+def session_file() -> Path:
+    """What init chose at start (config source, PUID/PGID): read by the reloader and logguard."""
+    return run_dir() / "session.json"
+
+
+def system_ca_file() -> Path:
+    """Where init drops the CA for update-ca-certificates."""
+    return _path(
+        "SECURE_PROXY_SYSTEM_CA", "/usr/local/share/ca-certificates/secure-proxy-ca.crt"
+    )
+
+
+def system_ca_bundle() -> Path:
+    return _path("SECURE_PROXY_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+
+
+CONTAINER_HOME = Path("/home/appuser")
+CONTAINER_UPSTREAM_CA = Path("/ca/upstream-ca.pem")
+APP_USER = "appuser"
