@@ -1,0 +1,250 @@
+"""The one installer: lays the runtime onto a root filesystem.
+
+The Dockerfile runs it at build time (`--root /`, dependencies from pip or a
+wheel directory) and the sandbox engine runs it at every start inside its own
+mount namespace (`--reuse-venv /opt/sp-venv`: no pip, no network, well under a
+second). Both produce the same layout, so the image layout is written once:
+
+    /opt/secure-proxy/                     defaults.json, allow-all.json, schema, registries.json
+    /opt/secure-proxy/venv/                Python env with runtime/, firewall/ and console scripts
+    /etc/secure-proxy/supervisor/          supervisord.conf and conf.d/<program>.conf
+    /usr/local/bin/supervisorctl           wrapper that finds our supervisord.conf
+    /usr/local/bin/secure-proxy-init       wrapper: the container's entrypoint
+    /ca/certs/                             proxy-user 0755 (the interceptor writes ca.pem)
+    /var/lib/secure-proxy/mitmproxy/       proxy-user 0700 (CA key)
+    /var/log/secure-proxy/                 root 0750 (component logs)
+    proxy-user                             system account, no login, no home of its own
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+import tomllib
+from pathlib import Path
+
+from runtime import paths, registries
+
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("runtime", "firewall")
+SHARE_FILES = ("defaults.json", "allow-all.json", "network.schema.json")
+PREFIX = Path("/opt/secure-proxy")
+SUPERVISOR_DIR = Path("/etc/secure-proxy/supervisor")
+STATE_DIR = Path("/var/lib/secure-proxy")
+LOG_DIR = Path("/var/log/secure-proxy")
+CA_DIR = Path("/ca/certs")
+# Console scripts of our dependencies that the runtime calls.
+EXTRA_SCRIPTS = {
+    "supervisord": "supervisor.supervisord:main",
+    "supervisorctl": "supervisor.supervisorctl:main",
+}
+
+
+class InstallError(Exception):
+    pass
+
+
+def _under(root: Path, path: Path) -> Path:
+    return root / path.relative_to("/")
+
+
+def _ignore(_dir: str, names: list[str]) -> set[str]:
+    return {n for n in names if n == "__pycache__" or n.endswith((".pyc", ".pyo"))}
+
+
+def console_scripts(source: Path) -> dict[str, str]:
+    data = tomllib.loads((source / "pyproject.toml").read_text())
+    return dict(data["project"]["scripts"])
+
+
+def _lookup_id(root: Path, db: str, name: str) -> int | None:
+    try:
+        lines = (_under(root, Path("/etc")) / db).read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    for line in lines:
+        fields = line.split(":")
+        if fields[0] == name and len(fields) > 2:
+            return int(fields[2])
+    return None
+
+
+def ensure_proxy_user(root: Path, name: str = paths.PROXY_USER) -> tuple[int, int]:
+    """A system account for the interceptor: only its traffic leaves the box."""
+    if _lookup_id(root, "passwd", name) is None:
+        argv = ["useradd", "--system", "--user-group", "--no-create-home"]
+        argv += ["--home-dir", str(STATE_DIR), "--shell", "/usr/sbin/nologin", name]
+        if root != Path("/"):
+            argv[1:1] = ["--root", str(root)]
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise InstallError(f"useradd {name} failed: {result.stderr.strip()}")
+    uid = _lookup_id(root, "passwd", name)
+    gid = _lookup_id(root, "group", name)
+    if uid is None or gid is None:
+        raise InstallError(f"{name} missing from {root}/etc/passwd or group after useradd")
+    return uid, gid
+
+
+def _mkdir(path: Path, mode: int, owner: tuple[int, int] = (0, 0)) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chown(path, *owner)
+    os.chmod(path, mode)
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def _script(python: Path, target: str) -> str:
+    module, func = target.split(":")
+    return f"#!{python}\nimport sys\nfrom {module} import {func}\nsys.exit({func}())\n"
+
+
+def _site_packages(venv: Path) -> Path:
+    found = sorted(venv.glob("lib/python3*/site-packages"))
+    if not found:
+        raise InstallError(f"no site-packages under {venv}")
+    return found[0]
+
+
+def _base_python(reuse: Path) -> str:
+    """The interpreter a venv was made from (pyvenv.cfg `home`)."""
+    cfg = reuse / "pyvenv.cfg"
+    if cfg.is_file():
+        for line in cfg.read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "home":
+                version = sys.version_info
+                for name in (f"python{version.major}.{version.minor}", "python3"):
+                    candidate = Path(value.strip()) / name
+                    if candidate.exists():
+                        return str(candidate)
+    return str(reuse / "bin" / "python3")
+
+
+def install_venv_reusing(root: Path, source: Path, reuse: Path) -> Path:
+    """A thin venv whose dependencies come from an existing one (a .pth line): seconds
+    become milliseconds. Our packages are copied in, so the runtime cannot change
+    under a running sandbox when the checkout changes."""
+    venv = _under(root, PREFIX / "venv")
+    if venv.exists():
+        shutil.rmtree(venv)
+    base = _base_python(reuse)
+    subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = _site_packages(venv)
+    (site / "secure-proxy-deps.pth").write_text(f"{_site_packages(reuse)}\n")
+    for pkg in PACKAGES:
+        shutil.copytree(source / pkg, site / pkg, ignore=_ignore)
+    python = PREFIX / "venv" / "bin" / "python"
+    scripts = {**console_scripts(source), **EXTRA_SCRIPTS}
+    for name, target in scripts.items():
+        _write(venv / "bin" / name, _script(python, target), 0o755)
+    return venv
+
+
+def install_venv_pip(root: Path, source: Path, wheels: Path | None) -> Path:
+    """The image build: a real venv, our distribution and its dependencies from pip."""
+    if root != Path("/"):
+        raise InstallError("a pip-built venv has absolute paths: install it with --root /")
+    venv = PREFIX / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    argv = [str(venv / "bin" / "pip"), "install", "--no-cache-dir"]
+    if wheels:
+        argv += ["--no-index", "--find-links", str(wheels)]
+    subprocess.run([*argv, str(source)], check=True)
+    return venv
+
+
+def install(
+    root: Path = Path("/"),
+    source: Path = SOURCE_ROOT,
+    reuse_venv: Path | None = None,
+    wheels: Path | None = None,
+    skip_venv: bool = False,
+) -> dict[str, object]:
+    started = time.monotonic()
+    root = root.resolve()
+    prefix = _under(root, PREFIX)
+    _mkdir(prefix, 0o755)
+    for name in SHARE_FILES:
+        shutil.copyfile(source / "config" / name, prefix / name)
+        os.chmod(prefix / name, 0o644)
+    hosts = registries.record(prefix)
+    os.chmod(prefix / registries.REGISTRIES_FILE, 0o644)
+
+    if reuse_venv and not skip_venv:
+        install_venv_reusing(root, source, reuse_venv)
+    elif not skip_venv:
+        install_venv_pip(root, source, wheels)
+
+    sup = _under(root, SUPERVISOR_DIR)
+    (sup / "conf.d").mkdir(parents=True, exist_ok=True)
+    for conf in sorted((source / "supervisor.d").glob("*.conf")):
+        target = sup / conf.name if conf.name == "supervisord.conf" else sup / "conf.d" / conf.name
+        shutil.copyfile(conf, target)
+        os.chmod(target, 0o644)
+
+    bindir = _under(root, Path("/usr/local/bin"))
+    venv_bin = PREFIX / "venv" / "bin"
+    _write(
+        bindir / "supervisorctl",
+        f'#!/bin/sh\nexec {venv_bin}/supervisorctl -c {SUPERVISOR_DIR}/supervisord.conf "$@"\n',
+        0o755,
+    )
+    _write(
+        bindir / "secure-proxy-init", f'#!/bin/sh\nexec {venv_bin}/secure-proxy-init "$@"\n', 0o755
+    )
+
+    uid, gid = ensure_proxy_user(root)
+    _mkdir(_under(root, CA_DIR.parent), 0o755)
+    _mkdir(_under(root, CA_DIR), 0o755, (uid, gid))
+    _mkdir(_under(root, STATE_DIR), 0o700, (uid, gid))
+    _mkdir(_under(root, STATE_DIR / "mitmproxy"), 0o700, (uid, gid))
+    _mkdir(_under(root, LOG_DIR), 0o750)
+    manifest = {
+        "source": str(source),
+        "venv": "reused " + str(reuse_venv) if reuse_venv else ("none" if skip_venv else "pip"),
+        "registries": hosts,
+        "proxy_user": [uid, gid],
+        "python": sysconfig.get_python_version(),
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    _write(prefix / "install.json", json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="secure-proxy-install", description="Lay the secure proxy runtime onto a root fs."
+    )
+    ap.add_argument("--root", type=Path, default=Path("/"), help="root filesystem (default /)")
+    ap.add_argument("--source", type=Path, default=SOURCE_ROOT, help="source checkout")
+    venv = ap.add_mutually_exclusive_group()
+    venv.add_argument(
+        "--reuse-venv", type=Path, help="take dependencies from this venv instead of pip"
+    )
+    venv.add_argument("--wheels", type=Path, help="pip install offline from this wheel dir")
+    venv.add_argument("--skip-venv", action="store_true", help="venv already in place")
+    args = ap.parse_args(argv)
+    try:
+        manifest = install(args.root, args.source, args.reuse_venv, args.wheels, args.skip_venv)
+    except (InstallError, subprocess.CalledProcessError, OSError) as exc:
+        print(f"secure-proxy-install: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(manifest))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
