@@ -1,0 +1,103 @@
+# syntax=docker/dockerfile:1.4
+#
+# copilot_here image with the secure proxy runtime built in (inactive by default:
+# with no network.json mounted the container behaves as without it: allow-all,
+# nothing logged; it only needs --cap-add=NET_ADMIN, plus NET_RAW on Podman).
+#
+#   docker build -t copilot_here-secure .                       # node:20-bookworm-slim + Copilot CLI
+#   docker build --build-arg BASE_IMAGE=<any bookworm image> .  # wrap an existing variant
+#   ... --secret id=pip_ca,src=/etc/ssl/certs/ca-certificates.crt   # behind a TLS-intercepting proxy
+#
+# The base must be Debian bookworm: python-iptables breaks with trixie's iptables 1.8.11.
+# Podman needs `--format docker` to keep the HEALTHCHECK (OCI images have none).
+
+ARG BASE_IMAGE=node:20-bookworm-slim
+
+# ---------------------------------------------------------------------------- builder
+# Wheels for everything: python-iptables compiles a C extension, so the compiler
+# lives here and never reaches the final image.
+FROM ${BASE_IMAGE} AS builder
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends \
+      gcc libc6-dev python3-dev python3-venv ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /build/venv
+
+# Dependency layer: from pyproject.toml alone, so editing the source reuses it.
+# pip_ca (optional secret): a CA bundle for pip behind an intercepting proxy.
+WORKDIR /src
+COPY pyproject.toml image/requirements.py ./
+RUN --mount=type=secret,id=pip_ca \
+    --mount=type=cache,target=/root/.cache/pip,sharing=locked \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+ && /build/venv/bin/pip install -q --upgrade pip setuptools wheel \
+ && python3 requirements.py pyproject.toml > /build/requirements.txt \
+ && /build/venv/bin/pip wheel --use-pep517 --wheel-dir /wheels \
+      -r /build/requirements.txt "setuptools>=68" wheel
+
+# Our own wheel (pure Python), built offline from the wheels above.
+COPY README.md ./
+COPY runtime ./runtime
+COPY firewall ./firewall
+COPY config ./config
+COPY supervisor.d ./supervisor.d
+RUN /build/venv/bin/pip wheel --no-deps --no-index --find-links /wheels \
+      --wheel-dir /wheels . \
+ && rm -rf build ./*.egg-info
+
+# ---------------------------------------------------------------------------- final
+FROM ${BASE_IMAGE}
+ARG BASE_IMAGE
+ARG INSTALL_COPILOT=true
+ARG COPILOT_PACKAGE=@github/copilot
+ENV DEBIAN_FRONTEND=noninteractive
+
+# Run-time packages only: no compiler, no apt lists.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iptables python3 python3-venv ca-certificates \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log
+
+# The Copilot CLI, as copilot_here's base image has it (before the runtime, so a
+# runtime change does not reinstall it). A base without npm skips it.
+RUN --mount=type=secret,id=pip_ca \
+    if [ "$INSTALL_COPILOT" != true ]; then \
+      echo "INSTALL_COPILOT=$INSTALL_COPILOT: Copilot CLI not installed"; \
+    elif ! command -v npm >/dev/null; then \
+      echo "no npm in $BASE_IMAGE: Copilot CLI not installed"; \
+    else \
+      if [ -s /run/secrets/pip_ca ]; then export NODE_EXTRA_CA_CERTS=/run/secrets/pip_ca; fi; \
+      npm install -g --no-fund --no-audit "$COPILOT_PACKAGE" \
+      && npm cache clean --force && rm -rf /root/.npm /tmp/*; \
+    fi
+
+# The one installer (runtime/install.py), the same the sandbox engine uses: venv
+# from the builder's wheels (offline), config, supervisor files, proxy-user. The
+# source and wheels are bind-mounted from the builder, so neither lands in a layer.
+# pip and setuptools leave the venv afterwards: nothing installs into it at run time.
+RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    --mount=type=bind,from=builder,source=/src,target=/src,rw \
+    cd /src \
+ && PYTHONDONTWRITEBYTECODE=1 python3 -m runtime.install --root / --source /src --wheels /wheels \
+ && /opt/secure-proxy/venv/bin/python -m pip uninstall -y -q pip setuptools \
+ && rm -rf /root/.cache /tmp/* \
+ && /opt/secure-proxy/venv/bin/python -c "import runtime.init, firewall.cli, mitmproxy, iptc"
+
+WORKDIR /work
+# The interceptor writes this marker once it listens (after the firewall verified).
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["test", "-f", "/run/secure-proxy/interceptor.ready"]
+ENTRYPOINT ["/usr/local/bin/secure-proxy-init"]
+# No command given: init runs the Copilot CLI when installed, else bash.
+CMD []
+
+ARG VERSION=0.1.0
+ARG VCS_REF=unknown
+LABEL org.opencontainers.image.title="copilot_here secure proxy" \
+      org.opencontainers.image.description="Coding-agent image with an egress guard: mitmproxy interceptor, iptables lock, network.json policy (inactive without config)" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${VCS_REF}" \
+      org.opencontainers.image.licenses="MIT" \
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
