@@ -55,6 +55,7 @@ CA_CERT_NAME = "mitmproxy-ca-cert.pem"
 UPSTREAM_BUNDLE_NAME = "upstream-trust.pem"
 SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 STREAM_LARGE_BODIES = "1m"
+STREAM_LARGE_BODY_BYTES = 1024 * 1024
 
 #: Fail closed when no policy could ever be loaded: nothing is allowed.
 NO_POLICY = Policy.build(Mode.ENFORCE, True, (), "no policy loaded (interceptor misconfigured)")
@@ -197,6 +198,12 @@ class PolicyGate:
         if invalid or flow.response is not None:
             return
         if verdict.decision.blocked:
+            if _body_may_stream(flow):
+                # mitmproxy 11 reads the whole body before sending a response set here,
+                # and switching to streaming past stream_large_bodies with a response
+                # set crashes the connection. Close it instead: nothing goes upstream.
+                flow.kill()
+                return
             # Streaming would open the upstream connection; a set response must not stream.
             flow.request.stream = False
             flow.response = block_response(
@@ -206,6 +213,20 @@ class PolicyGate:
                 verdict.port,
                 verdict.policy.source,
             )
+
+
+def _body_may_stream(flow: http.HTTPFlow) -> bool:
+    """Whether mitmproxy may switch this request body to streaming (over 1 MiB, or unknown)."""
+    if flow.request.stream:
+        return True
+    headers = flow.request.headers
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return True
+    try:
+        length = int(headers.get("content-length", "0"))
+    except ValueError:
+        return True
+    return length > STREAM_LARGE_BODY_BYTES
 
 
 class UpstreamPinning:
@@ -273,11 +294,14 @@ class TrafficLogger:
 
     @staticmethod
     def _status_after_error(flow: http.HTTPFlow) -> int | None:
+        """The status the client got when a flow ends in an error, None if it got none."""
         verdict = verdict_of(flow)
-        if flow.response is not None and flow.response.timestamp_end:
-            return flow.response.status_code
         if verdict is not None and verdict.invalid:
-            return 400
+            return 400  # mitmproxy answered the malformed request itself
+        if flow.response is not None:
+            # A streamed upstream response had its headers sent to the client already;
+            # our own 403 goes out only after the response hook, which did not run.
+            return flow.response.status_code if callable(flow.response.stream) else None
         message = (flow.error.msg if flow.error else "").lower()
         if flow.error and flow.error.msg == flow.error.KILLED_MESSAGE:
             return None

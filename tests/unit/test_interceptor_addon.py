@@ -291,6 +291,30 @@ def test_client_gone_is_logged_with_null_status(addons, tmp_log):
     validate(line)
 
 
+def test_blocked_large_body_is_killed_and_logged_without_status(addons, tmp_log):
+    _tctx, gate, pin, log, _ = addons
+    flow = make_flow("https://evil.test/upload", sni="evil.test", method="POST")
+    flow.request.headers["Content-Length"] = str(5 * 1024 * 1024)
+    gate.requestheaders(flow)
+    pin.requestheaders(flow)
+    log.requestheaders(flow)
+    assert flow.response is None and flow.error.msg == flow.error.KILLED_MESSAGE
+    assert flow.request.host == DIALLED  # never pinned upstream
+    log.error(flow)
+    [line] = lines(tmp_log)
+    assert line["action"] == "BLOCK" and line["status"] is None
+
+
+def test_unsent_403_is_not_logged_as_received(addons, tmp_log):
+    _tctx, gate, _pin, log, _ = addons
+    flow = make_flow("https://evil.test/x", sni="evil.test", method="POST", body=b"abc")
+    gate.requestheaders(flow)
+    assert flow.response.status_code == 403
+    flow.error = tflow.terr("Client disconnected.")
+    log.error(flow)
+    assert lines(tmp_log)[0]["status"] is None
+
+
 def test_response_then_error_logs_once(addons, tmp_log):
     _tctx, _gate, _pin, log, _ = addons
     flow = make_flow("https://api.github.com/repos/x")
