@@ -41,8 +41,15 @@ def firewall_marker() -> Path:
     return run_dir() / "firewall.verified"
 
 
+def interceptor_run_dir() -> Path:
+    """Owned by proxy-user (made by init): run_dir() itself is root's, so the
+    interceptor can publish its marker without being able to touch policy.json,
+    the firewall marker or the supervisor socket."""
+    return run_dir() / "interceptor"
+
+
 def interceptor_marker() -> Path:
-    return run_dir() / "interceptor.ready"
+    return interceptor_run_dir() / "interceptor.ready"
 
 
 def logs_dir() -> Path:
