@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from runtime import paths
+from runtime import paths, run
 from runtime.config import ConfigError, validate_config
 from runtime.explain import explain
 from runtime.policy import Mode, Request
@@ -258,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="mount the network config writable in the container (live edits)",
     )
+    run.add_run_arguments(parser)
     return parser
 
 
@@ -286,8 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_set_enabled(global_config_path(home), args.network_enable_global, out)
         if args.network_check:
             return cmd_check(project, home, args.network_check, args.method, out)
-        parser.print_help(out)
-        return EXIT_OK
+        return run.run_from_args(args, project, home)
     except UsageError as exc:
         print(f"copilot_here: {exc}", file=sys.stderr)
         return EXIT_USAGE

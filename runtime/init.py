@@ -54,6 +54,15 @@ FORWARDED = (
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 
 
+_T0 = time.monotonic()
+
+
+def trace(stage: str) -> None:
+    """Stage timings on stderr with SECURE_PROXY_TRACE=1 (startup time is user-visible)."""
+    if os.environ.get("SECURE_PROXY_TRACE") == "1":
+        print(f"[init +{time.monotonic() - _T0:.2f}s] {stage}", file=sys.stderr, flush=True)
+
+
 def say(message: str) -> None:
     """Status lines go to stderr so the command's stdout stays the command's."""
     print(message, file=sys.stderr, flush=True)
@@ -186,12 +195,23 @@ def tail(path: Path, lines: int = 5) -> list[str]:
 
 
 def clean_run_dir() -> None:
+    """Fresh state per container start: no stale marker can claim readiness, and the
+    CA is new (a restarted interceptor keeps it, so the trusted CA stays valid)."""
     run = paths.run_dir()
     run.mkdir(parents=True, exist_ok=True)
     os.chmod(run, 0o755)
+    uid, gid = logguard.proxy_ids()
+    own = paths.interceptor_run_dir()
+    own.mkdir(exist_ok=True)
+    os.chown(own, uid, gid)
+    os.chmod(own, 0o755)
     for stale in (paths.firewall_marker(), paths.interceptor_marker(), paths.ca_cert()):
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()
+    confdir = paths.confdir()
+    if confdir.is_dir():
+        for old in confdir.glob("mitmproxy-*"):
+            old.unlink()
     paths.component_log_dir().mkdir(parents=True, exist_ok=True)
 
 
@@ -537,11 +557,16 @@ def main(argv: list[str] | None = None) -> int:
         }
         paths.session_file().write_text(json.dumps(session) + "\n")
         logguard.prepare()
+        trace("policy + logs prepared")
         service_env = dict(os.environ)
         sup = start_supervisord(service_env)
+        trace("supervisord started")
         name = ensure_appuser(uid, gid)
+        trace("appuser ready")
         wait_ready(sup)
+        trace("firewall + interceptor ready")
         ca_env = trust_ca(uid, gid)
+        trace("CA trusted")
         child = launch(command, uid, gid, user_env(name, ca_env))
     except SetupFailed as exc:
         say(f"[Network] {exc}")
@@ -576,7 +601,9 @@ def main(argv: list[str] | None = None) -> int:
     reclaim_terminal()
     for sig in FORWARDED:
         signal.signal(sig, signal.SIG_IGN)
+    trace(f"command exited ({code})")
     stop_supervisord(sup, reaped)
+    trace("supervisord stopped")
     with contextlib.suppress(OSError):
         logguard.hand_over()
     return code

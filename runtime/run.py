@@ -1,0 +1,239 @@
+"""`copilot_here [run flags] [-- COMMAND...]`: run the agent container.
+
+One plan (what to mount where, which environment) and three engines:
+
+    docker / podman   argv for `docker run` / `podman run` (exec'd: the exit code
+                      and signals are the engine's own, which are the container's)
+    sandbox           the same init as PID 1 in Linux namespaces (runtime.sandbox)
+
+Mounts: the project at /work; the repo config *directory* at /work/.copilot_here,
+else the global config directory at /home/appuser/.copilot_here (read-only
+unless --network-config-write; a directory, never the file: a single-file bind
+mount shows no inotify events and an editor that saves by rename leaves the
+container on the old inode); a host logs directory at /logs; the upstream CA
+named by SECURE_PROXY_UPSTREAM_CA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime import paths
+from runtime.resolve import GLOBAL, REPO, find_config
+
+DEFAULT_IMAGE = os.environ.get("COPILOT_HERE_IMAGE", "copilot-here-secure-proxy:latest")
+ENGINES = ("docker", "podman", "sandbox")
+CONTAINER_CONFIG_REPO = "/work/.copilot_here"
+CONTAINER_CONFIG_GLOBAL = str(paths.CONTAINER_HOME / ".copilot_here")
+CONTAINER_LOGS = "/logs"
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str
+    target: str
+    read_only: bool = False
+
+    def docker(self) -> str:
+        return f"{self.source}:{self.target}" + (":ro" if self.read_only else "")
+
+
+@dataclass
+class Plan:
+    mounts: list[Mount]
+    env: dict[str, str]
+    add_hosts: list[tuple[str, str]]
+    command: list[str]
+    tty: bool
+    extra_args: list[str] = field(default_factory=list)
+
+
+class RunError(Exception):
+    pass
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("running the container")
+    group.add_argument(
+        "--engine",
+        choices=ENGINES,
+        help="container engine (default: docker if its daemon answers, else podman, else sandbox)",
+    )
+    group.add_argument("--image", default=DEFAULT_IMAGE, help=f"image (default {DEFAULT_IMAGE})")
+    group.add_argument(
+        "--add-host",
+        action="append",
+        default=[],
+        metavar="NAME:IP",
+        help="add a line to the container's /etc/hosts (repeatable)",
+    )
+    group.add_argument(
+        "--logs-dir",
+        type=Path,
+        help="host directory mounted at /logs (default: .copilot_here/logs in the project)",
+    )
+    group.add_argument("--dry-run", action="store_true", help="print the exact argv, run nothing")
+    group.add_argument(
+        "--sandbox-netns",
+        metavar="NAME",
+        help="sandbox engine: uplink to this network namespace instead of the host (NAT)",
+    )
+    group.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for `docker run` / `podman run` (repeatable)",
+    )
+    group.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND... to run")
+
+
+def parse_add_host(value: str) -> tuple[str, str]:
+    name, sep, ip = value.partition(":")
+    if not sep or not name or not ip:
+        raise RunError(f"--add-host wants NAME:IP, not {value!r}")
+    return name, ip
+
+
+def plan(
+    project: Path,
+    home: Path,
+    config_write: bool,
+    logs_dir: Path | None,
+    add_hosts: list[str],
+    command: list[str],
+    environ: dict[str, str] | None = None,
+    tty: bool | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
+) -> Plan:
+    environ = dict(os.environ if environ is None else environ)
+    project = project.resolve()
+    mounts = [Mount(str(project), str(paths.container_project_dir()))]
+    kind, path = find_config(project, home)
+    if kind == REPO and path is not None:
+        mounts.append(Mount(str(path.parent), CONTAINER_CONFIG_REPO, not config_write))
+    elif kind == GLOBAL and path is not None:
+        mounts.append(Mount(str(path.parent.resolve()), CONTAINER_CONFIG_GLOBAL, not config_write))
+    logs = (logs_dir or project / ".copilot_here" / "logs").resolve()
+    mounts.append(Mount(str(logs), CONTAINER_LOGS))
+    env = {
+        "PUID": str(os.getuid() if uid is None else uid),
+        "PGID": str(os.getgid() if gid is None else gid),
+    }
+    if environ.get("SECURE_PROXY_TRACE"):
+        env["SECURE_PROXY_TRACE"] = environ["SECURE_PROXY_TRACE"]
+    upstream = environ.get("SECURE_PROXY_UPSTREAM_CA")
+    if upstream:
+        ca = Path(upstream).resolve()
+        if not ca.is_file():
+            raise RunError(f"SECURE_PROXY_UPSTREAM_CA={upstream}: no such file on this host")
+        mounts.append(Mount(str(ca), str(paths.CONTAINER_UPSTREAM_CA), True))
+        env["SECURE_PROXY_UPSTREAM_CA"] = str(paths.CONTAINER_UPSTREAM_CA)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    tty = os.isatty(0) if tty is None else tty
+    if tty and environ.get("TERM"):
+        env["TERM"] = environ["TERM"]
+    return Plan(mounts, env, [parse_add_host(h) for h in add_hosts], list(command), tty)
+
+
+def engine_argv(engine: str, image: str, p: Plan, extra: list[str] | None = None) -> list[str]:
+    argv = [engine, "run", "--rm", "-it" if p.tty else "-i", "--cap-add=NET_ADMIN"]
+    if engine == "podman":
+        argv.append("--cap-add=NET_RAW")  # Docker grants NET_RAW by default, Podman does not
+    for key, value in p.env.items():
+        argv += ["-e", f"{key}={value}"]
+    for m in p.mounts:
+        argv += ["-v", m.docker()]
+    for name, ip in p.add_hosts:
+        argv += ["--add-host", f"{name}:{ip}"]
+    argv += list(extra or [])
+    argv.append(image)
+    return argv + p.command
+
+
+def docker_answers() -> bool:
+    if not shutil.which("docker"):
+        return False
+    try:
+        return (
+            subprocess.run(
+                ["docker", "info"], capture_output=True, timeout=5, check=False
+            ).returncode
+            == 0
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def default_engine() -> str:
+    if docker_answers():
+        return "docker"
+    if shutil.which("podman"):
+        return "podman"
+    return "sandbox"
+
+
+def sandbox_spec(p: Plan, netns: str | None):  # -> runtime.sandbox.Spec
+    from runtime import sandbox
+
+    return sandbox.Spec(
+        command=p.command,
+        mounts=[sandbox.Mount(m.source, m.target, m.read_only) for m in p.mounts],
+        env=p.env,
+        add_hosts=p.add_hosts,
+        netns=netns,
+    )
+
+
+def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
+    try:
+        engine = args.engine or default_engine()
+        p = plan(
+            project,
+            home,
+            args.network_config_write,
+            args.logs_dir,
+            args.add_host,
+            list(args.command or []),
+        )
+        if args.sandbox_netns and engine != "sandbox":
+            raise RunError("--sandbox-netns goes with --engine sandbox")
+        if engine == "sandbox":
+            from runtime import sandbox
+
+            spec = sandbox_spec(p, args.sandbox_netns)
+            if args.dry_run:
+                print(f"sandbox {spec.to_json()}")
+                return 0
+            Path(_logs_source(p)).mkdir(parents=True, exist_ok=True)
+            try:
+                return sandbox.run(spec)
+            except sandbox.SandboxError as exc:
+                raise RunError(str(exc)) from None
+        argv = engine_argv(engine, args.image, p, args.engine_arg)
+        if args.dry_run:
+            print(shlex.join(argv))
+            return 0
+        Path(_logs_source(p)).mkdir(parents=True, exist_ok=True)
+        if not shutil.which(engine):
+            raise RunError(f"{engine} is not installed; try --engine sandbox (as root)")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execvp(engine, argv)
+    except RunError as exc:
+        print(f"copilot_here: {exc}", file=sys.stderr)
+        return 2
+    return 0  # not reached: execvp replaced the process
+
+
+def _logs_source(p: Plan) -> str:
+    return next(m.source for m in p.mounts if m.target == CONTAINER_LOGS)
