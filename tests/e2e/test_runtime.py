@@ -1,0 +1,209 @@
+"""The runtime end to end: `copilot_here --engine sandbox` against a test internet.
+
+The sandbox's uplink is the Topology's net host (`--sandbox-netns`), which serves
+HTTPS for every test name with a test CA that reaches the interceptor through
+SECURE_PROXY_UPSTREAM_CA, exactly as a corporate CA would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness.sandbox import (
+    Internet,
+    Session,
+    enforce,
+    request_loop,
+    run_cli,
+    sh,
+    write_config,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def internet(module_topology, staged_source) -> Iterator[Internet]:
+    work = Path(tempfile.mkdtemp(prefix="sp-rt-", dir="/tmp"))
+    os.chmod(work, 0o755)
+    yield Internet.start(module_topology, work, staged_source)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture
+def project() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="sp-proj-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def curl(url: str) -> str:
+    return f"curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 5 {url}"
+
+
+def traffic(project: Path) -> list[dict]:
+    log = project / ".copilot_here" / "logs" / "traffic.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- policy
+
+
+def test_first_request_is_judged_v4_and_v6(internet, project):
+    write_config(project, enforce("api.github.com", "v6.test"))
+    script = "; ".join(
+        [
+            curl("https://api.github.com/first"),  # the command's very first action
+            curl("https://evil.test/"),
+            curl("https://v6.test/six"),
+            curl("http://evil.test/plain"),
+            "stat -c '%U %a' /logs /logs/traffic.jsonl",
+        ]
+    )
+    r = run_cli(project, ["--", *sh(script)], internet)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:4] == ["200", "403", "200", "403"], (r.stdout, r.stderr)
+    assert "proxy-user 755" in r.stdout and "proxy-user 644" in r.stdout
+    assert "[Network] Using repo config: /work/.copilot_here/network.json" in r.stderr
+    assert "[Network] Rules ENABLED (mode: enforce)" in r.stderr
+    lines = traffic(project)
+    seen = {(entry.get("host"), str(entry.get("action")).lower()) for entry in lines}
+    assert ("api.github.com", "allow") in seen, lines
+    assert ("evil.test", "block") in seen, lines
+    # After the session the audit trail belongs to the host user (PUID:PGID = 0:0 here).
+    logs = project / ".copilot_here" / "logs"
+    for path in (logs, logs / "traffic.jsonl"):
+        st = path.stat()
+        assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid()), path
+
+
+def test_no_config_allow_all_nothing_logged_host_untouched(internet, project):
+    watched = [Path("/etc/passwd"), Path("/etc/group"), Path("/etc/ssl/certs/ca-certificates.crt")]
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in watched}
+    r = run_cli(project, ["--", *sh(curl("https://evil.test/") + "; id -un")], internet)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["200", "appuser"], (r.stdout, r.stderr)
+    assert "[Network] No config found, using allow-all defaults" in r.stderr
+    assert "Rules DISABLED (allow-all mode, log_to_file: false)" in r.stderr
+    assert traffic(project) == []
+    after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in watched}
+    assert before == after
+    assert not Path("/ca").exists()
+    assert not [n for n in os.listdir("/run/netns") if n.startswith("spsbx-")]
+
+
+def test_invalid_config_stops_before_anything_runs(internet, project):
+    path = write_config(project, enforce("api.github.com"))
+    path.write_text('{"enabled": true, "mode": "block-everything"}')
+    r = run_cli(project, ["--", "echo", "SHOULD-NOT-RUN"], internet)
+    assert r.returncode == 1
+    assert "SHOULD-NOT-RUN" not in r.stdout
+    assert "mode" in r.stderr and "network.json" in r.stderr, r.stderr
+
+
+# --------------------------------------------------------------------------- exit codes, tty
+
+
+@pytest.mark.parametrize(
+    ("script", "code"), [("exit 0", 0), ("exit 3", 3), ("kill -TERM $$", 128 + 15)]
+)
+def test_exit_code_comes_back(project, script, code):
+    r = run_cli(project, ["--", *sh(script)])
+    assert r.returncode == code, r.stderr
+
+
+def test_tty_and_ctrl_c_reach_the_command(project, tmp_path):
+    from tests.harness.sandbox import cli_argv, cli_env
+
+    inner = (
+        "test -t 0 && test -t 1 && echo IS-A-TTY; trap 'echo GOT-INT; exit 5' INT; "
+        "echo READY; sleep 30 & wait"
+    )
+    cmd = " ".join(
+        subprocess.list2cmdline([a]) if " " not in a else "'" + a.replace("'", "'\\''") + "'"
+        for a in cli_argv(["--", "sh", "-c", inner])
+    )
+    proc = subprocess.Popen(
+        ["script", "-qfec", cmd, "/dev/null"],
+        cwd=project,
+        env={**cli_env(), "TERM": "xterm"},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert proc.stdin and proc.stdout
+    out = b""
+    deadline = time.monotonic() + 40
+    while b"READY" not in out and time.monotonic() < deadline:
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            break
+        out += chunk
+    assert b"IS-A-TTY" in out, out
+    time.sleep(0.3)
+    proc.stdin.write(b"\x03")
+    proc.stdin.flush()
+    rest, _ = proc.communicate(timeout=30)
+    out += rest
+    assert b"GOT-INT" in out, out
+    assert proc.returncode == 5, out
+
+
+# --------------------------------------------------------------------------- restarts
+
+
+def test_interceptor_restart_and_kill9_fail_closed_then_recover(internet, project):
+    write_config(project, enforce("api.github.com"))
+    urls = ["https://api.github.com/loop", "https://evil.test/loop"]
+    with Session(project, ["--", *request_loop(urls, 0.05, 40)], internet) as s:
+        s.wait_for(lambda line: line == "LOOP-START")
+        fw_before = s.root(["iptables-legacy-save", "-t", "nat"]).stdout
+
+        def phase(action: list[str]) -> list[dict]:
+            seen: list[dict] = []
+            # healthy first
+            s.wait_for(lambda ln: "api.github.com" in ln and '"status": 200' in ln)
+            t0 = time.time()
+            r = s.root(action)
+            assert r.returncode == 0, r.stderr
+            while True:
+                entry = json.loads(s.wait_for(lambda ln: ln.startswith("{")))
+                if entry["t"] < t0:
+                    continue
+                seen.append(entry)
+                if any(e["status"] == 0 for e in seen) and entry["status"] == 200:
+                    return seen
+                assert time.time() - t0 < 20, seen
+
+        for action in (
+            ["supervisorctl", "restart", "interceptor"],
+            ["sh", "-c", "kill -9 $(supervisorctl pid interceptor)"],
+        ):
+            seen = phase(action)
+            # During the outage requests failed (refused), never went around the proxy;
+            # the blocked host was never reached.
+            assert any(e["status"] == 0 for e in seen)
+            assert all(e["status"] in (0, 403) for e in seen if "evil.test" in e["url"]), seen
+        assert s.root(["iptables-legacy-save", "-t", "nat"]).stdout.count("-A") == fw_before.count(
+            "-A"
+        )
+        verify = s.root(
+            [
+                "/opt/secure-proxy/venv/bin/secure-proxy-firewall",
+                "verify",
+                "--proxy-user",
+                "proxy-user",
+            ]
+        )
+        assert verify.returncode == 0, verify.stdout + verify.stderr

@@ -1,0 +1,312 @@
+"""Drive `copilot_here --engine sandbox` from tests, and reach into a running sandbox.
+
+    internet = Internet.start(topo, workdir)          # test CA + HTTPS server on the net host
+    r = run_cli(project, ["--", "curl", ...], netns=topo.net, add_hosts=internet.add_hosts())
+    with Session(project, [...], netns=...) as s:     # a sandbox running in the background
+        s.root(["supervisorctl", "status"])           # as root inside the sandbox
+        s.lines()                                     # the command's stdout, line by line
+
+The CLI runs from the checkout (root can read it); inside the sandbox the runtime
+is laid by runtime.install, as in the image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .netns import Topology
+from .source import python_bin
+from . import upstream
+from .upstream import wait_ready
+
+# helper-2's test CA (renamed from TestCA so pytest does not collect it).
+UpstreamCA: Any = getattr(upstream, "UpstreamCA", None) or upstream.TestCA
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+NAMES = ("api.github.com", "example.com", "evil.test", "registry.npmjs.org", "v6.test")
+
+
+def cli_argv(
+    args: Sequence[str],
+    netns: str | None = None,
+    add_hosts: Mapping[str, str] | None = None,
+) -> list[str]:
+    argv = [python_bin(), "-m", "runtime.cli", "--engine", "sandbox"]
+    if netns:
+        argv += ["--sandbox-netns", netns]
+    for name, ip in (add_hosts or {}).items():
+        argv += ["--add-host", f"{name}:{ip}"]
+    return argv + list(args)
+
+
+def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "PYTHONPATH": str(REPO_ROOT),
+        "HOME": os.environ.get("SP_TEST_HOME", "/nonexistent-home"),
+        "LANG": "C.UTF-8",
+    }
+    env.update(extra or {})
+    return env
+
+
+class Internet:
+    """The test internet on the Topology's net host: one HTTPS/HTTP server for all names."""
+
+    def __init__(self, topo: Topology, ca: Any, proc: subprocess.Popen[Any]) -> None:
+        self.topo = topo
+        self.ca = ca
+        self.proc = proc
+
+    @classmethod
+    def start(cls, topo: Topology, workdir: Path, source_path: str) -> Internet:
+        ca = UpstreamCA.create(workdir / "ca", names=list(NAMES))
+        proc = topo.net_popen(
+            [
+                python_bin(),
+                "-m",
+                "tests.harness.upstream",
+                "serve",
+                "--cert",
+                str(ca.server_cert),
+                "--key",
+                str(ca.server_key),
+            ],
+            env={"PYTHONPATH": source_path},
+            text=True,
+        )
+        wait_ready(proc)
+        return cls(topo, ca, proc)
+
+    def add_hosts(self) -> dict[str, str]:
+        hosts = {name: self.topo.net_ip for name in NAMES if name != "v6.test"}
+        hosts["v6.test"] = self.topo.net_ip6
+        return hosts
+
+    def env(self) -> dict[str, str]:
+        return {"SECURE_PROXY_UPSTREAM_CA": str(self.ca.ca_cert)}
+
+
+def run_cli(
+    project: Path,
+    args: Sequence[str],
+    internet: Internet | None = None,
+    timeout: float = 60,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    argv = cli_argv(
+        args,
+        internet.topo.net if internet else None,
+        internet.add_hosts() if internet else None,
+    )
+    full_env = cli_env({**(internet.env() if internet else {}), **(env or {})})
+    return subprocess.run(
+        argv,
+        cwd=project,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
+
+
+class Session:
+    """A sandbox running in the background; its stdout is read line by line."""
+
+    def __init__(
+        self,
+        project: Path,
+        args: Sequence[str],
+        internet: Internet | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.argv = cli_argv(
+            args,
+            internet.topo.net if internet else None,
+            internet.add_hosts() if internet else None,
+        )
+        self.env = cli_env({**(internet.env() if internet else {}), **(env or {})})
+        self.project = project
+        self.proc: subprocess.Popen[str] | None = None
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self.stderr = ""
+
+    def __enter__(self) -> Session:
+        self.proc = subprocess.Popen(
+            self.argv,
+            cwd=self.project,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+
+        def pump() -> None:
+            assert self.proc and self.proc.stdout
+            for line in self.proc.stdout:
+                self._lines.put(line.rstrip("\n"))
+            self._lines.put(None)
+
+        def pump_err() -> None:
+            assert self.proc and self.proc.stderr
+            for line in self.proc.stderr:
+                self.stderr += line
+
+        threading.Thread(target=pump, daemon=True).start()
+        threading.Thread(target=pump_err, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def next_line(self, timeout: float = 30) -> str | None:
+        return self._lines.get(timeout=timeout)
+
+    def wait_for(self, predicate: Any, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no matching line; stderr:\n{self.stderr}")
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise RuntimeError(f"sandbox ended; stderr:\n{self.stderr}")
+            if predicate(line):
+                return line
+
+    def wait(self, timeout: float = 30) -> int:
+        assert self.proc
+        return self.proc.wait(timeout=timeout)
+
+    def init_pid(self) -> int:
+        """Host pid of the sandbox's PID 1 (python CLI -> unshare -> init)."""
+        assert self.proc
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            for unshare in _children(self.proc.pid):
+                kids = _children(unshare)
+                if kids:
+                    return kids[0]
+            time.sleep(0.05)
+        raise TimeoutError("sandbox PID 1 not found")
+
+    def root(self, argv: Sequence[str], timeout: float = 20) -> subprocess.CompletedProcess[str]:
+        """Run argv as root inside the sandbox (all its namespaces)."""
+        pid = self.init_pid()
+        full = ["nsenter", "-t", str(pid), "-m", "-u", "-i", "-n", "-p", "--", *argv]
+        return subprocess.run(
+            full,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
+        )
+
+
+def client_script(code: str) -> list[str]:
+    """argv running a Python snippet with the sandbox's (reused) interpreter."""
+    return [python_bin(), "-c", code]
+
+
+REQUEST_LOOP = r"""
+import json, ssl, sys, time, urllib.request, urllib.error
+urls = sys.argv[1].split(",")
+period = float(sys.argv[2]); total = float(sys.argv[3])
+ctx = ssl.create_default_context()
+end = time.monotonic() + total
+print("LOOP-START", flush=True)
+while time.monotonic() < end:
+    for url in urls:
+        t = time.time()
+        try:
+            with urllib.request.urlopen(url, timeout=2, context=ctx) as r:
+                out = {"url": url, "status": r.status}
+        except urllib.error.HTTPError as e:
+            out = {"url": url, "status": e.code}
+        except Exception as e:
+            out = {"url": url, "status": 0, "error": type(e).__name__ + ": " + str(e)[:80]}
+        out["t"] = t
+        print(json.dumps(out), flush=True)
+    time.sleep(period)
+"""
+
+
+def request_loop(urls: Sequence[str], period: float = 0.1, total: float = 20) -> list[str]:
+    return [python_bin(), "-c", REQUEST_LOOP, ",".join(urls), str(period), str(total)]
+
+
+def sh(script: str) -> list[str]:
+    return ["sh", "-c", script]
+
+
+def quote(argv: Sequence[str]) -> str:
+    return shlex.join(argv)
+
+
+def write_config(project: Path, data: dict[str, Any]) -> Path:
+    path = project / ".copilot_here" / "network.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def enforce(*hosts: str) -> dict[str, Any]:
+    return {
+        "enabled": True,
+        "inherit_defaults": False,
+        "mode": "enforce",
+        "log_to_file": True,
+        "allowed_rules": [{"host": h} for h in hosts],
+    }
+
+
+__all__ = [
+    "Internet",
+    "Session",
+    "client_script",
+    "enforce",
+    "quote",
+    "request_loop",
+    "run_cli",
+    "sh",
+    "write_config",
+]
+
+if __name__ == "__main__":  # pragma: no cover
+    print("tests.harness.sandbox is a library", file=sys.stderr)
+    sys.exit(2)
