@@ -46,7 +46,8 @@ COPY config ./config
 COPY supervisor.d ./supervisor.d
 RUN /build/venv/bin/pip wheel --no-deps --no-index --find-links /wheels \
       --wheel-dir /wheels . \
- && rm -rf build ./*.egg-info
+ && rm -rf build ./*.egg-info \
+ && find /wheels /src -type f -print0 | sort -z | xargs -0 sha256sum > /build/inputs.sha256
 
 # ---------------------------------------------------------------------------- final
 FROM ${BASE_IMAGE}
@@ -73,6 +74,10 @@ RUN --mount=type=secret,id=pip_ca \
       && npm cache clean --force && rm -rf /root/.npm /tmp/*; \
     fi
 
+# Buildah (Podman 4.3) leaves RUN --mount=from=builder content out of the layer
+# cache key: without this small COPY a source change would reuse a stale runtime.
+COPY --from=builder /build/inputs.sha256 /opt/secure-proxy/build-inputs.sha256
+
 # The one installer (runtime/install.py), the same the sandbox engine uses: venv
 # from the builder's wheels (offline), config, supervisor files, proxy-user. The
 # source and wheels are bind-mounted from the builder, so neither lands in a layer.
@@ -86,9 +91,10 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
  && /opt/secure-proxy/venv/bin/python -c "import runtime.init, firewall.cli, mitmproxy, iptc"
 
 WORKDIR /work
-# The interceptor writes this marker once it listens (after the firewall verified).
+# The interceptor writes this marker once it listens (after the firewall verified);
+# the path is runtime.paths.interceptor_marker() (the image test checks they agree).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
-    CMD ["test", "-f", "/run/secure-proxy/interceptor.ready"]
+    CMD ["test", "-f", "/run/secure-proxy/interceptor/interceptor.ready"]
 ENTRYPOINT ["/usr/local/bin/secure-proxy-init"]
 # No command given: init runs the Copilot CLI when installed, else bash.
 CMD []
