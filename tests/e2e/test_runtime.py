@@ -207,3 +207,141 @@ def test_interceptor_restart_and_kill9_fail_closed_then_recover(internet, projec
             ]
         )
         assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+# --------------------------------------------------------------------------- live edits
+
+
+def _first_after(s: Session, host: str, status: int, since: float, limit: float = 5) -> float:
+    """Seconds from `since` until the loop saw `host` answer `status`."""
+    while True:
+        entry = json.loads(s.wait_for(lambda ln: ln.startswith("{")))
+        if entry["t"] >= since and host in entry["url"] and entry["status"] == status:
+            return entry["t"] - since
+        assert time.time() - since < limit, f"{host} never answered {status}"
+
+
+def test_live_edits_in_place_and_by_rename(internet, project):
+    path = write_config(project, enforce("api.github.com"))
+    urls = ["https://example.com/live", "https://evil.test/live"]
+    args = ["--network-config-write", "--", *request_loop(urls, 0.05, 40)]
+    with Session(project, args, internet) as s:
+        s.wait_for(lambda line: line == "LOOP-START")
+        _first_after(s, "example.com", 403, 0)
+
+        # In place (same inode), as `echo > file` or most editors without backup.
+        t0 = time.time()
+        with open(path, "w") as handle:
+            handle.write(json.dumps(enforce("api.github.com", "example.com")))
+        assert _first_after(s, "example.com", 200, t0) < 1.0
+
+        # By rename, as vim/VS Code save: the file's inode changes.
+        t0 = time.time()
+        tmp = path.with_name(".network.json.swp")
+        tmp.write_text(json.dumps(enforce("api.github.com", "example.com", "evil.test")))
+        os.replace(tmp, path)
+        assert _first_after(s, "evil.test", 200, t0) < 1.0
+
+        # Invalid edit: the last good policy stays, and the log says what is wrong.
+        path.write_text('{"enabled": true, "mode": "enforce", "allowed_rules": [{"hots": 1}]}')
+        time.sleep(1.0)
+        t0 = time.time()
+        _first_after(s, "evil.test", 200, t0)
+        log = s.root(["cat", "/var/log/secure-proxy/reloader.log"]).stdout
+        assert "invalid edit, keeping the last good policy" in log, log
+        assert "hots" in log or "allowed_rules" in log, log
+
+        # ... and the reloader still works afterwards.
+        t0 = time.time()
+        path.write_text(json.dumps(enforce("api.github.com")))
+        assert _first_after(s, "example.com", 403, t0) < 1.0
+
+
+def test_read_only_config_is_fixed_for_the_session(internet, project):
+    path = write_config(project, enforce("api.github.com"))
+    script = (
+        "if echo '{}' > /work/.copilot_here/network.json 2>/dev/null; then echo RO:WRITABLE; "
+        "else echo RO:DENIED; fi; exec "
+        + " ".join(f"'{a}'" for a in request_loop(["https://example.com/ro"], 0.1, 30))
+    )
+    with Session(project, ["--", *sh(script)], internet) as s:
+        assert s.wait_for(lambda ln: ln.startswith("RO:")) == "RO:DENIED"
+        s.wait_for(lambda line: line == "LOOP-START")
+        path.write_text(json.dumps(enforce("api.github.com", "example.com")))  # on the host
+        t0 = time.time()
+        while time.time() - t0 < 2.0:
+            entry = json.loads(s.wait_for(lambda ln: ln.startswith("{")))
+            assert entry["status"] == 403, entry
+        log = s.root(["cat", "/var/log/secure-proxy/reloader.log"]).stdout
+        assert "read-only" in log, log
+
+
+# --------------------------------------------------------------------------- the user's limits
+
+
+TAMPER = r"""
+try_() {
+  name=$1; shift
+  if "$@" >/dev/null 2>&1; then echo "$name:ALLOWED"; else echo "$name:denied"; fi
+}
+L=/logs/traffic.jsonl
+try_ write sh -c "echo forged >> $L"
+try_ truncate sh -c ": > $L"
+try_ rename mv $L /logs/moved.jsonl
+try_ delete sh -c "rm -f $L && test ! -e $L"
+try_ chmod chmod 666 $L
+try_ chown-dir chmod 777 /logs
+try_ ca-key sh -c 'cat /var/lib/secure-proxy/mitmproxy/mitmproxy-ca.pem'
+try_ ca-key-ls ls /var/lib/secure-proxy/mitmproxy
+try_ supervisor-socket PYTHON -c "import socket; s=socket.socket(socket.AF_UNIX); \
+  s.connect('/run/secure-proxy/supervisor.sock')"
+try_ supervisorctl supervisorctl status
+try_ policy sh -c "echo {} > /run/secure-proxy/policy.json"
+try_ iptables-flush iptables-legacy -t nat -F
+try_ ip6tables-flush ip6tables-legacy -t nat -F
+try_ iptables-nft iptables -t nat -F
+try_ userns-iptables unshare -r iptables-legacy -t nat -F
+echo DONE
+"""
+
+
+def test_appuser_cannot_touch_log_ca_key_supervisor_or_firewall(internet, project):
+    from tests.harness import python_bin
+
+    write_config(project, enforce("api.github.com"))
+    r = run_cli(project, ["--", *sh(TAMPER.replace("PYTHON", python_bin()))], internet)
+    assert r.returncode == 0, r.stderr
+    results = dict(line.split(":", 1) for line in r.stdout.splitlines() if ":" in line)
+    assert "DONE" in r.stdout
+    allowed = {name for name, verdict in results.items() if verdict != "denied"}
+    assert not allowed, r.stdout
+    # The forged line never made it into the audit trail.
+    assert "forged" not in (project / ".copilot_here" / "logs" / "traffic.jsonl").read_text()
+
+
+def test_logguard_repairs_owner_and_mode_within_a_second(internet, project):
+    write_config(project, enforce("api.github.com"))
+    with Session(project, ["--", *sh("echo UP; sleep 30")], internet) as s:
+        s.wait_for(lambda line: line == "UP")
+        status = s.root(["supervisorctl", "status"]).stdout
+        for name in ("interceptor", "logguard", "reloader"):
+            assert f"{name}" in status and "RUNNING" in status, status
+        for tamper in (
+            ["chown", "root:root", "/logs/traffic.jsonl"],
+            ["chmod", "0666", "/logs/traffic.jsonl"],
+            ["chmod", "0777", "/logs"],
+        ):
+            assert s.root(tamper).returncode == 0
+            t0 = time.monotonic()
+            while True:
+                st = s.root(["stat", "-c", "%U %a", "/logs", "/logs/traffic.jsonl"]).stdout
+                if st.split("\n")[:2] == ["proxy-user 755", "proxy-user 644"]:
+                    break
+                assert time.monotonic() - t0 < 1.0, (tamper, st)
+                time.sleep(0.05)
+        repairs = s.root(["cat", "/var/log/secure-proxy/logguard.jsonl"]).stdout
+        events = [json.loads(line) for line in repairs.splitlines()]
+        kinds = {(e.get("repair"), e.get("path")) for e in events if e.get("event") == "repair"}
+        assert ("owner", "/logs/traffic.jsonl") in kinds, events
+        assert ("mode", "/logs/traffic.jsonl") in kinds, events
+        assert ("mode", "/logs") in kinds, events
