@@ -260,13 +260,13 @@ def wait_ready(sup: subprocess.Popen[bytes]) -> None:
                         continue
                     last = tail(fw_log, 1)
                     raise SetupFailed(
-                        "the firewall could not lock the network: "
+                        "The firewall could not lock the network: "
                         + (last[0] if last else f"exit status {info.get('exitstatus')}")
                         + f"\nThe command was not started (fail closed). Log: {fw_log}"
                     )
                 if elapsed > FIREWALL_TIMEOUT:
                     raise SetupFailed(
-                        f"the firewall did not report a verified lock within "
+                        f"The firewall did not report a verified lock within "
                         f"{FIREWALL_TIMEOUT:.0f} s; the command was not started. Log: {fw_log}"
                     )
         if firewall_ok and paths.interceptor_marker().exists():
@@ -275,12 +275,12 @@ def wait_ready(sup: subprocess.Popen[bytes]) -> None:
             info = process_info("interceptor")
             if info and info.get("statename") == "FATAL":
                 raise SetupFailed(
-                    "the interceptor failed to start (gave up after retries); the command "
+                    "The interceptor failed to start (gave up after retries); the command "
                     f"was not started. Log: {ic_log}\n" + "\n".join(tail(ic_log))
                 )
             if elapsed > INTERCEPTOR_TIMEOUT:
                 raise SetupFailed(
-                    f"the interceptor was not ready within {INTERCEPTOR_TIMEOUT:.0f} s; the "
+                    f"The interceptor was not ready within {INTERCEPTOR_TIMEOUT:.0f} s; the "
                     f"command was not started. Log: {ic_log}\n" + "\n".join(tail(ic_log))
                 )
         time.sleep(0.05)

@@ -53,6 +53,7 @@ class Plan:
     command: list[str]
     tty: bool
     extra_args: list[str] = field(default_factory=list)
+    cap_drop: list[str] = field(default_factory=list)
 
 
 class RunError(Exception):
@@ -91,6 +92,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="ARG",
         help="extra argument for `docker run` / `podman run` (repeatable)",
+    )
+    group.add_argument(
+        "--cap-drop",
+        action="append",
+        default=[],
+        metavar="CAP",
+        help="drop a capability from the container (as docker run --cap-drop; e.g. NET_ADMIN "
+        "to see the firewall fail closed)",
     )
     group.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND... to run")
 
@@ -146,9 +155,13 @@ def plan(
 
 
 def engine_argv(engine: str, image: str, p: Plan, extra: list[str] | None = None) -> list[str]:
-    argv = [engine, "run", "--rm", "-it" if p.tty else "-i", "--cap-add=NET_ADMIN"]
+    argv = [engine, "run", "--rm", "-it" if p.tty else "-i"]
+    adds = ["NET_ADMIN"]
     if engine == "podman":
-        argv.append("--cap-add=NET_RAW")  # Docker grants NET_RAW by default, Podman does not
+        adds.append("NET_RAW")  # Docker grants NET_RAW by default, Podman does not
+    dropped = {c.upper().removeprefix("CAP_") for c in p.cap_drop}
+    argv += [f"--cap-add={cap}" for cap in adds if cap not in dropped]
+    argv += [f"--cap-drop={cap}" for cap in sorted(dropped)]
     for key, value in p.env.items():
         argv += ["-e", f"{key}={value}"]
     for m in p.mounts:
@@ -191,6 +204,7 @@ def sandbox_spec(p: Plan, netns: str | None):  # -> runtime.sandbox.Spec
         env=p.env,
         add_hosts=p.add_hosts,
         netns=netns,
+        cap_drop=[c.upper().removeprefix("CAP_") for c in p.cap_drop],
     )
 
 
@@ -205,6 +219,7 @@ def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
             args.add_host,
             list(args.command or []),
         )
+        p.cap_drop = list(args.cap_drop)
         if args.sandbox_netns and engine != "sandbox":
             raise RunError("--sandbox-netns goes with --engine sandbox")
         if engine == "sandbox":

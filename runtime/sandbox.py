@@ -67,6 +67,7 @@ class Spec:
     source: str = str(SOURCE_ROOT)
     stage: str = ""
     run_id: str = ""
+    cap_drop: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -479,7 +480,14 @@ def inner() -> int:
         **spec.env,
     }
     init = "/opt/secure-proxy/venv/bin/secure-proxy-init"
-    os.execve(init, [init, "--", *spec.command], env)
+    argv = [init, "--", *spec.command]
+    if spec.cap_drop:
+        # As docker run --cap-drop: out of the bounding set, so init and every
+        # component it starts run without them.
+        drop = ",".join(f"-{c.lower()}" for c in spec.cap_drop)
+        argv = ["setpriv", f"--bounding-set={drop}", "--", *argv]
+        os.execvpe("setpriv", argv, env)
+    os.execve(init, argv, env)
     return 127
 
 
