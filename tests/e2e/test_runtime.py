@@ -345,3 +345,12 @@ def test_logguard_repairs_owner_and_mode_within_a_second(internet, project):
         assert ("owner", "/logs/traffic.jsonl") in kinds, events
         assert ("mode", "/logs/traffic.jsonl") in kinds, events
         assert ("mode", "/logs") in kinds, events
+
+
+def test_without_net_admin_the_firewall_fails_closed_with_a_clear_message(project):
+    r = run_cli(project, ["--cap-drop", "NET_ADMIN", "--", "echo", "SHOULD-NOT-RUN"])
+    assert r.returncode == 1
+    assert "SHOULD-NOT-RUN" not in r.stdout
+    assert "The firewall could not lock the network" in r.stderr, r.stderr
+    assert "--cap-add=NET_ADMIN" in r.stderr, r.stderr
+    assert "fail closed" in r.stderr
