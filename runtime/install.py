@@ -160,9 +160,16 @@ def install_venv_pip(root: Path, source: Path, wheels: Path | None) -> Path:
     venv = PREFIX / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     argv = [str(venv / "bin" / "pip"), "install", "--no-cache-dir"]
+    target = str(source)
     if wheels:
         argv += ["--no-index", "--find-links", str(wheels)]
-    subprocess.run([*argv, str(source)], check=True)
+        # Our own wheel is among them when the builder made it: install it by name,
+        # so nothing is built in the final stage.
+        name = tomllib.loads((source / "pyproject.toml").read_text())["project"]["name"]
+        normalized = name.replace("-", "_")
+        if any(wheels.glob(f"{normalized}-*.whl")):
+            target = name
+    subprocess.run([*argv, target], check=True)
     return venv
 
 

@@ -26,9 +26,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import upstream
 from .netns import Topology
 from .source import python_bin
-from . import upstream
 from .upstream import wait_ready
 
 # helper-2's test CA (renamed from TestCA so pytest does not collect it).
