@@ -354,3 +354,55 @@ def test_without_net_admin_the_firewall_fails_closed_with_a_clear_message(projec
     assert "The firewall could not lock the network" in r.stderr, r.stderr
     assert "--cap-add=NET_ADMIN" in r.stderr, r.stderr
     assert "fail closed" in r.stderr
+
+
+# --------------------------------------------------------------------------- signals, global config
+
+
+def test_sigterm_to_the_cli_reaches_the_command_and_its_code_comes_back(project):
+    script = "trap 'echo GOT-TERM; exit 7' TERM; echo UP; sleep 30 & wait"
+    with Session(project, ["--", *sh(script)]) as s:
+        s.wait_for(lambda line: line == "UP")
+        t0 = time.monotonic()
+        assert s.proc is not None
+        s.proc.send_signal(15)
+        assert s.wait_for(lambda line: line == "GOT-TERM")
+        assert s.wait(timeout=10) == 7
+        # well within docker stop's 10 s grace, shutdown of the services included
+        assert time.monotonic() - t0 < 8
+
+
+def test_global_config_is_used_without_a_repo_config(internet, project, tmp_path):
+    home = Path(tempfile.mkdtemp(prefix="sp-home-", dir="/tmp"))
+    try:
+        os.chmod(home, 0o755)
+        write_config(home, enforce("example.com"))
+        r = run_cli(
+            project,
+            ["--", *sh(curl("https://example.com/") + "; " + curl("https://api.github.com/"))],
+            internet,
+            env={"HOME": str(home)},
+        )
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == ["200", "403"], (r.stdout, r.stderr)
+        assert "[Network] Using global config: /home/appuser/.copilot_here/network.json" in r.stderr
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_user_is_told_once_when_the_interceptor_keeps_crashing(internet, project):
+    write_config(project, enforce("api.github.com"))
+    with Session(project, ["--", *sh("echo UP; sleep 30")], internet) as s:
+        s.wait_for(lambda line: line == "UP")
+        for _ in range(4):
+            s.root(["sh", "-c", "kill -9 $(supervisorctl pid interceptor)"])
+            deadline = time.monotonic() + 10
+            while "RUNNING" not in s.root(["supervisorctl", "status", "interceptor"]).stdout:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            time.sleep(1.2)  # let init's watcher see each new pid
+        deadline = time.monotonic() + 5
+        while "keeps crashing" not in s.stderr:
+            assert time.monotonic() < deadline, s.stderr
+            time.sleep(0.2)
+        assert s.stderr.count("keeps crashing") == 1
