@@ -28,7 +28,7 @@ from pathlib import Path
 from runtime import paths
 from runtime.resolve import GLOBAL, REPO, find_config
 
-DEFAULT_IMAGE = os.environ.get("COPILOT_HERE_IMAGE", "copilot-here-secure-proxy:latest")
+DEFAULT_IMAGE = os.environ.get("COPILOT_HERE_IMAGE", "copilot_here-secure:latest")
 ENGINES = ("docker", "podman", "sandbox")
 CONTAINER_CONFIG_REPO = "/work/.copilot_here"
 CONTAINER_CONFIG_GLOBAL = str(paths.CONTAINER_HOME / ".copilot_here")
