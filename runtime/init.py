@@ -524,11 +524,17 @@ def main(argv: list[str] | None = None) -> int:
     sup: subprocess.Popen[bytes] | None = None
     reaped: dict[int, int] = {}
 
+    aborting = False
+
     def on_signal(signum: int, _frame: object) -> None:
+        nonlocal aborting
         if child is not None and child.pid not in reaped:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child.pid, signum)
-        elif signum != signal.SIGWINCH:
+        elif signum != signal.SIGWINCH and not aborting:
+            # Before the command exists: abort startup once (a second signal while
+            # services are being stopped must not cut the cleanup short).
+            aborting = True
             raise Interrupted(signum)
 
     for sig in FORWARDED:

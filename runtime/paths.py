@@ -120,9 +120,7 @@ def session_file() -> Path:
 
 def system_ca_file() -> Path:
     """Where init drops the CA for update-ca-certificates."""
-    return _path(
-        "SECURE_PROXY_SYSTEM_CA", "/usr/local/share/ca-certificates/secure-proxy-ca.crt"
-    )
+    return _path("SECURE_PROXY_SYSTEM_CA", "/usr/local/share/ca-certificates/secure-proxy-ca.crt")
 
 
 def system_ca_bundle() -> Path:
