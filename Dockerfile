@@ -38,6 +38,16 @@ RUN --mount=type=secret,id=pip_ca \
  && /build/venv/bin/pip wheel --use-pep517 --wheel-dir /wheels \
       -r /build/requirements.txt "setuptools>=68" wheel
 
+# The runtime venv with every dependency, at its final path (same base, so the same
+# /usr/bin/python3): the final stage copies it, then the installer adds our code.
+# Debug symbols go (zstandard, brotli and cryptography ship ~30 MB of them); pip
+# and setuptools go (nothing installs into this venv at run time).
+RUN python3 -m venv /opt/secure-proxy/venv \
+ && /opt/secure-proxy/venv/bin/pip install -q --no-cache-dir --no-index --find-links /wheels \
+      -r /build/requirements.txt \
+ && /opt/secure-proxy/venv/bin/python -m pip uninstall -y -q pip setuptools \
+ && find /opt/secure-proxy/venv -type f -name '*.so*' -exec strip --strip-unneeded {} +
+
 # Our own wheel (pure Python), built offline from the wheels above.
 COPY README.md ./
 COPY runtime ./runtime
@@ -74,16 +84,21 @@ RUN --mount=type=secret,id=pip_ca \
       && npm cache clean --force && rm -rf /root/.npm /tmp/*; \
     fi
 
+# Dependencies in their own layer (a source change reuses it).
+COPY --from=builder /opt/secure-proxy/venv /opt/secure-proxy/venv
+
 # Buildah (Podman 4.3) leaves RUN --mount=from=builder content out of the layer
-# cache key: without this small COPY a source change would reuse a stale runtime.
+# cache key: this digest of the builder's wheels and source is what makes a source
+# change rerun the installer below (else a stale runtime would be reused).
 COPY --from=builder /build/inputs.sha256 /opt/secure-proxy/build-inputs.sha256
 
 # The one installer (runtime/install.py), the same the sandbox engine uses: venv
-# from the builder's wheels (offline), config, supervisor files, proxy-user. The
-# source and wheels are bind-mounted from the builder, so neither lands in a layer.
-# pip and setuptools leave the venv afterwards: nothing installs into it at run time.
+# (`python3 -m venv` over the copied one, pip offline from the builder's wheels: only
+# our distribution is new by now), config, supervisor files, proxy-user. Source and
+# wheels are bind-mounted from the builder, so neither lands in a layer. pip and
+# setuptools (re-added by `python3 -m venv`) leave again in the same layer.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    --mount=type=bind,from=builder,source=/src,target=/src,rw \
+    --mount=type=bind,from=builder,source=/src,target=/src \
     cd /src \
  && PYTHONDONTWRITEBYTECODE=1 python3 -m runtime.install --root / --source /src --wheels /wheels \
  && /opt/secure-proxy/venv/bin/python -m pip uninstall -y -q pip setuptools \
