@@ -91,6 +91,7 @@ def test_first_request_is_judged_v4_and_v6(internet, project):
 def test_no_config_allow_all_nothing_logged_host_untouched(internet, project):
     watched = [Path("/etc/passwd"), Path("/etc/group"), Path("/etc/ssl/certs/ca-certificates.crt")]
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in watched}
+    sandboxes_before = {n for n in os.listdir("/run/netns") if n.startswith("spsbx-")}
     r = run_cli(project, ["--", *sh(curl("https://evil.test/") + "; id -un")], internet)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["200", "appuser"], (r.stdout, r.stderr)
@@ -100,7 +101,9 @@ def test_no_config_allow_all_nothing_logged_host_untouched(internet, project):
     after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in watched}
     assert before == after
     assert not Path("/ca").exists()
-    assert not [n for n in os.listdir("/run/netns") if n.startswith("spsbx-")]
+    # Nothing of this run is left behind (other sandboxes may be running concurrently).
+    left = {n for n in os.listdir("/run/netns") if n.startswith("spsbx-")} - sandboxes_before
+    assert not left
 
 
 def test_invalid_config_stops_before_anything_runs(internet, project):
