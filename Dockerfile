@@ -69,6 +69,7 @@ ENV DEBIAN_FRONTEND=noninteractive
 # Run-time packages only: no compiler, no apt lists.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends iptables python3 python3-venv ca-certificates \
+ && apt-get clean \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log
 
 # The Copilot CLI, as copilot_here's base image has it (before the runtime, so a

@@ -365,6 +365,7 @@ def test_image_has_what_runs_and_nothing_for_building(image: str) -> None:
         find / -xdev -name .git 2>/dev/null | sed 's/^/HAS /'
         ls -d /opt/secure-proxy/venv/lib/python3*/site-packages/tests 2>/dev/null | sed 's/^/HAS /'
         ls /var/lib/apt/lists | grep -v '^lock$\\|^partial$' | sed 's/^/HAS apt list /'
+        ls /var/cache/apt/archives/*.deb 2>/dev/null | sed 's/^/HAS /'
         id proxy-user >/dev/null && echo "OK proxy-user"
         for f in defaults.json allow-all.json network.schema.json; do
             [ -f /opt/secure-proxy/$f ] && echo "OK $f"
