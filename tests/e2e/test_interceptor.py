@@ -599,6 +599,26 @@ def test_sighup_applies_to_open_connection_and_broken_file_keeps_policy(env: Env
     assert ask_fresh_blocked(env)
 
 
+def test_monitor_and_allow_all_modes(env: Env):
+    try:
+        rules = enforce_policy().rules
+        env.reload(Policy.build(Mode.MONITOR, False, rules, CONFIG))
+        before = env.mark()
+        r = env.curl("https://evil.test/x", "-H", "Host: evil.test")
+        assert json.loads(r.stdout)["host"] == "evil.test"  # went through
+        [line] = env.new_lines(before, 1)
+        assert line["violation"] is True and line["action"] == "ALLOW"
+        assert line["mode"] == "monitor" and line["reason"] == "host_not_allowed"
+        # allow-all without log_to_file: through, and not logged
+        env.reload(Policy.build(Mode.ALLOW_ALL, False, (), "built-in defaults"))
+        before = env.mark()
+        r = env.curl("-o", "/dev/null", "-w", "%{http_code}", "https://evil.test/y")
+        assert r.stdout == "200"
+        env.new_lines(before, 0)
+    finally:
+        env.reload(enforce_policy())
+
+
 def ask_fresh_blocked(env: Env) -> bool:
     r = env.curl("-o", "/dev/null", "-w", "%{http_code}", "https://evil.test/a")
     return r.stdout == "403"
