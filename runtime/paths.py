@@ -25,8 +25,11 @@ def share_dir() -> Path:
     installed = Path("/opt/secure-proxy")
     if (installed / "defaults.json").is_file():
         return installed
+    package = Path(__file__).resolve().parent
     # Source checkout or editable install: config/ sits beside the package.
-    return Path(__file__).resolve().parent.parent / "config"
+    # Installed wheel: the same files ship as the runtime._config package.
+    checkout = package.parent / "config"
+    return checkout if (checkout / "defaults.json").is_file() else package / "_config"
 
 
 def run_dir() -> Path:
