@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -537,6 +538,28 @@ def build_upstream_bundle(
     return target
 
 
+def _can_bind(family: socket.AddressFamily, host: str) -> bool:
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+    except OSError:
+        return False
+    return True
+
+
+def transparent_modes(listen_host: str, port: int) -> list[str]:
+    """Where to listen. By default loopback only, IPv4 and IPv6: the REDIRECT of
+    locally generated traffic lands on 127.0.0.1 / ::1, and nothing outside the
+    box must be able to use us as an open proxy. ::1 is skipped where IPv6 is
+    disabled (Docker's default), since there is then no IPv6 traffic to catch."""
+    if listen_host not in ("", "loopback"):
+        return [f"transparent@{listen_host}:{port}"]
+    modes = [f"transparent@127.0.0.1:{port}"]
+    if _can_bind(socket.AF_INET6, "::1"):
+        modes.append(f"transparent@::1:{port}")
+    return modes
+
+
 def mitmproxy_options(
     *,
     confdir: Path,
@@ -550,8 +573,8 @@ def mitmproxy_options(
     verbosity: str,
 ) -> dict[str, Any]:
     opts: dict[str, Any] = {
-        "mode": ["transparent"],
-        "listen_host": listen_host,
+        "mode": transparent_modes(listen_host, listen_port),
+        "listen_host": "",  # each mode names its own address
         "listen_port": listen_port,
         "confdir": str(confdir),
         "connection_strategy": "lazy",
@@ -559,8 +582,9 @@ def mitmproxy_options(
         "flow_detail": 0,
         "termlog_verbosity": verbosity,
         "stream_large_bodies": STREAM_LARGE_BODIES,
-        # Clients reach us only through the box's REDIRECT rules; their source may be
-        # a global IPv6 address, which block_global would refuse.
+        # Clients reach us only through the box's REDIRECT rules (we listen on
+        # loopback); their source may be a global IPv6 address, which
+        # block_global would refuse.
         "block_global": False,
         "ssl_insecure": False,
         "secure_proxy_policy": str(policy_file),
@@ -593,7 +617,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="secure-proxy-interceptor",
         description="mitmproxy in transparent mode, enforcing /run/secure-proxy/policy.json.",
     )
-    ap.add_argument("--listen-host", default=env("SECURE_PROXY_LISTEN_HOST", ""))
+    ap.add_argument(
+        "--listen-host",
+        default=env("SECURE_PROXY_LISTEN_HOST", "loopback"),
+        help="address to listen on (default: 127.0.0.1 and ::1)",
+    )
     ap.add_argument("--port", type=int, default=paths.INTERCEPTOR_PORT)
     ap.add_argument("--confdir", type=Path, default=default_confdir())
     ap.add_argument("--policy", type=Path, default=paths.policy_file())

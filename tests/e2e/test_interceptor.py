@@ -267,6 +267,28 @@ def test_ready_marker_ca_and_key_permissions(env: Env):
     assert re.search(rf"^Uid:\s+{PROXY_UID}\s", status, re.M)
 
 
+def test_not_an_open_proxy_from_outside_the_box(env: Env):
+    """The interceptor listens on loopback only: a host on the network cannot use it."""
+    info = json.loads((env.work / "run" / "interceptor.ready").read_text())
+    assert {addr[0] for addr in info["listening"]} == {"127.0.0.1", "::1"}
+    for addr in (env.topo.box_ip, env.topo.box_ip6):
+        r = env.topo.net_run(
+            [
+                "curl",
+                "-sS",
+                "--max-time",
+                "3",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                f"http://{'[' + addr + ']' if ':' in addr else addr}:58080/",
+            ],
+            user=CLIENT_UID,
+        )
+        assert r.returncode == 7, (addr, r.returncode, r.stdout, r.stderr)  # refused
+
+
 # --------------------------------------------------------------------------- curl
 
 

@@ -451,7 +451,8 @@ def test_options_are_the_ones_the_issue_asks_for(tmp_path):
         ready_marker=tmp_path / "ready",
         verbosity="warn",
     )
-    assert opts["mode"] == ["transparent"] and opts["listen_port"] == 58080
+    assert opts["mode"] == ["transparent@127.0.0.1:58080", "transparent@::1:58080"]
+    assert opts["listen_port"] == 58080
     assert opts["connection_strategy"] == "lazy" and opts["onboarding"] is False
     assert opts["flow_detail"] == 0 and opts["stream_large_bodies"] == "1m"
     assert opts["ssl_verify_upstream_trusted_ca"] == str(tmp_path / "b.pem")
