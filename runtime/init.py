@@ -124,9 +124,30 @@ def host_ids() -> tuple[int, int]:
     return read("PUID"), read("PGID")
 
 
-def app_ids(puid: int, pgid: int) -> tuple[int, int]:
-    """The user command never runs as root: id 0 (the CLI run by root) becomes 1000."""
-    return (puid or DEFAULT_ID), (pgid or DEFAULT_ID)
+def app_ids(puid: int, pgid: int, proxy_uid: int | None = None) -> tuple[int, int]:
+    """The user command never runs as root: id 0 (the CLI run by root) becomes 1000.
+
+    Nor as the proxy user: the firewall lets that uid out directly, so a command
+    running with it would bypass the interceptor. That is refused, not remapped,
+    so the files the user writes never end up owned by a surprising uid.
+    """
+    uid, gid = (puid or DEFAULT_ID), (pgid or DEFAULT_ID)
+    if proxy_uid is not None and uid == proxy_uid:
+        raise SetupFailed(
+            f"PUID={uid} is the uid of {paths.PROXY_USER}, whose traffic bypasses the "
+            "interceptor; run with another PUID (your host user's id, e.g. PUID=$(id -u))"
+        )
+    return uid, gid
+
+
+def proxy_uid() -> int:
+    try:
+        return pwd.getpwnam(paths.PROXY_USER).pw_uid
+    except KeyError:
+        raise SetupFailed(
+            f"user {paths.PROXY_USER} does not exist; the image's installer creates it "
+            "(python3 -m runtime.install)"
+        ) from None
 
 
 def _run(argv: list[str]) -> None:
@@ -549,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in describe(resolved):
             say(line)
         puid, pgid = host_ids()
-        uid, gid = app_ids(puid, pgid)
+        uid, gid = app_ids(puid, pgid, proxy_uid())
         clean_run_dir()
         write_policy(resolved.policy)
         session = {

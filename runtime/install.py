@@ -33,7 +33,12 @@ from runtime import paths, registries
 
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("runtime", "firewall")
-SHARE_FILES = ("defaults.json", "allow-all.json", "network.schema.json")
+SHARE_FILES = (
+    "defaults.json",
+    "allow-all.json",
+    "network.schema.json",
+    "traffic-log.schema.json",
+)
 PREFIX = Path("/opt/secure-proxy")
 SUPERVISOR_DIR = Path("/etc/secure-proxy/supervisor")
 STATE_DIR = Path("/var/lib/secure-proxy")
