@@ -187,12 +187,30 @@ def docker_answers() -> bool:
         return False
 
 
-def default_engine() -> str:
-    if docker_answers():
+def podman_has(image: str) -> bool:
+    if not shutil.which("podman"):
+        return False
+    try:
+        probe = subprocess.run(
+            ["podman", "image", "exists", image], capture_output=True, timeout=20, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+def choose_engine(docker_ok: bool, podman_ok: bool) -> str:
+    """Docker when its daemon answers, else Podman when it has the image, else the
+    sandbox. Podman without the image would only fail to pull it (no registry
+    here): the sandbox runs the same runtime from this checkout instead."""
+    if docker_ok:
         return "docker"
-    if shutil.which("podman"):
-        return "podman"
-    return "sandbox"
+    return "podman" if podman_ok else "sandbox"
+
+
+def default_engine(image: str) -> str:
+    docker_ok = docker_answers()
+    return choose_engine(docker_ok, not docker_ok and podman_has(image))
 
 
 def sandbox_spec(p: Plan, netns: str | None):  # -> runtime.sandbox.Spec
@@ -210,7 +228,7 @@ def sandbox_spec(p: Plan, netns: str | None):  # -> runtime.sandbox.Spec
 
 def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
     try:
-        engine = args.engine or default_engine()
+        engine = args.engine or default_engine(args.image)
         p = plan(
             project,
             home,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -173,11 +174,11 @@ def test_parser_keeps_command_after_double_dash():
     assert [a for a in args.command if a != "--"] == ["ls", "--engine", "-l"]
 
 
-def test_default_engine_falls_back_to_sandbox(monkeypatch):
-    monkeypatch.setattr(run, "docker_answers", lambda: False)
-    monkeypatch.setattr(run.shutil, "which", lambda name: None)
-    assert run.default_engine() == "sandbox"
-    monkeypatch.setattr(run.shutil, "which", lambda name: "/usr/bin/podman")
-    assert run.default_engine() == "podman"
-    monkeypatch.setattr(run, "docker_answers", lambda: True)
-    assert run.default_engine() == "docker"
+def test_engine_choice_docker_then_podman_with_image_then_sandbox():
+    assert run.choose_engine(docker_ok=True, podman_ok=True) == "docker"
+    assert run.choose_engine(docker_ok=False, podman_ok=True) == "podman"
+    assert run.choose_engine(docker_ok=False, podman_ok=False) == "sandbox"
+
+
+def test_podman_without_the_image_is_not_chosen():
+    assert run.podman_has("localhost/no-such-image-" + os.urandom(4).hex()) is False
