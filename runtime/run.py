@@ -65,7 +65,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--engine",
         choices=ENGINES,
-        help="container engine (default: docker if its daemon answers, else podman if it has the image, else sandbox)",
+        help="container engine (default: docker if its daemon answers, "
+        "else podman if it has the image, else sandbox)",
     )
     group.add_argument("--image", default=DEFAULT_IMAGE, help=f"image (default {DEFAULT_IMAGE})")
     group.add_argument(
