@@ -1,15 +1,16 @@
-# syntax=docker/dockerfile:1.4
-#
 # copilot_here image with the secure proxy runtime built in (inactive by default:
 # with no network.json mounted the container behaves as without it: allow-all,
 # nothing logged; it only needs --cap-add=NET_ADMIN, plus NET_RAW on Podman).
 #
-#   docker build -t copilot_here-secure .                       # node:20-bookworm-slim + Copilot CLI
-#   docker build --build-arg BASE_IMAGE=<any bookworm image> .  # wrap an existing variant
+#   docker build -t copilot-here-secure-proxy .          # node:20-bookworm-slim + Copilot CLI
+#   ... --build-arg BASE_IMAGE=<any bookworm image>      # wrap an existing variant
+#   ... --build-arg INSTALL_COPILOT=false                # without the Copilot CLI
 #   ... --secret id=pip_ca,src=/etc/ssl/certs/ca-certificates.crt   # behind a TLS-intercepting proxy
 #
-# The base must be Debian bookworm: python-iptables breaks with trixie's iptables 1.8.11.
-# Podman needs `--format docker` to keep the HEALTHCHECK (OCI images have none).
+# The tag is the host CLI's default --image. The base must be Debian bookworm:
+# python-iptables breaks with trixie's iptables 1.8.11. Needs BuildKit (RUN --mount);
+# no `# syntax=` line, so no frontend image is pulled from Docker Hub. Podman needs
+# `--format docker` to keep the HEALTHCHECK (OCI images have none): see image/build.sh.
 
 ARG BASE_IMAGE=node:20-bookworm-slim
 
@@ -17,8 +18,8 @@ ARG BASE_IMAGE=node:20-bookworm-slim
 # Wheels for everything: python-iptables compiles a C extension, so the compiler
 # lives here and never reaches the final image.
 FROM ${BASE_IMAGE} AS builder
-ENV DEBIAN_FRONTEND=noninteractive \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+ARG DEBIAN_FRONTEND=noninteractive
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
@@ -64,7 +65,8 @@ FROM ${BASE_IMAGE}
 ARG BASE_IMAGE
 ARG INSTALL_COPILOT=true
 ARG COPILOT_PACKAGE=@github/copilot
-ENV DEBIAN_FRONTEND=noninteractive
+# ARG, not ENV: the user's shell in the container must not inherit it.
+ARG DEBIAN_FRONTEND=noninteractive
 
 # Run-time packages only: no compiler, no apt lists.
 RUN apt-get update \

@@ -3,9 +3,10 @@
 # the base comes from image/make-base.sh (debootstrap + podman import, cached).
 #
 # Usage: image/build.sh [TAG] [extra podman build args...]
-#   default TAG localhost/copilot_here-secure:test, INSTALL_COPILOT=false
+#   default TAG localhost/copilot_here-secure:test
 # Env: SP_BASE_IMAGE (skip make-base and use this base), SP_PIP_CA (CA bundle for
-#      pip inside the build; default /etc/ssl/certs/ca-certificates.crt when present).
+#      pip and npm inside the build; default /etc/ssl/certs/ca-certificates.crt when
+#      present), SP_INSTALL_COPILOT (default false: the debootstrap base has no npm).
 # Prints the tag on stdout; podman's output goes to stderr.
 #
 # --runtime runc: crun refuses this machine's hybrid cgroups. The explicit ulimits:
@@ -26,7 +27,7 @@ podman build \
   --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 \
   --format docker --layers \
   --build-arg "BASE_IMAGE=$base" \
-  --build-arg INSTALL_COPILOT=false \
+  --build-arg "INSTALL_COPILOT=${SP_INSTALL_COPILOT:-false}" \
   --build-arg "VCS_REF=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
   "${secret[@]}" \
   --tag "$TAG" \

@@ -347,6 +347,8 @@ def test_image_metadata(image_info: dict) -> None:
     health = image_info.get("Healthcheck") or config.get("Healthcheck") or {}
     marker = str(paths.interceptor_marker())  # the default, as in the container
     assert marker in health.get("Test", []), (marker, health)
+    env = dict(e.split("=", 1) for e in config.get("Env") or [])
+    assert "DEBIAN_FRONTEND" not in env, "build-time settings must not reach the user's shell"
     labels = config.get("Labels") or {}
     for key in ("title", "version", "revision", "licenses", "base.name"):
         assert labels.get(f"org.opencontainers.image.{key}"), labels
