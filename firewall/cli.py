@@ -26,7 +26,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from runtime import paths
+from runtime import fsutil, paths
 
 from . import iptables
 from .iptables import FirewallError
@@ -77,17 +77,13 @@ def write_marker(ruleset: Ruleset) -> Path:
     run.mkdir(mode=0o755, parents=True, exist_ok=True)
     os.chmod(run, 0o755)
     marker = paths.firewall_marker()
-    tmp = marker.with_name(f".{marker.name}.{os.getpid()}")
     payload = {
         "verified_at": time.time(),
         "proxy_uid": ruleset.proxy_uid,
         "port": ruleset.port,
         "nameservers": list(ruleset.nameservers),
     }
-    tmp.write_text(json.dumps(payload) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, marker)
-    return marker
+    return fsutil.atomic_write(marker, json.dumps(payload) + "\n", 0o644)
 
 
 def cmd_apply(args: argparse.Namespace) -> int:

@@ -11,12 +11,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from runtime import paths, run
+from runtime import fsutil, paths, run
 from runtime.config import ConfigError, validate_config
 from runtime.explain import explain
 from runtime.policy import Mode, Request
@@ -68,18 +67,9 @@ def dump(data: dict[str, Any]) -> str:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Temp file beside the target, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Replace the config atomically, keeping the file's mode."""
     mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(prefix=".network-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    fsutil.atomic_write(path, text, mode)
 
 
 def load_ordered(path: Path) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from runtime import paths, registries
+from runtime import fsutil, paths, registries
 
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("runtime", "firewall")
@@ -104,11 +104,7 @@ def _mkdir(path: Path, mode: int, owner: tuple[int, int] = (0, 0)) -> None:
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    fsutil.atomic_write(path, text, mode)
 
 
 def _script(python: Path, target: str) -> str:

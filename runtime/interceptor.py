@@ -27,7 +27,6 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from loguru import logger
 from mitmproxy import ctx, http
 from mitmproxy.proxy.mode_specs import TransparentMode
 
-from runtime import paths
+from runtime import fsutil, paths
 from runtime.explain import explain
 from runtime.policy import (
     Decision,
@@ -409,24 +408,15 @@ class PolicyReloader:
 
 
 def _write_atomic(target: Path, data: bytes, mode: int) -> None:
-    """Write via a temp file and rename; fall back to rewriting in place if the
-    directory is not ours (a file pre-created for us by root)."""
+    """Replace atomically; fall back to rewriting in place if the directory is not
+    ours (a file pre-created for us by root)."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        fsutil.atomic_write(target, data, mode)
     except PermissionError:
         with open(target, "wb") as handle:
             handle.write(data)
         with contextlib.suppress(PermissionError):
             os.chmod(target, mode)
-        return
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Readiness:

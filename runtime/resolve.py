@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime import paths
+from runtime import fsutil, paths
 from runtime.config import (
     ConfigError,
     NetworkConfig,
@@ -98,19 +97,8 @@ def compile_resolved(
 
 def write_policy(policy: Policy, target: Path | None = None) -> Path:
     """Write policy.json atomically (temp file in the same directory, then rename)."""
-    target = target or paths.policy_file()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".policy-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(policy.to_json(), handle, indent=1)
-            handle.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    text = json.dumps(policy.to_json(), indent=1) + "\n"
+    return fsutil.atomic_write(target or paths.policy_file(), text, 0o644)
 
 
 def read_policy(path: Path | None = None) -> Policy:
