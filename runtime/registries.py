@@ -10,10 +10,13 @@ container start does not run npm.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
 import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -42,15 +45,41 @@ def npm_hosts() -> list[str]:
     return [host] if host else []
 
 
+# Where Debian (python3-pip-whl, pulled in by python3-venv) and CPython keep the
+# pip wheel that `python3 -m venv` installs: pip's defaults are readable there
+# even where no pip is installed, as in the image's runtime venv.
+PIP_WHEEL_GLOBS = (
+    "/usr/share/python-wheels/pip-*.whl",
+    f"{sysconfig.get_paths()['stdlib']}/ensurepip/_bundled/pip-*.whl",
+)
+_READ_PYPI = (
+    "import sys; sys.path[:0] = sys.argv[1:]; "
+    "from pip._internal.models.index import PyPI; "
+    "print(PyPI.netloc, PyPI.file_storage_domain)"
+)
+
+
+def _pip_default_hosts() -> list[str]:
+    """pip's default index and file hosts, from an importable pip or pip's wheel."""
+    wheels = [w for pattern in PIP_WHEEL_GLOBS for w in sorted(glob.glob(pattern))]
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _READ_PYPI, *wheels[-1:]],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return out.split()
+
+
 def pypi_hosts() -> list[str]:
     urls = os.environ.get("PIP_INDEX_URL", "").split()
     if urls:
         return [h for h in (_host(u) for u in urls) if h]
-    try:
-        from pip._internal.models.index import PyPI
-    except ImportError:
-        return []
-    return [PyPI.netloc, PyPI.file_storage_domain]
+    return _pip_default_hosts()
 
 
 def detect() -> dict[str, list[str]]:
