@@ -1,13 +1,18 @@
 """Interceptor benchmark (a script, not a test): run as root, prints figures and ratios.
 
-    /opt/sp-venv/bin/python bench/interceptor_bench.py [--quick]
+    /opt/sp-venv/bin/python bench/interceptor_bench.py [--quick] [--json out.json]
 
 Side by side, in one run, on the namespace setup of the e2e tests (a box and a
 net host joined by a veth): keep-alive HTTPS requests per second and p50/p99
 latency for 1 and 32 connections, (a) directly to the upstream server, (b)
 through plain mitmproxy in transparent mode with no addon, (c) through the
 interceptor (enforce policy, every request logged); new TLS connections per
-second; the interceptor's RSS before and after 50,000 requests.
+second. Then, through the interceptor only: the traffic log off, monitor
+mode, allow-all with and without the log, and a 1,000-rule policy (each
+swapped in with SIGHUP, the interceptor's own reload); 2 interceptor
+processes on 58080-58081 with the REDIRECT spread over them per connection
+(iptables statistic nth) against 1; the interceptor's RSS idle, warm and
+after 100,000 requests.
 
 The upstream server and the load generator are Node.js (fast enough not to be
 the bottleneck); each path is chosen by the client's uid: one uid is
@@ -23,6 +28,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,8 +45,9 @@ from tests.harness import Topology, cleanup_leftovers, python_bin, stage_source 
 from tests.harness.upstream import UpstreamCA  # noqa: E402
 
 PROXY_UID = 64201
-UID_INTERCEPTOR, UID_PLAIN, UID_DIRECT = 64202, 64203, 64204
-PORT_INTERCEPTOR, PORT_PLAIN = 58080, 58081
+UID_INTERCEPTOR, UID_PLAIN, UID_DIRECT, UID_SPREAD = 64202, 64203, 64204, 64205
+#: Interceptor processes listen on 58080 .. 58080+N-1, as supervisord numprocs would.
+PORT_INTERCEPTOR, PORT_SECOND, PORT_PLAIN = 58080, 58081, 58090
 NAME = "bench.test"
 
 UPSTREAM_JS = r"""
@@ -131,6 +138,28 @@ def machine() -> dict[str, str]:
     }
 
 
+def redirect(topo: Topology, uid: int, port: int, extra: list[str] = ()) -> None:
+    """REDIRECT the uid's HTTPS (v4 + v6) to a local port; `extra` matches go first."""
+    for tool in ("iptables-legacy", "ip6tables-legacy"):
+        argv = [tool, "-w", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "owner"]
+        argv += ["--uid-owner", str(uid), "--dport", "443", *extra]
+        argv += ["-j", "REDIRECT", "--to-ports", str(port)]
+        topo.box_run(argv, check=True)
+
+
+def bench_rules(n: int) -> list[Any]:
+    """The bench rule first, then n-1 others (exact, wildcard, with paths)."""
+    rules = [make_rule(NAME, ["/api/"])]
+    for i in range(1, n):
+        host = f"*.svc{i}.example.com" if i % 4 == 0 else f"h{i}.corp.internal"
+        rules.append(make_rule(host, [f"/v{i}/"]))
+    return rules
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller counts (a smoke run)")
@@ -142,13 +171,13 @@ def main() -> int:
     scale = 0.1 if args.quick else 1.0
     counts = {1: int(3000 * scale), 32: int(12000 * scale)}
     new_conns = int(600 * scale)
-    rss_requests = int(50000 * scale)
+    rss_requests = int(100000 * scale)
 
     cleanup_leftovers()
     work = Path(tempfile.mkdtemp(prefix="sp-bench-", dir="/tmp"))
     work.chmod(0o755)
     source = stage_source(work / "src")
-    results: dict[str, Any] = {"machine": machine(), "runs": []}
+    results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "runs": []}
     with Topology(hosts={NAME: "198.18.0.1"}) as topo:
         topo.set_hosts({NAME: topo.net_ip})
         ca = UpstreamCA.create(work / "upstream", names=[NAME])
@@ -163,65 +192,52 @@ def main() -> int:
         )
         assert upstream.stdout.readline().strip() == "READY"
 
-        for tool in ("iptables-legacy", "ip6tables-legacy"):
-            for uid, port in ((UID_INTERCEPTOR, PORT_INTERCEPTOR), (UID_PLAIN, PORT_PLAIN)):
-                topo.box_run(
-                    [
-                        tool,
-                        "-w",
-                        "-t",
-                        "nat",
-                        "-A",
-                        "OUTPUT",
-                        "-p",
-                        "tcp",
-                        "-m",
-                        "owner",
-                        "--uid-owner",
-                        str(uid),
-                        "--dport",
-                        "443",
-                        "-j",
-                        "REDIRECT",
-                        "--to-ports",
-                        str(port),
-                    ],
-                    check=True,
-                )
+        redirect(topo, UID_INTERCEPTOR, PORT_INTERCEPTOR)
+        redirect(topo, UID_PLAIN, PORT_PLAIN)
+        # numprocs=2 emulated: every 2nd new connection to the second process. The nat
+        # table sees only a connection's first packet, so nth counts connections.
+        redirect(
+            topo,
+            UID_SPREAD,
+            PORT_SECOND,
+            ["-m", "statistic", "--mode", "nth", "--every", "2", "--packet", "1"],
+        )
+        redirect(topo, UID_SPREAD, PORT_INTERCEPTOR)
 
-        for d in ("run", "logs", "ca", "confdir", "plainconf"):
+        for d in ("run", "logs", "ca", "confdir", "plainconf", "run2", "confdir2", "ca2"):
             (work / d).mkdir(mode=0o755)
             os.chown(work / d, PROXY_UID, PROXY_UID)
         policy = work / "run" / "policy.json"
-        write_policy(
-            Policy.build(Mode.ENFORCE, True, [make_rule(NAME, ["/api/"])], "bench"), policy
-        )
-        marker = work / "run" / "ready"
+        write_policy(Policy.build(Mode.ENFORCE, True, bench_rules(1), "bench"), policy)
         py_env = {"PYTHONPATH": source, "SECURE_PROXY_UPSTREAM_CA": str(ca.ca_cert)}
-        interceptor = topo.box_popen(
-            [
-                python_bin(),
-                "-m",
-                "runtime.interceptor",
-                "--port",
-                str(PORT_INTERCEPTOR),
-                "--policy",
-                str(policy),
-                "--confdir",
-                str(work / "confdir"),
-                "--traffic-log",
-                str(work / "logs" / "traffic.jsonl"),
-                "--ca-cert",
-                str(work / "ca" / "ca.pem"),
-                "--ready-marker",
-                str(marker),
-            ],
-            user=PROXY_UID,
-            env=py_env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_file(marker, interceptor, "interceptor")
+
+        def start_interceptor(
+            port: int, confdir: str, cadir: str, rundir: str
+        ) -> tuple[subprocess.Popen[Any], Path]:
+            marker = work / rundir / "ready"
+            err = work / f"interceptor-{port}.log"
+            with err.open("w") as handle:
+                proc = topo.box_popen(
+                    [
+                        python_bin(),
+                        "-m",
+                        "runtime.interceptor",
+                        *("--port", str(port), "--policy", str(policy)),
+                        *("--confdir", str(work / confdir)),
+                        *("--traffic-log", str(work / "logs" / "traffic.jsonl")),
+                        *("--ca-cert", str(work / cadir / "ca.pem")),
+                        *("--ready-marker", str(marker)),
+                    ],
+                    user=PROXY_UID,
+                    env=py_env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=handle,
+                )
+            wait_file(marker, proc, f"interceptor on {port}")
+            return proc, err
+
+        interceptor, interceptor_err = start_interceptor(PORT_INTERCEPTOR, "confdir", "ca", "run")
+        rss_idle = rss_kib(interceptor.pid)
         # Plain mitmproxy: same options, no addon; it verifies upstream with the same bundle.
         mitmdump = str(Path(python_bin()).parent / "mitmdump")
         plain = topo.box_popen(
@@ -274,71 +290,148 @@ def main() -> int:
                 raise RuntimeError(f"{path}: {out}")
             return out
 
+        def show(label: str, out: dict[str, Any], unit: str = "req/s") -> None:
+            print(
+                f"{label:44s} {out['rps']:8.0f} {unit}  p50 {out['p50_ms']:7.2f} ms  "
+                f"p99 {out['p99_ms']:7.2f} ms  ({out['requests']})",
+                flush=True,
+            )
+
         for path in paths:  # warm up: CA generation, cert cache, JIT
             client(path, 4, 200, True)
+        rss_warm = rss_kib(interceptor.pid)
 
+        # -- 1. interceptor vs direct vs plain mitmproxy -------------------------------
         table: dict[tuple[str, int], dict[str, Any]] = {}
         for conns in (1, 32):
             for path in paths:
                 out = client(path, conns, counts[conns], True)
                 table[(path, conns)] = out
                 results["runs"].append({"path": path, "connections": conns, **out})
-                print(
-                    f"keep-alive {path:12s} conns={conns:2d}: {out['rps']:8.0f} req/s  "
-                    f"p50 {out['p50_ms']:7.2f} ms  p99 {out['p99_ms']:7.2f} ms  "
-                    f"({out['requests']} requests)",
-                    flush=True,
-                )
+                show(f"keep-alive {path} conns={conns}", out)
         newconn: dict[str, dict[str, Any]] = {}
         for path in paths:
             out = client(path, 8, new_conns, False)
             newconn[path] = out
             results["runs"].append({"path": path, "new_connections": True, **out})
-            print(
-                f"new TLS conn {path:12s} conns=8: {out['rps']:8.0f} conn/s  "
-                f"p50 {out['p50_ms']:7.2f} ms  p99 {out['p99_ms']:7.2f} ms",
-                flush=True,
-            )
+            show(f"new TLS conn {path} (8 parallel)", out, "conn/s")
 
+        # -- 2. modes and the traffic log, swapped in by SIGHUP ---------------------------
+        def swap(p: Policy) -> None:
+            before = interceptor_err.read_text().count("policy reloaded")
+            write_policy(p, policy)
+            os.kill(interceptor.pid, signal.SIGHUP)  # setpriv execs: this is the interceptor
+            deadline = time.monotonic() + 10
+            while interceptor_err.read_text().count("policy reloaded") <= before:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the interceptor did not reload its policy")
+                time.sleep(0.02)
+
+        variants = {
+            "enforce, log off": Policy.build(Mode.ENFORCE, False, bench_rules(1), "bench"),
+            "monitor (log on)": Policy.build(Mode.MONITOR, True, bench_rules(1), "bench"),
+            "allow-all, log off": Policy.build(Mode.ALLOW_ALL, False, (), "bench"),
+            "allow-all, log on": Policy.build(Mode.ALLOW_ALL, True, (), "bench"),
+            "enforce, 1,000 rules, log on": Policy.build(
+                Mode.ENFORCE, True, bench_rules(1000), "bench"
+            ),
+        }
+        modes: dict[str, dict[int, dict[str, Any]]] = {
+            "enforce, log on": {c: table[("interceptor", c)] for c in (1, 32)}
+        }
+        for label, variant in variants.items():
+            swap(variant)
+            client("interceptor", 4, 100, True)  # settle
+            modes[label] = {}
+            for conns in (1, 32):
+                out = client("interceptor", conns, counts[conns], True)
+                modes[label][conns] = out
+                results["runs"].append(
+                    {"path": "interceptor", "variant": label, "connections": conns, **out}
+                )
+                show(f"keep-alive {label} conns={conns}", out)
+        swap(Policy.build(Mode.ENFORCE, True, bench_rules(1), "bench"))
+        results["modes"] = {k: {str(c): v for c, v in d.items()} for k, d in modes.items()}
+
+        # -- 3. two interceptor processes, the REDIRECT spread over them -----------------
+        second, _ = start_interceptor(PORT_SECOND, "confdir2", "ca2", "run2")
+        # Both processes must present certificates the client trusts: one bundle of both CAs.
+        both = work / "ca-both.pem"
+        both.write_bytes(
+            (work / "ca" / "ca.pem").read_bytes() + (work / "ca2" / "ca.pem").read_bytes()
+        )
+        both.chmod(0o644)
+        paths["spread"] = (UID_SPREAD, both)
+        client("spread", 4, 200, True)
+        scaling: dict[str, dict[str, Any]] = {}
+        for label, path in (("1 process", "interceptor"), ("2 processes", "spread")):
+            out = client(path, 32, counts[32], True)
+            scaling[f"{label}, keep-alive 32 conns"] = out
+            show(f"keep-alive {label} conns=32", out)
+            out = client(path, 8, new_conns, False)
+            scaling[f"{label}, new TLS conn (8 parallel)"] = out
+            show(f"new TLS conn {label} (8 parallel)", out, "conn/s")
+        results["scaling"] = scaling
+        topo.stop(second)
+
+        # -- 4. RSS over many requests ---------------------------------------------------
         before = rss_kib(interceptor.pid)
         t0 = time.monotonic()
-        out = client("interceptor", 32, rss_requests, True, deadline=400)
+        out = client("interceptor", 32, rss_requests, True, deadline=600)
         after = rss_kib(interceptor.pid)
         log_lines = sum(1 for _ in (work / "logs" / "traffic.jsonl").open())
         results["rss"] = {
             "requests": out["requests"],
+            "idle_kib": rss_idle,
+            "warm_kib": rss_warm,
             "before_kib": before,
             "after_kib": after,
             "seconds": round(time.monotonic() - t0, 1),
             "log_lines_total": log_lines,
         }
         print(
-            f"interceptor RSS: {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB after "
+            f"interceptor RSS: idle {rss_idle / 1024:.1f} MiB, warm {rss_warm / 1024:.1f} MiB, "
+            f"{before / 1024:.1f} MiB before and {after / 1024:.1f} MiB after "
             f"{out['requests']} requests (+{(after - before) / 1024:.1f} MiB); "
             f"{log_lines} log lines in total",
             flush=True,
         )
 
+        # -- ratios ------------------------------------------------------------------------
         print("\nratios (interceptor / other):")
-        ratios = {}
+        ratios: dict[str, dict[str, float]] = {}
         for conns in (1, 32):
             ic = table[("interceptor", conns)]
             for other in ("direct", "mitmproxy"):
                 o = table[(other, conns)]
                 key = f"conns={conns} vs {other}"
                 ratios[key] = {
-                    "rps": ic["rps"] / o["rps"],
-                    "p50": ic["p50_ms"] / o["p50_ms"],
-                    "p99": ic["p99_ms"] / o["p99_ms"],
+                    "rps": ratio(ic["rps"], o["rps"]),
+                    "p50": ratio(ic["p50_ms"], o["p50_ms"]),
+                    "p99": ratio(ic["p99_ms"], o["p99_ms"]),
                 }
-                print(
-                    f"  {key:22s} throughput x{ratios[key]['rps']:.2f}  "
-                    f"p50 x{ratios[key]['p50']:.2f}  p99 x{ratios[key]['p99']:.2f}"
-                )
         for other in ("direct", "mitmproxy"):
-            r = newconn["interceptor"]["rps"] / newconn[other]["rps"]
-            ratios[f"new TLS conn/s vs {other}"] = {"rps": r}
-            print(f"  new TLS conn/s vs {other:10s} x{r:.2f}")
+            ratios[f"new TLS conn/s vs {other}"] = {
+                "rps": ratio(newconn["interceptor"]["rps"], newconn[other]["rps"])
+            }
+        for label, by_conns in modes.items():
+            for conns, out in by_conns.items():
+                for other in ("direct", "mitmproxy"):
+                    o = table[(other, conns)]
+                    ratios[f"{label}, conns={conns} vs {other}"] = {
+                        "rps": ratio(out["rps"], o["rps"]),
+                        "p50": ratio(out["p50_ms"], o["p50_ms"]),
+                        "p99": ratio(out["p99_ms"], o["p99_ms"]),
+                    }
+        for kind in ("keep-alive 32 conns", "new TLS conn (8 parallel)"):
+            two, one = scaling[f"2 processes, {kind}"], scaling[f"1 process, {kind}"]
+            ratios[f"2 processes vs 1, {kind}"] = {
+                "rps": ratio(two["rps"], one["rps"]),
+                "p50": ratio(two["p50_ms"], one["p50_ms"]),
+                "p99": ratio(two["p99_ms"], one["p99_ms"]),
+            }
+        for key, r in ratios.items():
+            print(f"  {key:52s} " + "  ".join(f"{k} x{v:.2f}" for k, v in r.items()))
         results["ratios"] = ratios
         print("\nmachine:", json.dumps(results["machine"]))
         topo.stop(interceptor)

@@ -1,0 +1,286 @@
+"""Runtime benchmark (a script, not a test): start-up phases and reload latency.
+
+    /opt/sp-venv/bin/python bench/runtime_bench.py [--quick] [--json out.json]
+
+Run as root. Drives `copilot_here --engine sandbox` (the same init, supervisord,
+firewall and interceptor as the image) against the e2e test internet:
+
+- start-up: from the init's exec to the user command's first instruction, per
+  phase. The init's own stage trace (SECURE_PROXY_TRACE=1, stderr, stamped here
+  on arrival), the sandbox's "runtime installed" line (printed just before it
+  execs the init) and the mtimes of the markers the components write (policy.json,
+  firewall.verified, interceptor.ready, ca.pem, read by the command itself) give:
+  config, supervisord start, firewall verified, interceptor ready, CA trust,
+  command launch. The command's first instruction is `date +%s.%N`. Baseline:
+  the same namespaces (unshare) running the same command with no runtime.
+  Enforce config and no config (allow-all).
+- reload latency: with --network-config-write, a keep-alive client inside the
+  sandbox requests an URL every 5 ms; the config is rewritten to allow or block
+  it; latency = config write to the first request judged by the new policy.
+  Split at the interceptor's "policy reloaded" log line. Baseline: restarting
+  the container (the start-up above), which is what a user would do without it.
+
+Bounded: fixed repetitions, every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.harness import Topology, cleanup_leftovers, python_bin, stage_source  # noqa: E402
+from tests.harness.sandbox import (  # noqa: E402
+    Internet,
+    Session,
+    cli_argv,
+    cli_env,
+    enforce,
+    write_config,
+)
+
+MARKERS = (
+    "/run/secure-proxy/policy.json",
+    "/run/secure-proxy/firewall.verified",
+    "/run/secure-proxy/interceptor/interceptor.ready",
+    "/ca/certs/ca.pem",
+)
+# The command: its first instruction prints the time, then it reports the markers.
+FIRST = "date +%s.%N; stat -c 'M %n %.9Y' " + " ".join(MARKERS)
+
+RELOAD_CLIENT = r"""
+import http.client, ssl, sys, time
+host, path, period, total = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+ctx = ssl.create_default_context()
+conn = None
+last = None
+end = time.monotonic() + total
+while time.monotonic() < end:
+    t = time.time()
+    try:
+        if conn is None:
+            conn = http.client.HTTPSConnection(host, 443, context=ctx, timeout=2)
+        conn.request("GET", path)
+        r = conn.getresponse(); r.read()
+        status = r.status
+        if r.getheader("connection", "").lower() == "close":
+            conn.close(); conn = None
+    except Exception as e:
+        status = 0
+        if conn is not None:
+            conn.close()
+        conn = None
+    if status != last:
+        print(f"STATUS {t:.6f} {status}", flush=True)
+        last = status
+    time.sleep(period)
+"""
+
+
+def start_once(project: Path, internet: Internet) -> dict[str, float]:
+    """One sandbox start; every event as an absolute time.time()."""
+    argv = cli_argv(["--", "sh", "-c", FIRST], internet.topo.net, internet.add_hosts())
+    env = cli_env({**internet.env(), "SECURE_PROXY_TRACE": "1"})
+    events: dict[str, float] = {}
+    t_launch = time.time()
+    proc = subprocess.Popen(
+        argv,
+        cwd=project,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+    def pump_err() -> None:
+        assert proc.stderr
+        for line in proc.stderr:
+            now = time.time()
+            if line.startswith("[sandbox] root built"):
+                events["init exec"] = now
+            m = re.match(r"\[init \+[\d.]+s\] (.*)", line.strip())
+            if m:
+                events.setdefault(m.group(1), now)
+
+    reader = threading.Thread(target=pump_err, daemon=True)
+    reader.start()
+    assert proc.stdout
+    out = proc.stdout.read()  # the command's output; ends when the sandbox does
+    proc.wait(timeout=90)
+    reader.join(timeout=5)
+    if proc.returncode != 0:
+        raise RuntimeError(f"sandbox exited {proc.returncode}: {out}")
+    lines = out.splitlines()
+    events["first instruction"] = float(lines[0])
+    for line in lines[1:]:
+        if line.startswith("M "):
+            _, name, mtime = line.split()
+            events[name] = float(mtime)
+    events["launch"] = t_launch
+    return events
+
+
+def phases(ev: dict[str, float]) -> dict[str, float]:
+    """Seconds per phase, from the init's exec."""
+    t0 = ev["init exec"]
+    sup = ev["supervisord started"]
+    return {
+        "sandbox setup before init (netns, root, install)": t0 - ev["launch"],
+        "python start + config resolved + policy.json written": ev["/run/secure-proxy/policy.json"]
+        - t0,
+        "supervisord started": sup - t0,
+        "firewall verified (from supervisord start)": ev["/run/secure-proxy/firewall.verified"]
+        - sup,
+        "interceptor ready (from supervisord start)": ev[
+            "/run/secure-proxy/interceptor/interceptor.ready"
+        ]
+        - sup,
+        "init saw both markers": ev["firewall + interceptor ready"] - t0,
+        "CA trust (update-ca-certificates, env)": ev["CA trusted"]
+        - ev["firewall + interceptor ready"],
+        "command launch (setpriv, exec)": ev["first instruction"] - ev["CA trusted"],
+        "total: init exec to first instruction": ev["first instruction"] - t0,
+    }
+
+
+def baseline_once() -> float:
+    """Same namespaces, no runtime: unshare + the command's first instruction."""
+    t = time.time()
+    out = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--pid",
+            "--uts",
+            "--ipc",
+            "--fork",
+            "--",
+            "sh",
+            "-c",
+            "date +%s.%N",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    return float(out.split()[0]) - t
+
+
+LOGURU_TS = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})")
+
+
+def reload_runs(project: Path, internet: Internet, count: int) -> list[dict[str, float]]:
+    path = write_config(project, enforce("api.github.com"))
+    client = [python_bin(), "-c", RELOAD_CLIENT, "example.com", "/reload", "0.005", "300"]
+    results: list[dict[str, float]] = []
+    with Session(project, ["--network-config-write", "--", *client], internet) as s:
+        first = s.wait_for(lambda ln: ln.startswith("STATUS"), timeout=60)
+        assert first.split()[2] == "403", first
+        allowed = False
+        for _ in range(count):
+            time.sleep(0.5)
+            allowed = not allowed
+            hosts = ("api.github.com", "example.com") if allowed else ("api.github.com",)
+            want = "200" if allowed else "403"
+            t0 = time.time()
+            with open(path, "w") as handle:  # in place, as an editor without backup
+                handle.write(json.dumps(enforce(*hosts)))
+            line = s.wait_for(lambda ln, w=want: ln.startswith("STATUS") and ln.endswith(w), 10)
+            results.append({"write": t0, "judged": float(line.split()[1])})
+        log = s.root(["cat", "/var/log/secure-proxy/interceptor.log"]).stdout
+    reloaded = [
+        datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
+        for line in log.splitlines()
+        if "policy reloaded" in line and (m := LOGURU_TS.match(line))
+    ]
+    for r in results:
+        after = [t for t in reloaded if t >= r["write"] - 0.002]
+        r["reloaded"] = min(after) if after else float("nan")
+    return results
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("run as root (namespaces, iptables)", file=sys.stderr)
+        return 2
+    starts = 2 if args.quick else 5
+    reloads = 4 if args.quick else 12
+    cleanup_leftovers()
+    work = Path(tempfile.mkdtemp(prefix="sp-rtbench-", dir="/tmp"))
+    work.chmod(0o755)
+    source = stage_source(work / "src")
+    out: dict[str, Any] = {"quick": args.quick}
+    with Topology() as topo:
+        internet = Internet.start(topo, work / "net", source)
+        for label, config in (("enforce config", True), ("no config (allow-all)", False)):
+            project = work / f"proj-{int(config)}"
+            project.mkdir(mode=0o755)
+            if config:
+                write_config(project, enforce("api.github.com"))
+            runs = [phases(start_once(project, internet)) for _ in range(starts)]
+            med = {k: median([r[k] for r in runs]) for k in runs[0]}
+            out[f"startup, {label}"] = {"median_s": med, "runs": runs}
+            print(f"start-up, {label} (median of {starts}):", flush=True)
+            for k, v in med.items():
+                print(f"  {k:52s} {v * 1000:8.0f} ms")
+        base = median([baseline_once() for _ in range(starts)])
+        out["startup baseline (unshare + command, no runtime) s"] = base
+        total = out["startup, enforce config"]["median_s"]["total: init exec to first instruction"]
+        print(f"start-up baseline, no runtime: {base * 1000:.0f} ms; runtime x{total / base:.0f}")
+
+        project = work / "proj-reload"
+        project.mkdir(mode=0o755)
+        runs = reload_runs(project, internet, reloads)
+        lat = [r["judged"] - r["write"] for r in runs]
+        to_reload = [r["reloaded"] - r["write"] for r in runs]
+        to_judged = [r["judged"] - r["reloaded"] for r in runs]
+        out["reload"] = {
+            "runs": runs,
+            "median_s": median(lat),
+            "max_s": max(lat),
+            "write_to_interceptor_reloaded_median_s": median(to_reload),
+            "reloaded_to_first_judged_median_s": median(to_judged),
+            "vs_restart_ratio": median(lat) / total,
+        }
+        print(
+            f"reload: config write -> first request judged by the new policy: median "
+            f"{median(lat) * 1000:.0f} ms, max {max(lat) * 1000:.0f} ms over {len(lat)} edits "
+            f"(write -> interceptor reloaded {median(to_reload) * 1000:.0f} ms, then "
+            f"{median(to_judged) * 1000:.0f} ms to the next request); vs restarting: "
+            f"x{median(lat) / total:.2f}",
+            flush=True,
+        )
+        topo.stop(internet.proc)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
