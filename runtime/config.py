@@ -7,6 +7,7 @@ the fix, in the manner of smokescreen's ACL errors.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 from collections.abc import Iterable, Mapping
@@ -263,6 +264,8 @@ def _check_host(host: str, pointer: str, problems: list[Problem]) -> None:
         return
     if ":" in stripped and not _looks_ipv6(stripped):
         name = stripped.rsplit(":", 1)[0]
+        with contextlib.suppress(HostError):
+            name = normalize_host_pattern(name)
         bad(
             f"{json.dumps(host)} has a port; rules match hosts on any port",
             f'write "host": {json.dumps(name)}',

@@ -178,7 +178,7 @@ def test_check_uses_the_core(cli: CLI) -> None:
         ('{"enabled": true,}', "line 1, column 18"),
         ('{"allowedHosts": []}', 'rename it to "allowed_rules"'),
         ('{"enabled": "yes"}', "/enabled"),
-        ('{"allowed_rules": [{"host": "GitHub.com:443"}]}', 'write "host": "GitHub.com"'),
+        ('{"allowed_rules": [{"host": "GitHub.com:443"}]}', 'write "host": "github.com"'),
     ],
 )
 def test_config_errors_exit_1_and_name_file_field_fix(cli: CLI, content: str, needle: str) -> None:
