@@ -13,7 +13,19 @@ set -euo pipefail
 
 TAG=${1:-localhost/bookworm-minbase}
 SUITE=${SP_BASE_SUITE:-bookworm}
-MIRROR=${SP_BASE_MIRROR:-http://deb.debian.org/debian}
+# The Debian mirrors this machine's apt already uses (a corporate mirror works
+# the same way), unless given.
+host_mirror() {  # $1: debian | debian-security
+  cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources \
+      2>/dev/null | grep -E '^(URIs:|deb )' | grep -oE "https?://[^ ]+/$1/?( |\$)" \
+    | head -n 1 | tr -d ' '
+}
+MIRROR=${SP_BASE_MIRROR:-$(host_mirror debian)}
+SECURITY_MIRROR=${SP_BASE_SECURITY_MIRROR:-$(host_mirror debian-security)}
+if [[ -z $MIRROR || -z $SECURITY_MIRROR ]]; then
+  echo "[make-base] no Debian mirror in /etc/apt sources: set SP_BASE_MIRROR and SP_BASE_SECURITY_MIRROR" >&2
+  exit 1
+fi
 CACHE=${SP_IMAGE_CACHE:-/var/cache/secure-proxy-image}
 PODMAN=(podman)
 
@@ -55,7 +67,7 @@ if [[ ! -s "$tarball" ]]; then
   cat >"$root/etc/apt/sources.list" <<SOURCES
 deb $MIRROR $SUITE main
 deb $MIRROR $SUITE-updates main
-deb http://deb.debian.org/debian-security $SUITE-security main
+deb $SECURITY_MIRROR $SUITE-security main
 SOURCES
   cat >"$root/etc/dpkg/dpkg.cfg.d/01-container-nodoc" <<'NODOC'
 path-exclude /usr/share/doc/*
