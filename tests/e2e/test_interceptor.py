@@ -43,7 +43,7 @@ CLIENT_UID = 64102
 CONFIG = "/work/.copilot_here/network.json"
 NAMES = (
     "api.github.com",
-    "registry.npmjs.org",
+    "npm.registry.test",
     "git.test",
     "pypi.test",
     "ws.test",
@@ -58,7 +58,7 @@ def enforce_policy(*extra) -> Policy:
     user = Origin("user", CONFIG)
     rules = [
         make_rule("api.github.com", ["/repos/"], origin=user),
-        make_rule("registry.npmjs.org"),
+        make_rule("npm.registry.test"),
         make_rule("git.test", origin=user),
         make_rule("pypi.test", origin=user),
         make_rule("ws.test", ["/ws/"], origin=user),
@@ -471,7 +471,7 @@ def test_node_fetch(env: Env):
             "node",
             "-e",
             textwrap.dedent(script),
-            "https://registry.npmjs.org/react",
+            "https://npm.registry.test/react",
             "https://evil.test/x",
         ],
         env={"NODE_EXTRA_CA_CERTS": str(env.proxy_ca)},

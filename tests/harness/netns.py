@@ -45,7 +45,7 @@ NETNS_ETC = Path("/etc/netns")
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-DEFAULT_NAMES = ("api.github.com", "registry.npmjs.org", "example.com", "evil.test")
+DEFAULT_NAMES = ("api.github.com", "npm.registry.test", "example.com", "evil.test")
 
 User = int | tuple[int, int] | None
 

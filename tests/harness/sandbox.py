@@ -35,7 +35,7 @@ from .upstream import wait_ready
 UpstreamCA: Any = getattr(upstream, "UpstreamCA", None) or upstream.TestCA
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-NAMES = ("api.github.com", "example.com", "evil.test", "registry.npmjs.org", "v6.test")
+NAMES = ("api.github.com", "example.com", "evil.test", "npm.registry.test", "v6.test")
 
 
 def cli_argv(

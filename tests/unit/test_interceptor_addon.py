@@ -37,7 +37,7 @@ DIALLED = "198.18.7.7"
 def policy(mode: Mode = Mode.ENFORCE, log: bool = True, *rules) -> Policy:
     rules = rules or (
         make_rule("api.github.com", ["/repos/"], origin=USER),
-        make_rule("registry.npmjs.org"),
+        make_rule("npm.registry.test"),
         make_rule("198.18.9.9"),
     )
     return Policy.build(mode, log, rules, CONFIG)
@@ -183,18 +183,16 @@ def test_ip_literal_reached_only_as_the_judged_host(addons, tmp_log):
 
 
 def test_dialled_ip_is_ignored_in_favour_of_the_name(addons):
-    flow = make_flow(
-        "https://registry.npmjs.org/react", sni="registry.npmjs.org", dialled="1.2.3.4"
-    )
+    flow = make_flow("https://npm.registry.test/react", sni="npm.registry.test", dialled="1.2.3.4")
     run(addons, flow)
-    assert flow.request.host == "registry.npmjs.org"
+    assert flow.request.host == "npm.registry.test"
 
 
 def test_plain_http_uses_host_header(addons, tmp_log):
-    flow = make_flow("http://registry.npmjs.org/x", sni=None, host="Registry.NPMJS.org:80")
+    flow = make_flow("http://npm.registry.test/x", sni=None, host="NPM.Registry.TEST:80")
     run(addons, flow)
     assert flow.response.status_code == 200
-    assert flow.request.host == "registry.npmjs.org"
+    assert flow.request.host == "npm.registry.test"
     assert lines(tmp_log)[0]["scheme"] == "http"
 
 
