@@ -10,6 +10,7 @@ h11 (a core that only transforms values).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
@@ -61,19 +62,29 @@ class HostError(ValueError):
 
 
 _ASCII_HOST = re.compile(r"[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*")
+#: Without a ':' only dotted decimal can be an IP literal (ipaddress accepts no other IPv4 form).
+_NOT_DOTTED_DECIMAL = re.compile(r"[^0-9.]")
 
 
 def _ip_literal(text: str) -> str | None:
     """The canonical text of an IP literal (brackets allowed around IPv6), else None."""
     candidate = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if ":" not in candidate and _NOT_DOTTED_DECIMAL.search(candidate):
+        # A name: ipaddress would raise twice (v4, v6) to say so, the costliest part of a
+        # decision before this check.
+        return None
     try:
         return str(ipaddress.ip_address(candidate))
     except ValueError:
         return None
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_host(raw: str) -> str:
     """Canonical form of a host name or IP literal, as rules and requests compare it.
+
+    Pure, and called two or three times per request with the same few names (SNI,
+    Host header, upstream): cached, bounded. Errors are raised again each time.
 
     Lower case, one trailing dot dropped, international names in punycode
     (IDNA 2008 with UTS 46 mapping), IPv6 compressed without brackets.
@@ -160,7 +171,12 @@ def normalize_path(raw: str) -> str:
     (other escapes upper-cased, so `%2f` stays data, never a separator), dot
     segments resolved, repeated slashes collapsed. Always starts with `/`.
     """
-    path = normalize_path_escapes(raw.split("#", 1)[0].split("?", 1)[0])
+    path = raw.split("#", 1)[0].split("?", 1)[0]
+    if path[:1] == "/" and "%" not in path and "/." not in path and "//" not in path:
+        # Already normal (the common case): no escapes, and every segment is non-empty
+        # (but a trailing one) and cannot be a dot segment, which starts with '.'.
+        return path
+    path = normalize_path_escapes(path)
     trailing = (
         path.endswith("/")
         or _is_dot_segment(path.rsplit("/", 1)[-1], ".")
@@ -421,7 +437,7 @@ class Policy:
 
 
 def _backslash_reading(raw: str) -> str | None:
-    if "\\" not in raw and "%5c" not in raw.lower():
+    if "\\" not in raw and ("%" not in raw or "%5c" not in raw.lower()):
         return None
     query_free = raw.split("#", 1)[0].split("?", 1)[0]
     return normalize_path(query_free.replace("\\", "/").replace("%5c", "/").replace("%5C", "/"))

@@ -53,10 +53,20 @@ def schema_path() -> Path:
     return paths.share_dir() / SCHEMA_FILE
 
 
+#: The last second formatted: lines come many per second, strftime is the slow part.
+_last_second: tuple[datetime | None, str] = (None, "")
+
+
 def format_ts(epoch: float) -> str:
     """UTC, RFC 3339 with milliseconds: 2026-11-28T08:00:00.123Z."""
+    global _last_second
     moment = datetime.fromtimestamp(epoch, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    second = moment.replace(microsecond=0)
+    cached, prefix = _last_second
+    if cached != second:
+        prefix = second.strftime("%Y-%m-%dT%H:%M:%S.")
+        _last_second = (second, prefix)
+    return prefix + f"{moment.microsecond // 1000:03d}Z"
 
 
 def make_record(
@@ -102,9 +112,13 @@ def make_record(
     }
 
 
+#: json.dumps with separators builds a new encoder per call; this one is built once.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode_line(record: Mapping[str, Any]) -> bytes:
     """The bytes of one line: compact ASCII JSON and a newline, so one line is one write."""
-    text = json.dumps({key: record[key] for key in FIELDS}, separators=(",", ":"))
+    text = _ENCODER.encode({key: record[key] for key in FIELDS})
     return text.encode("ascii") + b"\n"
 
 
