@@ -15,10 +15,12 @@ TAG=${1:-localhost/bookworm-minbase}
 SUITE=${SP_BASE_SUITE:-bookworm}
 # The Debian mirrors this machine's apt already uses (a corporate mirror works
 # the same way), unless given.
-host_mirror() {  # $1: debian | debian-security
-  cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources \
-      2>/dev/null | grep -E '^(URIs:|deb )' | grep -oE "https?://[^ ]+/$1/?( |\$)" \
-    | head -n 1 | tr -d ' '
+host_mirror() {  # $1: debian | debian-security; prints nothing when there is none
+  local sources
+  sources=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
+    /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+  grep -E '^(URIs:|deb )' <<<"$sources" | grep -oE "https?://[^ ]+/$1/?( |\$)" \
+    | head -n 1 | tr -d ' ' || true
 }
 MIRROR=${SP_BASE_MIRROR:-$(host_mirror debian)}
 SECURITY_MIRROR=${SP_BASE_SECURITY_MIRROR:-$(host_mirror debian-security)}
