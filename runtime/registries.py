@@ -27,20 +27,19 @@ def _host(url: str) -> str | None:
     return urlsplit(url.strip()).hostname if url.strip() else None
 
 
+def _stdout(argv: list[str]) -> str:
+    """What a tool prints, or "" when it cannot be run or hangs."""
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
 def npm_hosts() -> list[str]:
     # npm itself reads the lower-case name; accept both.
     url = os.environ.get("npm_config_registry") or os.environ.get("NPM_CONFIG_REGISTRY")  # noqa: SIM112
     if not url and shutil.which("npm"):
-        try:
-            url = subprocess.run(
-                ["npm", "config", "get", "registry"],
-                capture_output=True,
-                text=True,
-                timeout=20,
-                check=False,
-            ).stdout
-        except (OSError, subprocess.TimeoutExpired):
-            url = ""
+        url = _stdout(["npm", "config", "get", "registry"])
     host = _host(url or "")
     return [host] if host else []
 
@@ -62,17 +61,7 @@ _READ_PYPI = (
 def _pip_default_hosts() -> list[str]:
     """pip's default index and file hosts, from an importable pip or pip's wheel."""
     wheels = [w for pattern in PIP_WHEEL_GLOBS for w in sorted(glob.glob(pattern))]
-    try:
-        out = subprocess.run(
-            [sys.executable, "-c", _READ_PYPI, *wheels[-1:]],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=False,
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return out.split()
+    return _stdout([sys.executable, "-c", _READ_PYPI, *wheels[-1:]]).split()
 
 
 def pypi_hosts() -> list[str]:
