@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from runtime import fsutil, paths, run
-from runtime.config import ConfigError, validate_config
+from runtime.config import ConfigError, parse_config, validate_config
 from runtime.explain import explain
 from runtime.policy import Mode, Request
 from runtime.resolve import (
@@ -75,15 +75,8 @@ def atomic_write(path: Path, text: str) -> None:
 def load_ordered(path: Path) -> dict[str, Any]:
     """The file as written (key order kept), validated so we never write a broken config."""
     text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        from runtime.config import parse_config
-
-        parse_config(text, str(path))  # raises the ConfigError with line and column
-        raise
-    validate_config(data, str(path))
-    return data
+    parse_config(text, str(path))  # raises ConfigError naming the file, field and fix
+    return json.loads(text)
 
 
 # ---------------------------------------------------------------------------
