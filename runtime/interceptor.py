@@ -114,18 +114,26 @@ def _original_destination(flow: http.HTTPFlow) -> tuple[str, int]:
     return flow.request.host, flow.request.port
 
 
+def _scheme(flow: http.HTTPFlow) -> str:
+    """http or https. A request mitmproxy could not parse as one of ours (a CONNECT
+    sent to the transparent port) has none: then the client connection says."""
+    return flow.request.scheme or ("https" if flow.client_conn.tls_established else "http")
+
+
 def to_core_request(flow: http.HTTPFlow) -> tuple[Request, int]:
     """The policy core's view of a flow (and the port dialled)."""
     dialled, port = _original_destination(flow)
     request = Request(
         method=flow.request.method,
         path=flow.request.path,
-        scheme=flow.request.scheme,
+        scheme=_scheme(flow),
         port=port,
         sni=flow.client_conn.sni or None,
         # HTTP/2: the :authority pseudo-header, else Host (mitmproxy maps both).
         host_header=flow.request.host_header or None,
         dialled=dialled,
+        # HTTP/1 absolute-form target (or HTTP/2 :authority again): must agree too.
+        authority=flow.request.authority or None,
     )
     return request, port
 
@@ -203,7 +211,7 @@ class PolicyGate:
             response = block_response(
                 verdict.decision,
                 flow.request.method,
-                flow.request.scheme,
+                _scheme(flow),
                 verdict.port,
                 verdict.policy.source,
             )
@@ -460,7 +468,7 @@ class TrafficLogger:
             rule=rule.host if rule else None,
             rule_source=rule.origin.label if rule else None,
             method=request.method,
-            scheme=request.scheme,
+            scheme=_scheme(flow),
             host=decision.host,
             port=verdict.port,
             path=decision.path,

@@ -295,7 +295,9 @@ def make_rule(
 class Request:
     """What the core needs to know about one request.
 
-    The host judged is the TLS SNI, else the Host header, else the IP dialled.
+    The host judged is the TLS SNI, else the Host header, else the authority of
+    an absolute-form request target, else the IP dialled. Every name the client
+    gives must agree.
     """
 
     method: str
@@ -305,6 +307,8 @@ class Request:
     sni: str | None = None
     host_header: str | None = None
     dialled: str | None = None
+    #: HTTP/1 absolute-form target (`GET http://host/ HTTP/1.1`), or HTTP/2 :authority
+    authority: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,13 +448,23 @@ def _backslash_reading(raw: str) -> str | None:
 
 
 def judged_host(request: Request) -> tuple[str, bool]:
-    """(host to judge, whether SNI and Host header disagree: domain fronting)."""
-    sni = normalize_host(request.sni) if request.sni else None
-    header = normalize_host(split_host_port(request.host_header)) if request.host_header else None
-    if sni is not None:
-        return sni, header is not None and header != sni
-    if header is not None:
-        return header, False
+    """(host to judge, whether the names the client gave disagree: domain fronting).
+
+    SNI, Host header and an absolute-form target's authority each name a host;
+    an upstream that honours one other than the one judged (a CDN, a proxy)
+    would be reached in the name of another, so any disagreement is a mismatch.
+    """
+    names = [
+        normalize_host(name if source == "sni" else split_host_port(name))
+        for source, name in (
+            ("sni", request.sni),
+            ("header", request.host_header),
+            ("authority", request.authority),
+        )
+        if name
+    ]
+    if names:
+        return names[0], any(name != names[0] for name in names[1:])
     if request.dialled:
         return normalize_host(request.dialled), False
     raise HostError("request names no host")

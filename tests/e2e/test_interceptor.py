@@ -389,6 +389,30 @@ def test_dialled_ip_is_ignored_for_the_name(env: Env):
     assert lines[1]["host"] == env.other_ip
 
 
+def test_forward_proxy_tricks_never_reach_a_disallowed_host(env: Env):
+    """Speaking forward-proxy HTTP at the transparent interceptor: CONNECT is refused,
+    and an absolute-form target naming another host than Host is domain fronting."""
+    for proxy in ("http://evil.test:80", "http://evil.test:443"):
+        r = env.curl("-i", "-p", "-x", proxy, "https://api.github.com/repos/x")
+        assert r.returncode != 0 and "body_len" not in r.stdout, (proxy, r.stdout)
+        assert r.stdout.startswith("HTTP/1.1 400"), (proxy, r.stdout)
+    target_evil = env.curl(
+        "-i", "--request-target", "http://evil.test/repos/x", "http://api.github.com/repos/x"
+    )
+    assert_block_response(target_evil.stdout, "host_mismatch", "http://api.github.com/repos/x")
+    header_evil = env.curl(
+        "-i",
+        "--request-target",
+        "http://api.github.com/repos/x",
+        "-H",
+        "Host: evil.test",
+        "http://evil.test/repos/x",
+    )
+    assert_block_response(header_evil.stdout, "host_mismatch", "/repos/x")
+    via_allowed = env.curl("-i", "-x", "http://api.github.com:80", "http://evil.test/repos/x")
+    assert_block_response(via_allowed.stdout, "host_not_allowed", "http://evil.test/repos/x")
+
+
 def test_sni_host_mismatch_blocked(env: Env):
     before = env.mark()
     r = env.curl("-i", "-H", "Host: evil.test", "https://api.github.com/repos/x")

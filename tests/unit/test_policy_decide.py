@@ -154,3 +154,38 @@ def test_backslash_must_be_allowed_under_both_readings() -> None:
     for path in ("/repos/..\\admin", "/repos/%5c..%5cadmin", "/repos\\x"):
         assert p.decide(req("api.github.com", path)).reason is Reason.PATH_NOT_ALLOWED, path
     assert p.decide(req("api.github.com", "/repos/a\\b")).reason is Reason.RULE_MATCH
+
+
+def test_absolute_form_authority_must_agree_with_host_header() -> None:
+    p = build()
+    fronted = Request(
+        "GET",
+        "/repos/x",
+        scheme="http",
+        port=80,
+        host_header="api.github.com",
+        authority="evil.test",
+    )
+    d = p.decide(fronted)
+    assert (d.action, d.reason) == (Action.BLOCK, Reason.HOST_MISMATCH)
+    same = Request(
+        "GET",
+        "/repos/x",
+        scheme="http",
+        port=80,
+        host_header="api.github.com",
+        authority="API.github.com:80",
+    )
+    assert p.decide(same).reason is Reason.RULE_MATCH
+    # HTTP/2: :authority is both the host header and the authority.
+    h2 = Request(
+        "GET",
+        "/repos/x",
+        sni="api.github.com",
+        host_header="api.github.com",
+        authority="api.github.com",
+    )
+    assert p.decide(h2).reason is Reason.RULE_MATCH
+    # The authority alone names the host when nothing else does.
+    only = Request("GET", "/", scheme="http", port=80, authority="github.com")
+    assert p.decide(only).host == "github.com"
