@@ -42,6 +42,7 @@ FIREWALL_TIMEOUT = float(os.environ.get("SECURE_PROXY_FIREWALL_TIMEOUT", "30"))
 INTERCEPTOR_TIMEOUT = float(os.environ.get("SECURE_PROXY_INTERCEPTOR_TIMEOUT", "60"))
 STOP_TIMEOUT = 8.0
 DEFAULT_ID = 1000
+CA_KEY_SIZE = 2048  # mitmproxy's default key_size
 FORWARDED = (
     signal.SIGTERM,
     signal.SIGINT,
@@ -231,7 +232,7 @@ def clean_run_dir() -> None:
             stale.unlink()
     confdir = paths.confdir()
     if confdir.is_dir():
-        for old in confdir.glob("mitmproxy-*"):
+        for old in confdir.glob(f"{paths.CA_BASENAME}-*"):
             old.unlink()
     paths.component_log_dir().mkdir(parents=True, exist_ok=True)
 
@@ -337,15 +338,48 @@ def reap_zombies(reaped: dict[int, int]) -> None:
 # ----------------------------------------------------------------------------- CA
 
 
-def trust_ca(uid: int, gid: int) -> dict[str, str]:
-    """The interceptor's CA for every common client. Returns env vars for the command."""
+def make_ca() -> bytes:
+    """This container start's CA, made in the interceptor's confdir before it starts.
+
+    Clients' trust (update-ca-certificates: the slowest start-up step) can then
+    run while the firewall and the interceptor come up, instead of after. The
+    interceptor finds the CA there and publishes the same certificate.
+    """
+    from mitmproxy.certs import CertStore  # cryptography: imported only here
+
+    confdir = paths.confdir()
+    uid, gid = logguard.proxy_ids()
+    confdir.mkdir(parents=True, exist_ok=True)
+    os.chown(confdir, uid, gid)
+    os.chmod(confdir, 0o700)
+    old_umask = os.umask(0o077)
+    try:
+        CertStore.create_store(confdir, paths.CA_BASENAME, CA_KEY_SIZE)
+    finally:
+        os.umask(old_umask)
+    for made in confdir.glob(f"{paths.CA_BASENAME}-*"):
+        os.chown(made, uid, gid)
+        os.chmod(made, 0o600 if made.name == paths.CA_KEY_NAME else 0o644)
+    return (confdir / paths.CA_CERT_NAME).read_bytes()
+
+
+def check_published_ca(pem: bytes) -> None:
+    """The interceptor must serve the CA the clients were told to trust."""
+    published = paths.ca_cert()
+    if not published.is_file() or published.read_bytes().strip() != pem.strip():
+        raise SetupFailed(
+            f"the interceptor published a CA ({published}) other than the one trusted; "
+            f"see {paths.component_log('interceptor')}"
+        )
+
+
+def trust_ca(uid: int, gid: int, pem: bytes) -> dict[str, str]:
+    """The container's CA for every common client. Returns env vars for the command.
+
+    NODE_EXTRA_CA_CERTS names the certificate the interceptor publishes once it
+    is ready; the command starts only after that (and after check_published_ca).
+    """
     ca = paths.ca_cert()
-    deadline = time.monotonic() + 10
-    while not ca.is_file() or ca.stat().st_size == 0:
-        if time.monotonic() > deadline:
-            raise SetupFailed(f"the interceptor did not write its CA certificate {ca}")
-        time.sleep(0.05)
-    pem = ca.read_bytes()
     bundle = paths.system_ca_bundle()
     trusted = False
     target = paths.system_ca_file()
@@ -572,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
         puid, pgid = host_ids()
         uid, gid = app_ids(puid, pgid, proxy_uid())
         clean_run_dir()
+        ca_pem = make_ca()
+        trace("CA made")
         write_policy(resolved.policy)
         session = {
             "config_kind": resolved.kind,
@@ -590,10 +626,11 @@ def main(argv: list[str] | None = None) -> int:
         trace("supervisord started")
         name = ensure_appuser(uid, gid)
         trace("appuser ready")
-        wait_ready(sup)
-        trace("firewall + interceptor ready")
-        ca_env = trust_ca(uid, gid)
+        ca_env = trust_ca(uid, gid, ca_pem)  # while the firewall and interceptor start
         trace("CA trusted")
+        wait_ready(sup)
+        check_published_ca(ca_pem)
+        trace("firewall + interceptor ready")
         child = launch(command, uid, gid, user_env(name, ca_env))
     except SetupFailed as exc:
         say(f"[Network] {exc}")

@@ -52,7 +52,7 @@ from runtime.trafficlog import TrafficLogWriter, make_record
 
 METADATA_KEY = "secure_proxy"
 DECISION_HEADER = "X-Secure-Proxy-Decision"
-CA_CERT_NAME = "mitmproxy-ca-cert.pem"
+CA_CERT_NAME = paths.CA_CERT_NAME
 UPSTREAM_BUNDLE_NAME = "upstream-trust.pem"
 SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 STREAM_LARGE_BODIES = "1m"

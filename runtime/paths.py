@@ -116,6 +116,12 @@ def confdir() -> Path:
     return _path("SECURE_PROXY_CONFDIR", str(state_dir() / "mitmproxy"))
 
 
+#: mitmproxy's CA files in the confdir: <basename>-ca.pem (key + cert), -ca-cert.pem
+CA_BASENAME = "mitmproxy"
+CA_CERT_NAME = f"{CA_BASENAME}-ca-cert.pem"
+CA_KEY_NAME = f"{CA_BASENAME}-ca.pem"
+
+
 def session_file() -> Path:
     """What init chose at start (config source, PUID/PGID): read by the reloader and logguard."""
     return run_dir() / "session.json"
