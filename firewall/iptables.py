@@ -3,8 +3,9 @@
 python-iptables talks to the kernel with libiptc, i.e. *legacy* iptables: its rules
 show in `iptables-legacy-save`, not in the nft-backed `iptables-save`.
 
-apply() touches only our two chains and the one jump from OUTPUT into each (plus the
-filter OUTPUT policy, the backstop). Each table is changed in a single commit.
+apply() touches only our chains and the one jump into each from the built-in chain it
+hangs off (filter OUTPUT and INPUT, nat OUTPUT), plus the filter OUTPUT and INPUT
+policies, the backstop. Each table is changed in a single commit.
 read_state()/verify() read the tables back and compare them with the intent.
 """
 
@@ -20,7 +21,7 @@ from typing import Any, TypeVar
 
 from loguru import logger
 
-from .ruleset import OUTPUT, FamilySpec, Match, Opt, Rule, Ruleset, TableSpec
+from .ruleset import FamilySpec, Match, Opt, Rule, Ruleset, TableSpec
 
 T = TypeVar("T")
 
@@ -177,42 +178,47 @@ def from_iptc(r: Any) -> Rule:
 # ----------------------------------------------------------------------- apply
 
 
-def apply_table(family: int, spec: TableSpec) -> None:
-    """Replace our chain and our jump in one table, in one commit."""
+def apply_table(family: int, specs: list[TableSpec]) -> None:
+    """Replace our chains and their jumps in one table, in one commit."""
     iptc = _iptc()
-    table = _table(family, spec.table)
+    name = specs[0].table
+    table = _table(family, name)
     try:
         table.autocommit = False
         table.refresh()
-        if table.is_chain(spec.chain):
-            chain = iptc.Chain(table, spec.chain)
-            chain.flush()
-        else:
-            chain = table.create_chain(spec.chain)
-        for rule in spec.rules:
-            chain.append_rule(to_iptc(rule, family))
-        output = iptc.Chain(table, OUTPUT)
-        for existing in list(output.rules):
-            if existing.target is not None and existing.target.name == spec.chain:
-                output.delete_rule(existing)
-        output.insert_rule(to_iptc(spec.jump, family))
-        if spec.output_policy:
-            output.set_policy(spec.output_policy)
+        for spec in specs:
+            if table.is_chain(spec.chain):
+                chain = iptc.Chain(table, spec.chain)
+                chain.flush()
+            else:
+                chain = table.create_chain(spec.chain)
+            for rule in spec.rules:
+                chain.append_rule(to_iptc(rule, family))
+            hook = iptc.Chain(table, spec.hook)
+            for existing in list(hook.rules):
+                if existing.target is not None and existing.target.name == spec.chain:
+                    hook.delete_rule(existing)
+            hook.insert_rule(to_iptc(spec.jump, family))
+            if spec.hook_policy:
+                hook.set_policy(spec.hook_policy)
         table.commit()
     except (iptc.IPTCError, iptc.XTablesError) as exc:
         # Throw away the uncommitted batch so a later caller starts clean.
         with contextlib.suppress(iptc.IPTCError):
             table.refresh()
-        raise _explain(exc, family, spec.table) from exc
+        raise _explain(exc, family, name) from exc
     finally:
         table.autocommit = True
-    logger.debug("applied {} {} ({} rules)", _tool(family), spec.table, len(spec.rules))
+    logger.debug("applied {} {} ({} rules)", _tool(family), name, sum(len(s.rules) for s in specs))
 
 
 def apply_family(spec: FamilySpec) -> None:
     # filter first: if nat then fails, 80/443 are rejected rather than let through.
-    for t in sorted(spec.tables, key=lambda t: t.table != "filter"):
-        apply_table(spec.family, t)
+    by_table: dict[str, list[TableSpec]] = {}
+    for t in spec.tables:
+        by_table.setdefault(t.table, []).append(t)
+    for name in sorted(by_table, key=lambda n: n != "filter"):
+        apply_table(spec.family, by_table[name])
 
 
 def _tool(family: int) -> str:
@@ -227,16 +233,17 @@ class TableState:
     family: int
     table: str
     chain: str
-    output_policy: str | None
-    output_rules: tuple[Rule, ...]
+    hook: str
+    hook_policy: str | None
+    hook_rules: tuple[Rule, ...]
     chain_rules: tuple[Rule, ...] | None  # None: our chain does not exist
 
     def save_lines(self) -> list[str]:
-        """What is there, limited to our chain and OUTPUT, in iptables-save form."""
-        lines = [f"*{self.table}", f":{OUTPUT} {self.output_policy or '-'}"]
+        """What is there, limited to our chain and its hook, in iptables-save form."""
+        lines = [f"*{self.table}", f":{self.hook} {self.hook_policy or '-'}"]
         if self.chain_rules is not None:
             lines.append(f":{self.chain} -")
-        lines += [f"-A {OUTPUT} {r.render()}" for r in self.output_rules if r.target == self.chain]
+        lines += [f"-A {self.hook} {r.render()}" for r in self.hook_rules if r.target == self.chain]
         lines += [f"-A {self.chain} {r.render()}" for r in self.chain_rules or ()]
         return [*lines, "COMMIT"]
 
@@ -246,9 +253,9 @@ def read_table(family: int, spec: TableSpec) -> TableState:
     table = _table(family, spec.table)
     try:
         table.refresh()
-        output = iptc.Chain(table, OUTPUT)
-        policy = output.get_policy()
-        out_rules = tuple(from_iptc(r) for r in output.rules)
+        hook = iptc.Chain(table, spec.hook)
+        policy = hook.get_policy()
+        hook_rules = tuple(from_iptc(r) for r in hook.rules)
         chain_rules = None
         if table.is_chain(spec.chain):
             chain_rules = tuple(from_iptc(r) for r in iptc.Chain(table, spec.chain).rules)
@@ -258,8 +265,9 @@ def read_table(family: int, spec: TableSpec) -> TableState:
         family=family,
         table=spec.table,
         chain=spec.chain,
-        output_policy=policy.name if policy is not None else None,
-        output_rules=out_rules,
+        hook=spec.hook,
+        hook_policy=policy.name if policy is not None else None,
+        hook_rules=hook_rules,
         chain_rules=chain_rules,
     )
 
@@ -268,20 +276,18 @@ def diff_table(spec: TableSpec, state: TableState) -> list[str]:
     """Every way the kernel's table differs from the intent; empty when intact."""
     where = f"{_tool(state.family)} {spec.table}"
     problems: list[str] = []
-    if spec.output_policy and state.output_policy != spec.output_policy:
-        problems.append(
-            f"{where}: OUTPUT policy is {state.output_policy}, want {spec.output_policy}"
-        )
-    jumps = [i for i, r in enumerate(state.output_rules) if r.target == spec.chain]
+    hook = spec.hook
+    if spec.hook_policy and state.hook_policy != spec.hook_policy:
+        problems.append(f"{where}: {hook} policy is {state.hook_policy}, want {spec.hook_policy}")
+    jumps = [i for i, r in enumerate(state.hook_rules) if r.target == spec.chain]
     if jumps != [0]:
         problems.append(
-            f"{where}: want exactly one jump to {spec.chain} first in OUTPUT, "
+            f"{where}: want exactly one jump to {spec.chain} first in {hook}, "
             f"found at positions {jumps}"
         )
-    elif state.output_rules[0] != spec.jump:
+    elif state.hook_rules[0] != spec.jump:
         problems.append(
-            f"{where}: OUTPUT jump is '{state.output_rules[0].render()}', "
-            f"want '{spec.jump.render()}'"
+            f"{where}: {hook} jump is '{state.hook_rules[0].render()}', want '{spec.jump.render()}'"
         )
     if state.chain_rules is None:
         problems.append(f"{where}: chain {spec.chain} is missing")

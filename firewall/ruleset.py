@@ -1,7 +1,8 @@
 """The intended rule set, as plain data. Pure: no iptables, no I/O besides parsing text.
 
 build_ruleset(proxy_uid, port, nameservers) returns, for IPv4 and IPv6, the rules of
-our own chains in the filter and nat tables, plus the one jump from OUTPUT into each.
+our own chains (filter OUTPUT and INPUT, nat OUTPUT), plus the one jump from the
+built-in chain into each.
 Every Rule renders to the exact argument string iptables-save prints for it, which
 is both what `status` shows and what verification compares after reading back.
 """
@@ -13,17 +14,22 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 FILTER_CHAIN = "SECURE_PROXY_OUT"
+INBOUND_CHAIN = "SECURE_PROXY_IN"
 NAT_CHAIN = "SECURE_PROXY_NAT"
 OUTPUT = "OUTPUT"
-# Backstop behind our chain: if the jump were ever removed, OUTPUT drops.
+INPUT = "INPUT"
+# Backstop behind our chains: if a jump were ever removed, OUTPUT and INPUT drop.
 FILTER_OUTPUT_POLICY = "DROP"
+FILTER_INPUT_POLICY = "DROP"
 
 DIRECT_PORTS = (80, 443)
 DNS_PORT = 53
 QUIC_PORT = 443
 # Neighbour discovery: without it no IPv6 packet (proxy-user's, DNS) ever leaves.
-# 133 router solicitation, 135 neighbour solicitation, 136 neighbour advertisement.
+# Out: 133 router solicitation, 135 neighbour solicitation, 136 neighbour advertisement.
+# In: 134 router advertisement, 135, 136.
 NDP_TYPES = (133, 135, 136)
+NDP_TYPES_IN = (134, 135, 136)
 
 
 @dataclass(frozen=True)
@@ -81,24 +87,25 @@ class Rule:
 
 @dataclass(frozen=True)
 class TableSpec:
-    """Our chain in one table, and how OUTPUT must look at it."""
+    """Our chain in one table, and how the built-in chain it hangs off must look at it."""
 
     table: str  # "filter" or "nat"
     chain: str
     rules: tuple[Rule, ...]
-    output_policy: str | None = None  # None: leave the built-in policy alone
+    hook_policy: str | None = None  # None: leave the built-in policy alone
+    hook: str = OUTPUT  # the built-in chain that jumps to ours
 
     @property
     def jump(self) -> Rule:
         return Rule(target=self.chain)
 
     def save_lines(self) -> list[str]:
-        """Our part of this table in iptables-save form."""
-        lines = [f"*{self.table}"]
-        if self.output_policy:
-            lines.append(f":{OUTPUT} {self.output_policy}")
+        """Our part of this table in iptables-save form (without the `*table` line)."""
+        lines = []
+        if self.hook_policy:
+            lines.append(f":{self.hook} {self.hook_policy}")
         lines.append(f":{self.chain} -")
-        lines.append(f"-A {OUTPUT} {self.jump.render()}")
+        lines.append(f"-A {self.hook} {self.jump.render()}")
         lines += [f"-A {self.chain} {r.render()}" for r in self.rules]
         return lines
 
@@ -110,8 +117,12 @@ class FamilySpec:
 
     def save_text(self) -> str:
         lines: list[str] = []
-        for t in self.tables:
-            lines += [*t.save_lines(), "COMMIT"]
+        for name in dict.fromkeys(t.table for t in self.tables):
+            lines.append(f"*{name}")
+            for t in self.tables:
+                if t.table == name:
+                    lines += t.save_lines()
+            lines.append("COMMIT")
         return "\n".join(lines) + "\n"
 
 
@@ -136,6 +147,13 @@ def _udp(port: int) -> Match:
 
 def _owner(uid: int, negated: bool = False) -> Match:
     return Match("owner", (Opt("uid-owner", str(uid), negated),))
+
+
+def _conntrack(states: str, direction: str | None = None) -> Match:
+    opts = [Opt("ctstate", states)]
+    if direction:
+        opts.append(Opt("ctdir", direction))
+    return Match("conntrack", tuple(opts))
 
 
 def _reject(with_: str) -> tuple[Opt, ...]:
@@ -172,7 +190,9 @@ def _family_spec(family: int, proxy_uid: int, port: int, nameservers: Sequence[s
         # filter OUTPUT still sees the *original* output interface (the route looked
         # up before nat OUTPUT rewrote the destination), only the new destination.
         Rule("ACCEPT", dst=loopback, proto="tcp", matches=(_tcp(port),)),
-        Rule("ACCEPT", matches=(Match("conntrack", (Opt("ctstate", "RELATED,ESTABLISHED"),)),)),
+        # Only connections the box opened (their packets go out in the ORIGINAL
+        # direction): replies on a connection accepted from outside never leave.
+        Rule("ACCEPT", matches=(_conntrack("RELATED,ESTABLISHED", "ORIGINAL"),)),
     ]
     if v6:
         filter_rules += [
@@ -200,6 +220,24 @@ def _family_spec(family: int, proxy_uid: int, port: int, nameservers: Sequence[s
         Rule("REJECT", proto="tcp", target_opts=_reject("tcp-reset")),
         Rule("REJECT", target_opts=_reject(prohibited)),
     ]
+    icmp = "ipv6-icmp" if v6 else "icmp"
+    inbound_rules: list[Rule] = [
+        Rule("ACCEPT", in_iface="lo"),
+        # Replies on connections the box opened; nothing that starts outside.
+        Rule("ACCEPT", matches=(_conntrack("ESTABLISHED", "REPLY"),)),
+        # ICMP errors about those connections (path MTU, unreachable).
+        Rule("ACCEPT", proto=icmp, matches=(_conntrack("RELATED"),)),
+    ]
+    if v6:
+        inbound_rules += [
+            Rule(
+                "ACCEPT",
+                proto="ipv6-icmp",
+                matches=(Match("icmp6", (Opt("icmpv6-type", str(t)),)),),
+            )
+            for t in NDP_TYPES_IN
+        ]
+    inbound_rules.append(Rule("DROP"))
     nat_rules: list[Rule] = [
         # Local traffic stays local (a dev server on localhost:80 is not intercepted).
         Rule("RETURN", out_iface="lo"),
@@ -217,6 +255,7 @@ def _family_spec(family: int, proxy_uid: int, port: int, nameservers: Sequence[s
         family=family,
         tables=(
             TableSpec("filter", FILTER_CHAIN, tuple(filter_rules), FILTER_OUTPUT_POLICY),
+            TableSpec("filter", INBOUND_CHAIN, tuple(inbound_rules), FILTER_INPUT_POLICY, INPUT),
             TableSpec("nat", NAT_CHAIN, tuple(nat_rules)),
         ),
     )

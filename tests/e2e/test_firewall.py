@@ -306,6 +306,54 @@ def test_group_of_proxy_user_gives_no_exemption(fw):
     assert res["banner"] == "interceptor", res
 
 
+# ----------------------------------------------------------------------- inbound
+
+LISTENER = r"""
+import socket, sys, threading
+def tcp():
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", 7777)); s.listen(5)
+    while True:
+        c, peer = s.accept(); print("accepted", peer[0], flush=True)
+        c.sendall(b"agent-data"); c.close()
+def udp():
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", 7778))
+    while True:
+        _, peer = s.recvfrom(100); print("datagram", peer[0], flush=True)
+        s.sendto(b"agent-data", peer)
+threading.Thread(target=tcp, daemon=True).start()
+threading.Thread(target=udp, daemon=True).start()
+print("READY", flush=True)
+threading.Event().wait()
+"""
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+def test_inbound_connections_are_dropped(fw, fam):
+    """An agent listening in the box gets nothing from outside, TCP or UDP: no new
+    inbound connection, so no channel to send data out over."""
+    box = fw.topo.box_ip if fam == 4 else fw.topo.box_ip6
+    listener = fw.topo.box_popen([python_bin(), "-c", LISTENER], user=APP_UID, text=True)
+    try:
+        assert listener.stdout.readline().strip() == "READY"
+        # Loopback inside the box still works: the listener really listens.
+        res = fw.connect("127.0.0.1", 7777)
+        assert res == {**res, "status": "ok", "banner": "agent-data"}, res
+        for port, proto in ((7777, "tcp"), (7778, "udp")):
+            r = fw.topo.net_run([python_bin(), "-c", CLIENT, box, str(port), proto], timeout=15)
+            res = json.loads(r.stdout)
+            assert res["status"] != "ok" and "banner" not in res, (proto, res)
+    finally:
+        fw.topo.stop(listener)
+    peers = [line.split()[-1] for line in listener.stdout.read().splitlines()]
+    # Only the loopback probe above got through (as an IPv4-mapped address).
+    assert peers == ["::ffff:127.0.0.1"], peers
+
+
 # ----------------------------------------------------------------------- docker, idempotence
 
 

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from firewall.iptables import CAPS_FIX, FirewallError, _norm_addr, check_capabilities
 from firewall.ruleset import (
     FILTER_CHAIN,
+    INBOUND_CHAIN,
     NAT_CHAIN,
     build_ruleset,
     parse_resolv_conf,
@@ -27,7 +28,7 @@ def test_ipv4_filter_order_matches_the_issue():
     assert rules(rs, 4, "filter") == [
         "-o lo -j ACCEPT",
         "-d 127.0.0.1/32 -p tcp -m tcp --dport 58080 -j ACCEPT",
-        "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        "-m conntrack --ctstate RELATED,ESTABLISHED --ctdir ORIGINAL -j ACCEPT",
         "-p tcp -m tcp --dport 80 -m owner --uid-owner 999 -j ACCEPT",
         "-p tcp -m tcp --dport 443 -m owner --uid-owner 999 -j ACCEPT",
         "-d 198.18.0.1/32 -p udp -m udp --dport 53 -j ACCEPT",
@@ -83,13 +84,44 @@ def test_every_accept_is_bounded(fam):
 def test_outputs_jump_and_policies():
     rs = build_ruleset(1, 58080, [])
     for fam in rs.families:
-        f, n = fam.tables
-        assert (f.table, f.chain, f.output_policy) == ("filter", FILTER_CHAIN, "DROP")
-        assert (n.table, n.chain, n.output_policy) == ("nat", NAT_CHAIN, None)
+        f, i, n = fam.tables
+        assert (f.table, f.chain, f.hook, f.hook_policy) == (
+            "filter",
+            FILTER_CHAIN,
+            "OUTPUT",
+            "DROP",
+        )
+        assert (i.table, i.chain, i.hook, i.hook_policy) == (
+            "filter",
+            INBOUND_CHAIN,
+            "INPUT",
+            "DROP",
+        )
+        assert (n.table, n.chain, n.hook, n.hook_policy) == ("nat", NAT_CHAIN, "OUTPUT", None)
         assert f.jump.render() == f"-j {FILTER_CHAIN}"
     text = rs.family(4).save_text()
     assert text.startswith("*filter\n:OUTPUT DROP\n:SECURE_PROXY_OUT -\n-A OUTPUT -j SECURE")
-    assert text.count("COMMIT") == 2
+    assert ":INPUT DROP\n:SECURE_PROXY_IN -\n-A INPUT -j SECURE_PROXY_IN" in text
+    assert text.count("COMMIT") == 2 and text.count("*filter") == 1
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+def test_inbound_accepts_only_replies_loopback_and_ndp(fam):
+    inbound = build_ruleset(1, 58080, []).family(fam).tables[1]
+    rendered = [r.render() for r in inbound.rules]
+    icmp = "ipv6-icmp" if fam == 6 else "icmp"
+    assert rendered[:3] == [
+        "-i lo -j ACCEPT",
+        "-m conntrack --ctstate ESTABLISHED --ctdir REPLY -j ACCEPT",
+        f"-p {icmp} -m conntrack --ctstate RELATED -j ACCEPT",
+    ]
+    assert rendered[-1] == "-j DROP"
+    ndp = [r for r in rendered[3:-1]]
+    assert ndp == (
+        [f"-p ipv6-icmp -m icmp6 --icmpv6-type {t} -j ACCEPT" for t in (134, 135, 136)]
+        if fam == 6
+        else []
+    )
 
 
 def test_deterministic():
