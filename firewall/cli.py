@@ -1,6 +1,7 @@
 """secure-proxy-firewall: apply, verify and show the network lock.
 
     secure-proxy-firewall apply  [--proxy-user NAME|UID] [--port N] [--resolv-conf PATH]
+                                 [--dns-guard-port N]
     secure-proxy-firewall verify [same options]
     secure-proxy-firewall status [same options]
 
@@ -61,7 +62,9 @@ def read_nameservers(path: Path) -> list[str]:
 def build_from_args(args: argparse.Namespace) -> Ruleset:
     uid = resolve_uid(str(args.proxy_user))
     try:
-        return build_ruleset(uid, args.port, read_nameservers(Path(args.resolv_conf)))
+        return build_ruleset(
+            uid, args.port, read_nameservers(Path(args.resolv_conf)), args.dns_guard_port
+        )
     except ValueError as exc:
         raise FirewallError(f"{exc}: pass another --proxy-user / --port") from exc
 
@@ -151,6 +154,13 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--proxy-user", default=paths.PROXY_USER, help="name or numeric uid")
         p.add_argument("--port", type=int, default=paths.INTERCEPTOR_PORT)
         p.add_argument("--resolv-conf", default="/etc/resolv.conf")
+        p.add_argument(
+            "--dns-guard-port",
+            type=int,
+            default=None,
+            help="send every user's DNS to the DNS guard on this loopback port; only "
+            "proxy-user reaches the resolvers (default: no guard)",
+        )
     return ap
 
 

@@ -180,7 +180,13 @@ def split_nameservers(nameservers: Iterable[str]) -> tuple[list[str], list[str]]
     return v4, v6
 
 
-def _family_spec(family: int, proxy_uid: int, port: int, nameservers: Sequence[str]) -> FamilySpec:
+def _family_spec(
+    family: int,
+    proxy_uid: int,
+    port: int,
+    nameservers: Sequence[str],
+    dns_port: int | None = None,
+) -> FamilySpec:
     v6 = family == 6
     host_len = 128 if v6 else 32
     loopback = "::1/128" if v6 else "127.0.0.1/32"
@@ -207,10 +213,23 @@ def _family_spec(family: int, proxy_uid: int, port: int, nameservers: Sequence[s
     filter_rules += [
         Rule("ACCEPT", proto="tcp", matches=(_tcp(p), _owner(proxy_uid))) for p in DIRECT_PORTS
     ]
+    if dns_port is not None:
+        # DNS REDIRECTed to the DNS guard (like the interceptor's port above).
+        filter_rules += [
+            Rule("ACCEPT", dst=loopback, proto=proto, matches=(match,))
+            for proto, match in (("udp", _udp(dns_port)), ("tcp", _tcp(dns_port)))
+        ]
+    # With the DNS guard only proxy-user (the guard) reaches the real resolvers.
+    resolver_owner = (_owner(proxy_uid),) if dns_port is not None else ()
     for ns in nameservers:
         for proto, match in (("udp", _udp(DNS_PORT)), ("tcp", _tcp(DNS_PORT))):
             filter_rules.append(
-                Rule("ACCEPT", dst=f"{ns}/{host_len}", proto=proto, matches=(match,))
+                Rule(
+                    "ACCEPT",
+                    dst=f"{ns}/{host_len}",
+                    proto=proto,
+                    matches=(match, *resolver_owner),
+                )
             )
     port_unreach = "icmp6-port-unreachable" if v6 else "icmp-port-unreachable"
     prohibited = "icmp6-adm-prohibited" if v6 else "icmp-admin-prohibited"
@@ -238,10 +257,21 @@ def _family_spec(family: int, proxy_uid: int, port: int, nameservers: Sequence[s
             for t in NDP_TYPES_IN
         ]
     inbound_rules.append(Rule("DROP"))
-    nat_rules: list[Rule] = [
-        # Local traffic stays local (a dev server on localhost:80 is not intercepted).
-        Rule("RETURN", out_iface="lo"),
-    ]
+    nat_rules: list[Rule] = []
+    if dns_port is not None:
+        # Every DNS packet but the guard's own goes to the guard, loopback resolvers
+        # (Docker's 127.0.0.11) included: so these come before the loopback RETURN.
+        nat_rules += [
+            Rule(
+                "REDIRECT",
+                proto=proto,
+                matches=(match, _owner(proxy_uid, negated=True)),
+                target_opts=(Opt("to-ports", str(dns_port)),),
+            )
+            for proto, match in (("udp", _udp(DNS_PORT)), ("tcp", _tcp(DNS_PORT)))
+        ]
+    # Local traffic stays local (a dev server on localhost:80 is not intercepted).
+    nat_rules.append(Rule("RETURN", out_iface="lo"))
     nat_rules += [
         Rule(
             "REDIRECT",
@@ -261,14 +291,23 @@ def _family_spec(family: int, proxy_uid: int, port: int, nameservers: Sequence[s
     )
 
 
-def build_ruleset(proxy_uid: int, port: int, nameservers: Iterable[str]) -> Ruleset:
-    """The complete intended state for IPv4 and IPv6."""
+def build_ruleset(
+    proxy_uid: int, port: int, nameservers: Iterable[str], dns_port: int | None = None
+) -> Ruleset:
+    """The complete intended state for IPv4 and IPv6.
+
+    dns_port: where the DNS guard listens; None leaves DNS to the resolvers open
+    to every user (no guard).
+    """
     if isinstance(proxy_uid, bool) or not isinstance(proxy_uid, int) or proxy_uid < 0:
         raise ValueError(f"proxy uid must be a non-negative integer, got {proxy_uid!r}")
     if proxy_uid == 0:
         raise ValueError("proxy-user must not be root: root's traffic would bypass the lock")
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port must be 1-65535, got {port}")
+    for value in (port, dns_port):
+        if value is not None and not 1 <= value <= 65535:
+            raise ValueError(f"port must be 1-65535, got {value}")
+    if dns_port is not None and dns_port == port:
+        raise ValueError(f"the DNS guard port must differ from the interceptor's ({port})")
     ns_list = list(nameservers)
     v4, v6 = split_nameservers(ns_list)
     return Ruleset(
@@ -276,8 +315,8 @@ def build_ruleset(proxy_uid: int, port: int, nameservers: Iterable[str]) -> Rule
         port=port,
         nameservers=tuple(ns_list),
         families=(
-            _family_spec(4, proxy_uid, port, v4),
-            _family_spec(6, proxy_uid, port, v6),
+            _family_spec(4, proxy_uid, port, v4, dns_port),
+            _family_spec(6, proxy_uid, port, v6, dns_port),
         ),
     )
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 INTERCEPTOR_PORT = int(os.environ.get("SECURE_PROXY_PORT", "58080"))
 PROXY_USER = os.environ.get("SECURE_PROXY_USER", "proxy-user")
+DNS_GUARD_PORT = int(os.environ.get("SECURE_PROXY_DNS_PORT", "58053"))
 
 
 def _path(var: str, default: str) -> Path:
@@ -53,6 +54,11 @@ def interceptor_run_dir() -> Path:
 
 def interceptor_marker() -> Path:
     return interceptor_run_dir() / "interceptor.ready"
+
+
+def dnsguard_marker() -> Path:
+    """The DNS guard runs as proxy-user too: its marker sits beside the interceptor's."""
+    return interceptor_run_dir() / "dnsguard.ready"
 
 
 def logs_dir() -> Path:

@@ -46,6 +46,24 @@ FIELDS: tuple[str, ...] = (
     "bytes_in",
 )
 
+#: A DNS guard record (`kind: "dns"`): one per query, in the order written.
+DNS_FIELDS: tuple[str, ...] = (
+    "kind",
+    "ts",
+    "action",
+    "violation",
+    "mode",
+    "reason",
+    "rule",
+    "rule_source",
+    "host",
+    "qtype",
+    "transport",
+    "rcode",
+    "answers",
+    "duration_ms",
+)
+
 SCHEMA_FILE = "traffic-log.schema.json"
 
 
@@ -112,13 +130,49 @@ def make_record(
     }
 
 
+def make_dns_record(
+    *,
+    ts: float,
+    action: str,
+    violation: bool,
+    mode: str,
+    reason: str,
+    rule: str | None,
+    rule_source: str | None,
+    host: str,
+    qtype: str,
+    transport: str,
+    rcode: str,
+    answers: int,
+    duration_ms: float,
+) -> dict[str, Any]:
+    """One DNS guard line's object (see DNS_FIELDS)."""
+    return {
+        "kind": "dns",
+        "ts": format_ts(ts),
+        "action": action,
+        "violation": bool(violation),
+        "mode": mode,
+        "reason": reason,
+        "rule": rule,
+        "rule_source": rule_source,
+        "host": host,
+        "qtype": qtype,
+        "transport": transport,
+        "rcode": rcode,
+        "answers": max(int(answers), 0),
+        "duration_ms": round(max(duration_ms, 0.0), 3),
+    }
+
+
 #: json.dumps with separators builds a new encoder per call; this one is built once.
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 def encode_line(record: Mapping[str, Any]) -> bytes:
     """The bytes of one line: compact ASCII JSON and a newline, so one line is one write."""
-    text = _ENCODER.encode({key: record[key] for key in FIELDS})
+    fields = DNS_FIELDS if record.get("kind") == "dns" else FIELDS
+    text = _ENCODER.encode({key: record[key] for key in fields})
     return text.encode("ascii") + b"\n"
 
 

@@ -1,0 +1,338 @@
+"""secure-proxy-dnsguard: the only resolver the user's DNS reaches while rules apply.
+
+The firewall redirects every DNS packet (UDP and TCP 53, IPv4 and IPv6) that is
+not proxy-user's to this process, which runs as proxy-user and is the only one
+allowed to reach the resolvers of resolv.conf. A query name is the data an agent
+would smuggle out, so a name is forwarded only when the policy could allow a
+request to it (the same host matching as the interceptor: exact hosts, names
+under allowed wildcards, the built-in hosts):
+
+    allowed name                  forwarded to the resolv.conf servers, answer relayed
+    other name, enforce mode      NXDOMAIN, nothing leaves the box
+    other name, monitor mode      forwarded, recorded as a violation
+    not a DNS query               dropped (UDP) or the connection closed (TCP)
+
+Every query is one traffic-log record (`kind: "dns"`) when the policy logs.
+Wire format: dnslib, never hand-written parsing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from dnslib import QTYPE, RCODE, DNSError, DNSRecord
+from loguru import logger
+
+from runtime.policy import Action, Decision, HostError, Mode, Policy, Reason, normalize_host
+from runtime.trafficlog import make_dns_record
+
+#: How long one upstream resolver gets before the next is tried.
+UPSTREAM_TIMEOUT = 2.0
+MAX_TCP_MESSAGE = 65535
+OPCODE_QUERY = 0
+
+
+def judge_name(policy: Policy, name: str) -> Decision:
+    """Whether the policy could allow any request to `name` (the DNS guard's question).
+
+    Host matching is the policy's own (Policy.rules_for_host); a name that is
+    not a valid host is never allowed while rules apply.
+    """
+    if policy.mode is Mode.ALLOW_ALL:
+        return Decision(Action.ALLOW, Reason.ALLOW_ALL, policy.mode, name.rstrip("."), "")
+    action = Action.VIOLATION if policy.mode is Mode.MONITOR else Action.BLOCK
+    try:
+        host = normalize_host(name)
+    except HostError:
+        return Decision(action, Reason.HOST_NOT_ALLOWED, policy.mode, name.rstrip("."), "")
+    rules = policy.rules_for_host(host)
+    if rules:
+        return Decision(Action.ALLOW, Reason.RULE_MATCH, policy.mode, host, "", rules[0])
+    return Decision(action, Reason.HOST_NOT_ALLOWED, policy.mode, host, "")
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    record: DNSRecord
+    name: str
+    qtype: str
+
+
+def parse_query(data: bytes) -> Query | None:
+    """A standard query with exactly one question, or None (anything else is dropped)."""
+    try:
+        record = DNSRecord.parse(data)
+    except (DNSError, ValueError, IndexError, struct.error, UnicodeError):
+        return None
+    header = record.header
+    if header.qr or header.opcode != OPCODE_QUERY or len(record.questions) != 1:
+        return None
+    question = record.questions[0]
+    return Query(record, str(question.qname), QTYPE.get(question.qtype, str(question.qtype)))
+
+
+def nxdomain(query: Query) -> bytes:
+    reply = query.record.reply()
+    reply.header.rcode = RCODE.NXDOMAIN
+    return reply.pack()
+
+
+def answer_count(data: bytes) -> tuple[str, int]:
+    """(rcode name, number of answer records) of an upstream response."""
+    try:
+        record = DNSRecord.parse(data)
+    except (DNSError, ValueError, IndexError, struct.error, UnicodeError):
+        return "FORMERR", 0
+    return RCODE.get(record.header.rcode, str(record.header.rcode)), len(record.rr)
+
+
+def servfail(query: Query) -> bytes:
+    reply = query.record.reply()
+    reply.header.rcode = RCODE.SERVFAIL
+    return reply.pack()
+
+
+class Upstream:
+    """The resolv.conf servers, asked in order (blocking sockets in a thread pool)."""
+
+    def __init__(
+        self, servers: Sequence[str], timeout: float = UPSTREAM_TIMEOUT, port: int = 53
+    ) -> None:
+        self.servers = [s.split("%", 1)[0] for s in servers]
+        self.timeout = timeout
+        self.port = port
+        self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="dns-upstream")
+
+    def ask(self, data: bytes, tcp: bool) -> bytes | None:
+        for server in self.servers:
+            with contextlib.suppress(OSError):
+                return self._ask_one(server, data, tcp)
+        return None
+
+    def _ask_one(self, server: str, data: bytes, tcp: bool) -> bytes:
+        family = socket.AF_INET6 if ":" in server else socket.AF_INET
+        kind = socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM
+        with socket.socket(family, kind) as sock:
+            sock.settimeout(self.timeout)
+            sock.connect((server, self.port))
+            if not tcp:
+                sock.send(data)
+                return sock.recv(MAX_TCP_MESSAGE)
+            sock.sendall(struct.pack("!H", len(data)) + data)
+            (length,) = struct.unpack("!H", _recv_exact(sock, 2))
+            return _recv_exact(sock, length)
+
+
+def _recv_exact(sock: socket.socket, count: int) -> bytes:
+    out = b""
+    while len(out) < count:
+        chunk = sock.recv(count - len(out))
+        if not chunk:
+            raise ConnectionError("upstream closed the connection")
+        out += chunk
+    return out
+
+
+Recorder = Callable[[dict[str, Any]], None]
+
+
+class Guard:
+    """Judges one query and produces the bytes to answer with (None: answer nothing)."""
+
+    def __init__(self, policy: Policy, upstream: Upstream, record: Recorder) -> None:
+        self.policy = policy
+        self.upstream = upstream
+        self.record = record
+
+    async def handle(self, data: bytes, tcp: bool) -> bytes | None:
+        query = parse_query(data)
+        if query is None:
+            return None
+        started = time.time()
+        policy = self.policy  # one policy per query, even across a reload
+        decision = judge_name(policy, query.name)
+        if decision.blocked:
+            answer = nxdomain(query)
+        else:
+            loop = asyncio.get_running_loop()
+            answer = await loop.run_in_executor(self.upstream.pool, self.upstream.ask, data, tcp)
+            if answer is None:
+                answer = servfail(query)
+        rcode, answers = answer_count(answer)
+        if policy.log_to_file:
+            rule = decision.rule
+            self.record(
+                make_dns_record(
+                    ts=started,
+                    action=decision.log_action,
+                    violation=decision.violation,
+                    mode=decision.mode.value,
+                    reason=decision.reason.value,
+                    rule=rule.host if rule else None,
+                    rule_source=rule.origin.label if rule else None,
+                    host=decision.host,
+                    qtype=query.qtype,
+                    transport="tcp" if tcp else "udp",
+                    rcode=rcode,
+                    answers=answers,
+                    duration_ms=(time.time() - started) * 1000.0,
+                )
+            )
+        return answer
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+        self.transport: asyncio.DatagramTransport | None = None
+        self.pending: set[asyncio.Task[None]] = set()  # strong references until done
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        task = asyncio.ensure_future(self._answer(data, addr))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+    async def _answer(self, data: bytes, addr: Any) -> None:
+        try:
+            answer = await self.guard.handle(data, tcp=False)
+        except Exception:  # one bad query must not stop the resolver
+            logger.exception("dns guard: query failed")
+            return
+        if answer is not None and self.transport is not None:
+            self.transport.sendto(answer, addr)
+
+
+async def _serve_tcp(guard: Guard, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    try:
+        while True:
+            head = await reader.readexactly(2)
+            (length,) = struct.unpack("!H", head)
+            data = await reader.readexactly(length)
+            answer = await guard.handle(data, tcp=True)
+            if answer is None:
+                return  # not a DNS query: close
+            writer.write(struct.pack("!H", len(answer)) + answer)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def listen(guard: Guard, addresses: Sequence[str], port: int) -> list[Any]:
+    """Bind UDP and TCP on every address; returns what to close at shutdown."""
+    loop = asyncio.get_running_loop()
+    servers: list[Any] = []
+    for address in addresses:
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _UdpProtocol(guard), local_addr=(address, port)
+        )
+        servers.append(transport)
+        servers.append(
+            await asyncio.start_server(
+                lambda r, w: _serve_tcp(guard, r, w), address, port, limit=MAX_TCP_MESSAGE + 2
+            )
+        )
+    return servers
+
+
+# ---------------------------------------------------------------------------
+# Process
+
+
+def listen_addresses() -> list[str]:
+    """Loopback, where the firewall's REDIRECT lands: 127.0.0.1, and ::1 where IPv6 exists."""
+    addresses = ["127.0.0.1"]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+        s.bind(("::1", 0))
+        addresses.append("::1")
+    return addresses
+
+
+async def serve(
+    guard: Guard,
+    port: int,
+    reload: Callable[[], None],
+    ready: Callable[[], None],
+    addresses: Sequence[str] | None = None,
+) -> None:
+    import signal
+
+    servers = await listen(guard, addresses or listen_addresses(), port)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    ready()
+    await stop.wait()
+    for server in servers:
+        server.close()
+    guard.upstream.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    from firewall.ruleset import parse_resolv_conf
+    from runtime import fsutil, paths
+    from runtime.resolve import read_policy
+    from runtime.trafficlog import TrafficLogWriter
+
+    ap = argparse.ArgumentParser(prog="secure-proxy-dnsguard", description=__doc__.split("\n")[0])
+    ap.add_argument("--port", type=int, default=paths.DNS_GUARD_PORT)
+    ap.add_argument("--policy", type=Path, default=paths.policy_file())
+    ap.add_argument("--resolv-conf", type=Path, default=Path("/etc/resolv.conf"))
+    ap.add_argument("--traffic-log", type=Path, default=paths.traffic_log())
+    ap.add_argument("--ready-marker", type=Path, default=paths.dnsguard_marker())
+    args = ap.parse_args(argv)
+    logger.remove()
+    logger.add(sys.stderr, level=os.environ.get("SECURE_PROXY_LOG_LEVEL", "INFO"))
+    try:
+        policy = read_policy(args.policy)
+        servers = parse_resolv_conf(args.resolv_conf.read_text())
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.error("cannot start: {}; the user's DNS stays blocked (fail closed)", exc)
+        return 2
+    if not servers:
+        logger.error("{} names no nameserver; every allowed name gets SERVFAIL", args.resolv_conf)
+    writer = TrafficLogWriter(args.traffic_log)
+    guard = Guard(policy, Upstream(servers), writer.write)
+    with contextlib.suppress(OSError):
+        args.ready_marker.unlink(missing_ok=True)
+
+    def reload() -> None:
+        try:
+            guard.policy = read_policy(args.policy)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.error("policy reload: {} unusable ({}); keeping the policy", args.policy, exc)
+            return
+        logger.info("policy reloaded: mode {}", guard.policy.mode.value)
+
+    def ready() -> None:
+        info = {"pid": os.getpid(), "port": args.port, "upstream": servers}
+        fsutil.atomic_write(args.ready_marker, json.dumps(info) + "\n", 0o644)
+        logger.info("dns guard ready on port {}, upstream {}", args.port, servers)
+
+    asyncio.run(serve(guard, args.port, reload, ready))
+    writer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,144 @@
+"""The DNS guard: which names leave, what the client gets, what is recorded.
+
+judge_name and parse_query are pure; the Guard is driven against a real DNS
+server on loopback (tests.harness.dns) that records every query it receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+from dnslib import QTYPE, RCODE, DNSRecord
+
+from runtime.dnsguard import Guard, Upstream, judge_name, parse_query
+from runtime.policy import Action, Mode, Policy, Reason, make_rule
+from tests.harness.dns import DnsServer, build_query
+
+
+def policy(mode: Mode, *hosts: str, log: bool = True) -> Policy:
+    return Policy.build(mode, log, [make_rule(h, (), None) for h in hosts], "test")
+
+
+ENFORCE = policy(Mode.ENFORCE, "api.github.com", "*.example.com")
+
+
+@pytest.mark.parametrize(
+    ("name", "allowed"),
+    [
+        ("api.github.com.", True),
+        ("API.GitHub.com", True),
+        ("a.b.example.com.", True),
+        ("example.com.", False),  # a wildcard never covers its own domain
+        ("github.com.", False),
+        ("c2VjcmV0.evil.test.", False),
+        ("api.github.com.evil.test.", False),
+        ("bad_label-.x..", False),  # not a host at all
+        ("1.0.18.198.in-addr.arpa.", False),
+    ],
+)
+def test_judge_name_enforce(name: str, allowed: bool) -> None:
+    decision = judge_name(ENFORCE, name)
+    assert (decision.action is Action.ALLOW) is allowed, decision
+    if not allowed:
+        assert decision.reason is Reason.HOST_NOT_ALLOWED and decision.blocked
+
+
+def test_judge_name_monitor_flags_and_allow_all_allows() -> None:
+    monitor = judge_name(policy(Mode.MONITOR, "api.github.com"), "evil.test.")
+    assert monitor.action is Action.VIOLATION and not monitor.blocked and monitor.violation
+    allow_all = judge_name(policy(Mode.ALLOW_ALL), "evil.test.")
+    assert allow_all.action is Action.ALLOW and allow_all.reason is Reason.ALLOW_ALL
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x00" * 5,
+        b"GET / HTTP/1.1\r\n\r\n",
+        # a response (QR set), not a query
+        DNSRecord.question("api.github.com").reply().pack(),
+        # two questions
+        DNSRecord.question("a.test").pack()[:4]
+        + b"\x00\x02"
+        + DNSRecord.question("a.test").pack()[6:],
+    ],
+)
+def test_parse_query_drops_what_is_not_one_query(data: bytes) -> None:
+    assert parse_query(data) is None
+
+
+def test_parse_query_reads_name_and_type() -> None:
+    query = parse_query(DNSRecord.question("api.github.com", "AAAA").pack())
+    assert query is not None and (query.name, query.qtype) == ("api.github.com.", "AAAA")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def upstream():
+    port = _free_port()
+    records = {"api.github.com": ["198.18.0.7"], "evil.test": ["198.18.0.66"]}
+    with DnsServer(["127.0.0.1"], records, port=port) as server:
+        yield server, Upstream(["127.0.0.1"], timeout=1.0, port=port)
+
+
+def _ask(guard: Guard, name: str, tcp: bool = False) -> bytes | None:
+    return asyncio.run(guard.handle(build_query(name), tcp))
+
+
+@pytest.mark.parametrize("tcp", [False, True])
+def test_enforce_forwards_allowed_and_answers_nxdomain_for_the_rest(upstream, tcp) -> None:
+    server, up = upstream
+    records: list[dict] = []
+    guard = Guard(ENFORCE, up, records.append)
+    allowed = DNSRecord.parse(_ask(guard, "api.github.com", tcp))
+    assert [str(rr.rdata) for rr in allowed.rr] == ["198.18.0.7"]
+    denied = DNSRecord.parse(_ask(guard, "c2VjcmV0.evil.test", tcp))
+    assert denied.header.rcode == RCODE.NXDOMAIN and not denied.rr
+    # The upstream saw the allowed name only: the secret never left.
+    assert [q["name"] for q in server.queries] == ["api.github.com"]
+    assert [(r["host"], r["action"], r["reason"], r["answers"]) for r in records] == [
+        ("api.github.com", "ALLOW", "rule_match", 1),
+        ("c2vjcmv0.evil.test", "BLOCK", "host_not_allowed", 0),
+    ]
+    assert {r["kind"] for r in records} == {"dns"}
+    assert records[1]["rcode"] == "NXDOMAIN" and records[0]["qtype"] == "A"
+
+
+def test_monitor_forwards_and_flags(upstream) -> None:
+    server, up = upstream
+    records: list[dict] = []
+    guard = Guard(policy(Mode.MONITOR, "api.github.com"), up, records.append)
+    answer = DNSRecord.parse(_ask(guard, "evil.test"))
+    assert [str(rr.rdata) for rr in answer.rr] == ["198.18.0.66"]
+    assert [q["name"] for q in server.queries] == ["evil.test"]
+    assert records[0]["violation"] is True and records[0]["action"] == "ALLOW"
+
+
+def test_nothing_recorded_when_the_policy_does_not_log(upstream) -> None:
+    _, up = upstream
+    records: list[dict] = []
+    guard = Guard(policy(Mode.ENFORCE, "api.github.com", log=False), up, records.append)
+    _ask(guard, "evil.test")
+    assert records == []
+
+
+def test_garbage_gets_no_answer_and_reaches_nobody(upstream) -> None:
+    server, up = upstream
+    guard = Guard(ENFORCE, up, [].append)
+    assert asyncio.run(guard.handle(b"\x12\x34" + b"x" * 40, False)) is None
+    assert server.queries == []
+
+
+def test_dead_upstream_gives_servfail() -> None:
+    guard = Guard(ENFORCE, Upstream(["127.0.0.1"], timeout=0.3, port=_free_port()), [].append)
+    answer = DNSRecord.parse(_ask(guard, "api.github.com"))
+    assert answer.header.rcode == RCODE.SERVFAIL
+    assert QTYPE.get(answer.q.qtype) == "A"
