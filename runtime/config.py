@@ -418,8 +418,17 @@ def compile_policy(
     return Policy.build(Mode(config.mode), config.log_to_file, merged, source)
 
 
-def built_in_rules(specs: Iterable[Mapping[str, Any]]) -> tuple[Rule, ...]:
+def built_in_rules(
+    specs: Iterable[Mapping[str, Any]], source: str = "built-in defaults"
+) -> tuple[Rule, ...]:
+    """The image's built-in rules, validated exactly as a user's rules are."""
+    problems: list[Problem] = []
+    checked = [
+        _validate_rule(dict(spec), f"/allowed_rules/{index}", problems)
+        for index, spec in enumerate(specs)
+    ]
+    if problems:
+        raise ConfigError(source, problems)
     return tuple(
-        make_rule(s["host"], s.get("allowed_paths", ()), s.get("methods"), BUILT_IN_ORIGIN)
-        for s in specs
+        make_rule(r.host, r.allowed_paths, r.methods, BUILT_IN_ORIGIN) for r in checked if r
     )

@@ -198,3 +198,15 @@ def test_user_rules_are_never_dropped() -> None:
     p = compile_policy(NetworkConfig(enabled=True, allowed_rules=specs), SRC, BUILT_IN)
     assert len([r for r in p.rules if r.origin.kind == "user"]) == len(specs)
     assert p.decide(Request("POST", "/b/x", sni="github.com")).reason is Reason.RULE_MATCH
+
+
+def test_built_in_rules_are_validated_like_user_rules() -> None:
+    from runtime.config import built_in_rules
+
+    rules = built_in_rules([{"host": "GitHub.com"}, {"host": "*.x.test", "methods": ["get"]}])
+    assert [r.host for r in rules] == ["github.com", "*.x.test"]
+    with pytest.raises(ConfigError) as err:
+        built_in_rules([{"host": "ok.test"}, {"host": "*"}, {"host": "a.test", "paths": []}])
+    text = str(err.value)
+    assert text.startswith("built-in defaults: /allowed_rules/1/host")
+    assert '/allowed_rules/2/paths: unknown key "paths"' in text
