@@ -19,6 +19,8 @@ REASON_TEXT = {
     Reason.METHOD_NOT_ALLOWED: "the host and path are allowed, but not this method",
     Reason.HOST_MISMATCH: "the TLS server name (SNI) and the Host header name different hosts "
     "(domain fronting)",
+    Reason.NOT_HTTP: "only HTTP requests and WebSockets can be judged; switching this "
+    "connection to another protocol is refused in every mode",
 }
 
 
@@ -45,6 +47,9 @@ def explain(decision: Decision, method: str, url: str, config_source: str) -> st
     if decision.blocked or decision.violation:
         if decision.reason is Reason.HOST_MISMATCH:
             lines.append("fix: send the request with matching SNI and Host header")
+        elif decision.reason is Reason.NOT_HTTP:
+            # No rule can help: the proxy has nothing to judge once the protocol changes.
+            lines.append("fix: none in the config; use plain HTTP(S) or a WebSocket")
         else:
             rule = json.dumps(suggested_rule(decision))
             lines.append(f'fix: add this rule to "allowed_rules" in {config_source}: {rule}')

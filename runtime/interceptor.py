@@ -2,6 +2,13 @@
 
 Small addons, one concern each, in the order mitmproxy calls them:
 
+- HttpOnly: at `next_layer`, lets a connection become only TLS (once) and then
+  HTTP; anything else mitmproxy would relay as raw TCP/UDP (bytes that are not
+  HTTP, a CRLF before the request line, DNS, QUIC) is closed and logged as
+  `not_http`. `rawtcp` is off as well; this is the second lock.
+- UpgradeGuard: a request asking to switch to a protocol other than WebSocket
+  is refused (`not_http`); h2c upgrade headers are dropped; a `101` that does
+  not start a WebSocket mitmproxy can judge frame by frame is killed.
 - PolicyGate: judges every request (each request of a keep-alive connection,
   every HTTP/2 stream, WebSocket upgrades, plain HTTP) with the policy core at
   `requestheaders` -- before any byte of the request can reach upstream, even
@@ -24,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -35,15 +43,19 @@ from typing import Any
 
 from loguru import logger
 from mitmproxy import ctx, http
+from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.layers import ClientTLSLayer, HttpLayer, ServerTLSLayer
 from mitmproxy.proxy.mode_specs import TransparentMode
 
 from runtime import fsutil, paths
 from runtime.explain import explain
 from runtime.policy import (
+    Action,
     Decision,
     HostError,
     Mode,
     Policy,
+    Reason,
     Request,
     normalize_host,
 )
@@ -170,6 +182,237 @@ def block_response(
 
 # ---------------------------------------------------------------------------
 # Addons
+
+
+def not_http_decision(policy: Policy, host: str, path: str | None) -> Decision:
+    """A block in every mode, monitor and allow-all included: what follows cannot be judged."""
+    return Decision(Action.BLOCK, Reason.NOT_HTTP, policy.mode, host, path or "/")
+
+
+#: An HTTP/1 request line (RFC 9112 section 3): method token, target, version.
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_REQUEST_LINE = re.compile(_TOKEN + rb" [^\x00-\x20\x7f]+ HTTP/[0-9]\.[0-9]\r?\n")
+#: What a request line can look like before its end has arrived.
+_REQUEST_LINE_START = re.compile(_TOKEN + rb"(?: [^\x00-\x20\x7f]*(?: [HTP/0-9.]*\r?)?)?")
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+#: A first line longer than this is not waited for.
+MAX_REQUEST_LINE = 64 * 1024
+
+
+def starts_like_http(data: bytes, h2: bool) -> bool | None:
+    """Whether a client's first bytes start an HTTP request: True, False, or None (wait).
+
+    Strict on purpose: mitmproxy's HTTP/1 parser skips a leading empty line and
+    its own guess lets much through; here the first byte must start a method
+    token, and the first line must be a whole request line.
+    """
+    if h2:
+        seen = min(len(data), len(H2_PREFACE))
+        if data[:seen] != H2_PREFACE[:seen]:
+            return False
+        return True if seen == len(H2_PREFACE) else None
+    end = data.find(b"\n")
+    if end == -1:
+        if len(data) <= MAX_REQUEST_LINE and _REQUEST_LINE_START.fullmatch(data):
+            return None
+        return False
+    return _REQUEST_LINE.fullmatch(data[: end + 1]) is not None
+
+
+class Closed(layer.Layer):
+    """Where mitmproxy would have relayed bytes: closes the connection, relays nothing."""
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self._closed = False
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if not self._closed:  # on the first event, whatever it is; the rest is dropped
+            self._closed = True
+            if self.context.server.connected:
+                yield commands.CloseConnection(self.context.server)
+            yield commands.CloseConnection(self.context.client)
+
+
+class HttpOnly:
+    """Lets a client connection become TLS (once) and HTTP, nothing else.
+
+    mitmproxy relays a connection whose first bytes do not look like HTTP as raw
+    TCP to the address dialled, with no request hook called: nothing judges it.
+    This hook runs after mitmproxy's own NextLayer addon and replaces any layer
+    but TLS-then-HTTP with `Closed`, logging a `not_http` line. A CRLF in front
+    of a request line is refused the same way.
+    """
+
+    def __init__(self, gate: PolicyGate, traffic: TrafficLogger | None = None) -> None:
+        self.gate = gate
+        self.traffic = traffic
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        chosen = nextlayer.layer
+        if chosen is None:
+            return  # mitmproxy waits for more bytes before choosing
+        context = nextlayer.context
+        verdict = self._judge_layer(nextlayer, chosen)
+        if verdict is True:
+            return
+        _take_back(context, chosen)
+        if verdict is None:
+            nextlayer.layer = None  # ask again when more bytes arrive
+            return
+        nextlayer.layer = Closed(context)
+        self._refused(context, type(chosen).__name__)
+
+    @staticmethod
+    def _judge_layer(nextlayer: layer.NextLayer, chosen: layer.Layer) -> bool | None:
+        context = nextlayer.context
+        if context.client.transport_protocol != "tcp":
+            return False
+        below = _layers_below(context, chosen)
+        if any(isinstance(x, HttpLayer) for x in below):
+            return False  # a tunnel inside HTTP (CONNECT, a 101): never
+        if isinstance(chosen, ServerTLSLayer | ClientTLSLayer):
+            # TLS once, at the start of the connection: never TLS inside TLS.
+            if any(isinstance(x, ClientTLSLayer) for x in below):
+                return False
+            return not isinstance(chosen, ServerTLSLayer) or isinstance(
+                chosen.child_layer, ClientTLSLayer
+            )
+        h2 = context.client.alpn == b"h2"
+        looks = starts_like_http(nextlayer.data_client(), h2)
+        if isinstance(chosen, HttpLayer):
+            return looks
+        # TCPLayer, UDPLayer, DNSLayer, QUIC layers, anything else: never. But the
+        # start of a request line (mitmproxy's guess wants three bytes) is waited on.
+        return None if looks is None else False
+
+    def tls_clienthello(self, data: Any) -> None:
+        # mitmproxy's other way to pass a connection through untouched: never.
+        if getattr(data, "ignore_connection", False):
+            logger.warning("an addon asked to pass a TLS connection through unjudged; refused")
+            data.ignore_connection = False
+
+    def _refused(self, context: Any, chosen: str) -> None:
+        client = context.client
+        dialled = context.server.address or client.sockname or ("", 0)
+        host, port = str(dialled[0]), int(dialled[1])
+        name = client.sni or host
+        with contextlib.suppress(HostError):
+            name = normalize_host(name)
+        scheme = "https" if client.tls else "http"
+        logger.warning(
+            "closed a connection that is not HTTP: {}://{}:{} (dialled {}, mitmproxy chose {})",
+            scheme,
+            name,
+            port,
+            host,
+            chosen,
+        )
+        if self.traffic is not None:
+            self.traffic.write_not_http(
+                policy=self.gate.policy,
+                started=client.timestamp_start or time.time(),
+                scheme=scheme,
+                host=name,
+                port=port,
+            )
+
+
+def _layers_below(context: Any, chosen: layer.Layer) -> list[layer.Layer]:
+    for index, entry in enumerate(context.layers):
+        if entry is chosen:
+            return list(context.layers[:index])
+    return list(context.layers)
+
+
+def _take_back(context: Any, chosen: layer.Layer) -> None:
+    """Building a layer pushes it (and its children) onto the context's stack: undo that."""
+    for index, entry in enumerate(context.layers):
+        if entry is chosen:
+            del context.layers[index:]
+            return
+
+
+def _upgrade_tokens(headers: http.Headers) -> list[str]:
+    return [
+        token.strip().lower()
+        for value in headers.get_all("upgrade")
+        for token in value.split(",")
+        if token.strip()
+    ]
+
+
+def _starts_websocket(flow: http.HTTPFlow) -> bool:
+    """mitmproxy's own test for a 101 it hands to its WebSocket layer (any other 101
+    would become a raw relay, or be closed with rawtcp off)."""
+    assert flow.response is not None
+    return (
+        flow.response.status_code == 101
+        and flow.response.headers.get("upgrade", "").lower() == "websocket"
+        and _upgrade_tokens(flow.request.headers) == ["websocket"]
+        and flow.request.headers.get("sec-websocket-version", "") == "13"
+        and bool(ctx.options.websocket)
+    )
+
+
+class UpgradeGuard:
+    """Only WebSocket may switch protocols: anything after another 101 cannot be judged.
+
+    Runs before PolicyGate: h2c upgrade headers are dropped (the request goes on
+    as plain HTTP/1.1, as mitmproxy itself does, but before a streamed body
+    sends them); a request asking for any other protocol keeps its policy
+    verdict if that blocks it, else becomes a `not_http` block (403). A 101
+    that does not start a WebSocket is killed before the client sees it.
+    """
+
+    def __init__(self, gate: PolicyGate) -> None:
+        self.gate = gate
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.error is not None or flow.response is not None:
+            return
+        tokens = _upgrade_tokens(flow.request.headers)
+        if not tokens or tokens == ["websocket"]:
+            return
+        if tokens == ["h2c"]:
+            _drop_h2c(flow.request.headers)
+            return
+        verdict = self.gate.judge(flow)
+        if not verdict.decision.blocked:
+            verdict.decision = not_http_decision(
+                verdict.policy, verdict.decision.host, verdict.decision.path
+            )
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is None or flow.response.status_code != 101 or _starts_websocket(flow):
+            return
+        verdict = self.gate.judge(flow)
+        verdict.decision = not_http_decision(
+            verdict.policy, verdict.decision.host, verdict.decision.path
+        )
+        logger.warning(
+            "closed {}://{}{}: upstream switched protocols to {!r}, which cannot be judged",
+            _scheme(flow),
+            verdict.decision.host,
+            verdict.decision.path,
+            flow.response.headers.get("upgrade", ""),
+        )
+        flow.kill()
+
+
+def _drop_h2c(headers: http.Headers) -> None:
+    del headers["upgrade"]
+    headers.pop("http2-settings", None)
+    tokens = [
+        token.strip()
+        for value in headers.get_all("connection")
+        for token in value.split(",")
+        if token.strip().lower() not in ("", "upgrade", "http2-settings")
+    ]
+    if tokens:
+        headers["connection"] = ", ".join(tokens)
+    else:
+        headers.pop("connection", None)
 
 
 class PolicyGate:
@@ -480,6 +723,33 @@ class TrafficLogger:
         )
         self.writer.write(record)
 
+    def write_not_http(
+        self, *, policy: Policy, started: float, scheme: str, host: str, port: int
+    ) -> None:
+        """The line for a connection closed before any HTTP request: nothing left the box."""
+        if not policy.log_to_file or self.writer is None:
+            return
+        record = make_record(
+            ts=started,
+            action="BLOCK",
+            violation=False,
+            mode=policy.mode.value,
+            reason=Reason.NOT_HTTP.value,
+            rule=None,
+            rule_source=None,
+            method=None,
+            scheme=scheme,
+            host=host,
+            port=port,
+            path=None,
+            status=None,
+            http_version=None,
+            duration_ms=(time.time() - started) * 1000.0,
+            bytes_out=0,
+            bytes_in=0,
+        )
+        self.writer.write(record)
+
     def done(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -607,11 +877,14 @@ class Readiness:
 def make_addons(policy: Policy | None, writer: TrafficLogWriter | None = None) -> list[Any]:
     sink = BlockSink()
     gate = PolicyGate(policy, sink)
+    traffic = TrafficLogger(gate, writer)
     return [
         sink,  # listening before Readiness announces us
+        HttpOnly(gate, traffic),
+        UpgradeGuard(gate),  # before the gate: h2c headers go, other upgrades are refused
         gate,
         UpstreamPinning(),
-        TrafficLogger(gate, writer),
+        traffic,
         PolicyReloader(gate),
         Readiness(),
     ]
@@ -712,6 +985,16 @@ def mitmproxy_options(
         # block_global would refuse.
         "block_global": False,
         "ssl_insecure": False,
+        # Never relay what is not HTTP: with rawtcp on, mitmproxy passes unknown bytes
+        # (and whatever follows a non-WebSocket 101) to the dialled address as raw TCP,
+        # with no request hook called. No host is passed through or handled as TCP/UDP.
+        # HttpOnly refuses such layers too.
+        "rawtcp": False,
+        "tcp_hosts": [],
+        "udp_hosts": [],
+        "ignore_hosts": [],
+        "allow_hosts": [],
+        "websocket": True,
         "secure_proxy_policy": str(policy_file),
         "secure_proxy_traffic_log": str(traffic_log),
         "secure_proxy_ca_cert": str(ca_cert),

@@ -44,6 +44,9 @@ class Reason(StrEnum):
     PATH_NOT_ALLOWED = "path_not_allowed"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     HOST_MISMATCH = "host_mismatch"
+    #: Set by the interceptor, never by `decide`: the connection was not HTTP (or asked to
+    #: switch to a protocol other than WebSocket), so it cannot be judged and is closed.
+    NOT_HTTP = "not_http"
 
 
 BUILT_IN = "built-in"

@@ -5,6 +5,9 @@ a unit test keeps the two in step. What is never written: query strings,
 header values, bodies, credentials. Only the values named in FIELDS go in,
 and `path` is the policy core's normalised path (no query, no fragment).
 
+A connection closed because it was not HTTP (reason `not_http`, no request to
+speak of) has null `method`, `path` and `http_version`: they were never seen.
+
 Every line is written with one os.write() on an O_APPEND descriptor: the
 kernel appends it whole, so lines of several writer processes never
 interleave or break.
@@ -96,13 +99,13 @@ def make_record(
     reason: str,
     rule: str | None,
     rule_source: str | None,
-    method: str,
+    method: str | None,
     scheme: str,
     host: str,
     port: int,
-    path: str,
+    path: str | None,
     status: int | None,
-    http_version: str,
+    http_version: str | None,
     duration_ms: float,
     bytes_out: int,
     bytes_in: int,
@@ -121,7 +124,7 @@ def make_record(
         "host": host,
         # The path is already normalised by the core; drop a query defensively.
         "port": int(port),
-        "path": path.split("?", 1)[0].split("#", 1)[0] or "/",
+        "path": None if path is None else path.split("?", 1)[0].split("#", 1)[0] or "/",
         "status": status,
         "http_version": http_version,
         "duration_ms": round(max(duration_ms, 0.0), 3),

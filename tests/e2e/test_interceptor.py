@@ -7,9 +7,11 @@ of every uid but the proxy's is redirected to the interceptor.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import tempfile
@@ -32,6 +34,7 @@ from tests.harness.upstream import (
     UpstreamCA,
     build_git_repo,
     build_simple_index,
+    read_records,
     redirect_to_interceptor,
     wait_ready,
 )
@@ -52,11 +55,15 @@ NAMES = (
     "nowhere.test",
 )
 SECRET = "Sup3rSecretQ"  # in query strings and header values; must never be logged
+#: IP literals of the net host that a rule allows (filled in by the env fixture): raw
+#: probes dial them, so "allowed address" is meant literally.
+RAW_ALLOWED: list[str] = []
 
 
 def enforce_policy(*extra) -> Policy:
     user = Origin("user", CONFIG)
     rules = [
+        *(make_rule(ip, origin=user) for ip in RAW_ALLOWED),
         make_rule("api.github.com", ["/repos/"], origin=user),
         make_rule("npm.registry.test"),
         make_rule("git.test", origin=user),
@@ -81,6 +88,8 @@ class Env:
     interceptor_err: Path
     other_ip: str
     source: str
+    records: Path  # the upstream's own account of every connection it accepted
+    raw_targets: dict[tuple[str, str], str]  # (family, "allowed"/"forbidden") -> address
 
     # -- clients -------------------------------------------------------------
 
@@ -146,6 +155,16 @@ def _chown_tree(path: Path, uid: int) -> None:
 def env(module_topology: Topology, staged_source: str) -> Iterator[Env]:
     topo = module_topology
     other = topo.add_address(f"{topo.v4_prefix}.9")
+    # Addresses only the raw (not HTTP) probes dial: whatever reaches them shows up
+    # in the upstream's record under their own address.
+    v6_base = topo.v6_net.network_address
+    raw_targets = {
+        ("v4", "allowed"): topo.add_address(f"{topo.v4_prefix}.20"),
+        ("v4", "forbidden"): topo.add_address(f"{topo.v4_prefix}.21"),
+        ("v6", "allowed"): topo.add_address(str(v6_base + 0x20)),
+        ("v6", "forbidden"): topo.add_address(str(v6_base + 0x21)),
+    }
+    RAW_ALLOWED[:] = [raw_targets["v4", "allowed"], raw_targets["v6", "allowed"]]
     hosts = {name: topo.net_ip for name in NAMES if name not in ("v6.test", "nowhere.test")}
     hosts["v6.test"] = topo.net_ip6
     topo.set_hosts(hosts)
@@ -170,10 +189,12 @@ def env(module_topology: Topology, staged_source: str) -> Iterator[Env]:
             os.chmod(os.path.join(root, name), 0o644)
 
     server_log = (work / "upstream.log").open("w")
+    records = work / "upstream-records.jsonl"
     server = topo.net_popen(
         [
             *(python_bin(), "-m", "tests.harness.upstream", "serve"),
             *("--cert", str(ca.server_cert), "--key", str(ca.server_key), "--root", str(www)),
+            *("--record", str(records)),
         ],
         env={"PYTHONPATH": staged_source},
         stderr=server_log,
@@ -219,6 +240,8 @@ def env(module_topology: Topology, staged_source: str) -> Iterator[Env]:
         interceptor_err=err_path,
         other_ip=other,
         source=staged_source,
+        records=records,
+        raw_targets=raw_targets,
     )
     topo.stop(interceptor)
     topo.stop(server)
@@ -702,6 +725,228 @@ def test_blocked_large_upload_gets_403_and_never_reaches_upstream(
     r = env.curl("-i", "--data-binary", "small", "https://evil.test/upload")
     assert_block_response(r.stdout, "host_not_allowed", "https://evil.test/upload")
     assert env.new_lines(before, 1)[0]["bytes_out"] == 5
+
+
+# --------------------------------------------------------------------------- not HTTP
+
+#: One connection from the box: optional TLS (trusting the interceptor's CA), the
+#: payload, then everything that comes back until the peer closes or `wait` passes.
+RAW_PROBE = """
+import json, socket, ssl, sys
+spec = json.loads(sys.argv[1])
+result = {"connected": False, "tls": None, "got": "", "closed": False, "error": None}
+try:
+    sock = socket.create_connection((spec["addr"], spec["port"]), timeout=5)
+    result["connected"] = True
+    if spec["sni"]:
+        ctx = ssl.create_default_context(cafile=spec["ca"])
+        ctx.check_hostname = False  # the interceptor's certificate names the SNI, not the IP
+        sock = ctx.wrap_socket(sock, server_hostname=spec["sni"])
+        result["tls"] = sock.version()
+    got = b""
+    for part in spec["parts"]:
+        try:
+            sock.sendall(part.encode("latin-1"))
+        except OSError as exc:
+            result["error"] = repr(exc)
+            result["closed"] = True
+            break
+        sock.settimeout(spec["wait"])
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    result["closed"] = True
+                    break
+                got += chunk
+        except TimeoutError:
+            pass
+        except (ConnectionError, ssl.SSLError) as exc:
+            result["closed"] = True
+            result["error"] = repr(exc)
+        if result["closed"]:
+            break
+    result["got"] = got.decode("latin-1")
+    sock.close()
+except Exception as exc:
+    result["error"] = repr(exc)
+print(json.dumps(result))
+print("PROBE-END")
+"""
+
+
+def probe(
+    env: Env, addr: str, port: int, parts: Sequence[str], sni: str | None = None, wait: float = 3.0
+) -> dict[str, Any]:
+    spec = {
+        "addr": addr,
+        "port": port,
+        "sni": sni,
+        "ca": str(env.proxy_ca),
+        "parts": list(parts),
+        "wait": wait,
+    }
+    r = env.python(RAW_PROBE, json.dumps(spec))
+    out = r.stdout.splitlines()
+    assert out[-1:] == ["PROBE-END"], (r.stdout, r.stderr)  # the probe ran to its end
+    return json.loads(out[-2])
+
+
+def upstream_records(env: Env, since: float) -> list[dict[str, Any]]:
+    time.sleep(0.3)  # a relayed connection's records are written as it ends
+    return [x for x in read_records(env.records) if x["t"] >= since]
+
+
+def assert_not_http_line(
+    line: dict[str, Any], *, scheme: str, host: str, port: int, mode: str = "enforce"
+) -> None:
+    assert line["reason"] == "not_http", line
+    assert line["action"] == "BLOCK" and line["violation"] is False
+    assert line["mode"] == mode and line["status"] is None
+    assert (line["scheme"], line["host"], line["port"]) == (scheme, host, port), line
+    assert line["method"] is None and line["path"] is None and line["http_version"] is None
+    assert line["rule"] is None and line["bytes_out"] == 0 and line["bytes_in"] == 0
+
+
+def raw_payload(kind: str, marker: str, host: str) -> str:
+    if kind == "bytes":  # not HTTP at all (mitmproxy's guess says so too)
+        return f"\x00\x01\x02 {marker} binary\n"
+    # One CRLF before an otherwise valid request: mitmproxy's guess calls it not HTTP.
+    return f"\r\nGET /repos/{marker} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize("target", ["allowed", "forbidden"])
+@pytest.mark.parametrize("family", ["v4", "v6"])
+@pytest.mark.parametrize(
+    ("kind", "tls"), [("bytes", False), ("crlf", False), ("bytes", True), ("crlf", True)]
+)
+def test_not_http_is_closed_never_relayed_and_logged(
+    env: Env, kind: str, tls: bool, family: str, target: str
+):
+    """Bytes that are not an HTTP request (or a request after a CRLF), plain or inside
+    TLS, to an address a rule allows or not: closed by the interceptor, nothing reaches
+    the upstream, one not_http line."""
+    addr = env.raw_targets[family, target]
+    name = "api.github.com" if target == "allowed" else "evil.test"
+    marker = f"RAW{secrets.token_hex(6)}"
+    port, sni = (443, name) if tls else (80, None)
+    before, since = env.mark(), time.time()
+    result = probe(env, addr, port, [raw_payload(kind, marker, name)], sni=sni)
+    assert result["connected"], result
+    if tls:
+        assert result["tls"], result  # the interceptor did the handshake
+    assert result["closed"] and result["got"] == "", result  # closed, no answer from anyone
+    seen = upstream_records(env, since)
+    assert not [x for x in seen if x["local"] in env.raw_targets.values()], seen
+    assert not [x for x in seen if marker in x.get("data", "")], seen
+    [line] = env.new_lines(before, 1)
+    host = name if tls else str(ipaddress.ip_address(addr))
+    assert_not_http_line(line, scheme="https" if tls else "http", host=host, port=port)
+    errors = env.interceptor_err.read_text()
+    assert "has crashed" not in errors and "Traceback" not in errors
+
+
+@pytest.mark.parametrize(
+    ("mode", "logged"),
+    [(Mode.MONITOR, True), (Mode.ALLOW_ALL, True), (Mode.ALLOW_ALL, False)],
+)
+def test_not_http_is_closed_in_every_mode(env: Env, mode: Mode, logged: bool):
+    """Monitor and allow-all cannot judge it either: closed, and logged when the mode logs."""
+    try:
+        env.reload(Policy.build(mode, logged, enforce_policy().rules, CONFIG))
+        addr = env.raw_targets["v4", "allowed"]
+        marker = f"RAW{secrets.token_hex(6)}"
+        before, since = env.mark(), time.time()
+        result = probe(env, addr, 80, [raw_payload("bytes", marker, "")])
+        assert result["closed"] and result["got"] == "", result
+        seen = upstream_records(env, since)
+        assert not [x for x in seen if x["local"] == addr or marker in x.get("data", "")], seen
+        lines = env.new_lines(before, 1 if logged else 0)
+        for line in lines:
+            assert_not_http_line(line, scheme="http", host=addr, port=80, mode=mode.value)
+    finally:
+        env.reload(enforce_policy())
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_upgrade_to_another_protocol_is_refused_before_upstream(env: Env, tls: bool):
+    """`Upgrade: x` to an allowed host: a 403 naming not_http; the request never reaches
+    the upstream (which would answer 101 and relay raw bytes)."""
+    marker = f"UP{secrets.token_hex(6)}"
+    request = (
+        f"GET /up/{marker} HTTP/1.1\r\nHost: git.test\r\n"
+        "Upgrade: x-tunnel\r\nConnection: Upgrade\r\n\r\n"
+    )
+    before, since = env.mark(), time.time()
+    result = probe(
+        env,
+        env.topo.net_ip,
+        443 if tls else 80,
+        [request, f"AFTER-{marker}\n"],
+        sni="git.test" if tls else None,
+        wait=1.0,
+    )
+    got = result["got"]
+    assert got.startswith("HTTP/1.1 403"), result
+    head, _, body = got.partition("\r\n\r\n")
+    assert "X-Secure-Proxy-Decision: block; reason=not_http" in head, head
+    assert body.startswith(f"BLOCKED: GET {'https' if tls else 'http'}://git.test/up/{marker}")
+    assert "reason: not_http" in body and "UPSTREAM-RAW" not in got
+    seen = upstream_records(env, since)
+    assert not [x for x in seen if marker in x.get("data", "")], seen
+    [line] = env.new_lines(before, 1)
+    assert line["reason"] == "not_http" and line["action"] == "BLOCK"
+    assert line["status"] == 403 and line["path"] == f"/up/{marker}"
+    assert line["method"] == "GET" and line["host"] == "git.test"
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_101_without_websocket_is_closed_and_nothing_relayed(env: Env, tls: bool):
+    """An allowed request the upstream answers with 101 anyway: the connection is closed
+    before the client sees the 101, and what the client sends next never arrives."""
+    marker = f"SW{secrets.token_hex(6)}"
+    request = f"GET /force101/{marker} HTTP/1.1\r\nHost: git.test\r\n\r\n"
+    before, since = env.mark(), time.time()
+    result = probe(
+        env,
+        env.topo.net_ip,
+        443 if tls else 80,
+        [request, f"AFTER-{marker}\n"],
+        sni="git.test" if tls else None,
+        wait=1.0,
+    )
+    assert result["closed"], result
+    assert "101" not in result["got"] and "UPSTREAM-RAW" not in result["got"], result
+    seen = upstream_records(env, since)
+    arrived = "".join(x.get("data", "") for x in seen)
+    assert f"/force101/{marker}" in arrived  # the judged request did go out
+    assert f"AFTER-{marker}" not in arrived, seen  # nothing after the 101
+    [line] = env.new_lines(before, 1)
+    assert line["reason"] == "not_http" and line["action"] == "BLOCK"
+    assert line["status"] is None and line["path"] == f"/force101/{marker}"
+
+
+def test_h2c_upgrade_headers_never_reach_upstream(env: Env):
+    """h2c is dropped, as mitmproxy does, but before a streamed body sends the headers:
+    the request is judged and answered as plain HTTP/1.1."""
+    marker = f"HC{secrets.token_hex(6)}"
+    request = (
+        f"POST /h2c/{marker} HTTP/1.1\r\nHost: git.test\r\nContent-Length: 5\r\n"
+        "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\nhello"
+    )
+    before, since = env.mark(), time.time()
+    result = probe(env, env.topo.net_ip, 80, [request, f"AFTER-{marker}\n"], wait=1.0)
+    got = result["got"]
+    assert got.startswith("HTTP/1.1 200"), result
+    seen = json.loads(got.partition("\r\n\r\n")[2].splitlines()[0])
+    assert seen["upgrade"] is None and seen["body_len"] == 5, seen
+    arrived = "".join(x.get("data", "") for x in upstream_records(env, since))
+    assert f"/h2c/{marker}" in arrived  # the judged request went out...
+    assert "upgrade:" not in arrived.lower() and "http2-settings" not in arrived.lower()
+    assert f"AFTER-{marker}" not in arrived
+    [line] = env.new_lines(before, 1)
+    assert line["reason"] == "rule_match" and line["status"] == 200
 
 
 # --------------------------------------------------------------------------- the log as a whole

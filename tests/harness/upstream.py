@@ -11,7 +11,13 @@ The server answers on ports 443 (TLS) and 80 (plain), IPv4 and IPv6, every addre
 of the host. For each request that is not a static file it echoes, as JSON, what it
 saw: method, raw path, Host header, the TLS server name (SNI), and the local address
 the connection arrived on -- so a test can tell which address the proxy dialled.
-`Upgrade: websocket` requests get a WebSocket echo server.
+`Upgrade: websocket` requests get a WebSocket echo server. Any other `Upgrade`, and
+every path under `/force101/`, gets `101 Switching Protocols` and then a raw byte
+stream (what a hostile server would do to turn the connection into a tunnel).
+
+With `--record FILE` the server appends one JSON line per connection when it is
+accepted (`"ev": "open"`) and one when it ends (`"ev": "data"`, with every byte
+received on it, after TLS): the upstream's own account of what reached it.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -203,6 +210,51 @@ def build_simple_index(root: Path, dist: str = "sp-demo", version: str = "0.1") 
 
 # --------------------------------------------------------------------------- server
 
+
+class Recorder:
+    """Appends JSON lines to a file, one os.write() each (threads never interleave)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def write(self, **record: Any) -> None:
+        if self.path is None:
+            return
+        record["t"] = time.time()
+        data = (json.dumps(record) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a `--record` file (tests)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+class _TeeIO(io.RawIOBase):
+    """The connection's receive side, keeping a copy of every byte read from it.
+
+    The request handler reads through a buffer, so bytes it never parses (after a
+    bad request line, say) still arrived: the copy is taken below the buffer."""
+
+    def __init__(self, sock: Any, sink: bytearray) -> None:
+        self.sock = sock
+        self.sink = sink
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self.sock.recv_into(buffer)
+        self.sink += bytes(memoryview(buffer)[:n])
+        return n
+
+
 CONTENT_TYPES = {
     ".html": "text/html",
     ".whl": "application/octet-stream",
@@ -214,6 +266,8 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "sp-upstream"
     root: Path | None = None
+    recorder = Recorder(None)
+    MAX_RECORDED = 64 * 1024  # markers sit near the start of what a probe sends
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -226,7 +280,26 @@ class Handler(BaseHTTPRequestHandler):
             self.request.settimeout(10)
             self.request = ctx.wrap_socket(self.request, server_side=True)
             self.sni = getattr(self.request, "sp_sni", None)
+        else:
+            self.request.settimeout(30)
         super().setup()
+        self.received = bytearray()
+        self.rfile = io.BufferedReader(_TeeIO(self.connection, self.received))
+
+    def finish(self) -> None:
+        try:
+            local = self.connection.getsockname()
+        except OSError:
+            local = ("?", 0)
+        self.recorder.write(
+            ev="data",
+            local=local[0],
+            port=local[1],
+            tls=isinstance(self.connection, ssl.SSLSocket),
+            sni=self.sni,
+            data=bytes(self.received[: self.MAX_RECORDED]).decode("latin-1"),
+        )
+        super().finish()
 
     def _body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
@@ -263,8 +336,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         body = self._body()
-        if self.headers.get("Upgrade", "").lower() == "websocket":
+        upgrade = self.headers.get("Upgrade", "")
+        if upgrade.lower() == "websocket":
             return self._websocket()
+        if upgrade or self.path.startswith("/force101/"):
+            return self._switch_to_raw(upgrade or "x-forced")
         static = self._static()
         if static is not None and self.command in ("GET", "HEAD"):
             ctype = CONTENT_TYPES.get(static.suffix, "text/plain")
@@ -283,10 +359,27 @@ class Handler(BaseHTTPRequestHandler):
             "local": self.connection.getsockname()[0],
             "tls": self.sni is not None or isinstance(self.connection, ssl.SSLSocket),
             "body_len": len(body),
+            "upgrade": upgrade or None,
         }
         self._send(200, json.dumps(info).encode() + b"\n")
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _handle
+
+    # -- a server that switches to a raw byte stream after 101 (no WebSocket framing)
+    def _switch_to_raw(self, protocol: str) -> None:
+        self.send_response(101)
+        self.send_header("Upgrade", protocol)
+        self.send_header("Connection", "Upgrade")
+        self.end_headers()
+        self.wfile.write(b"UPSTREAM-RAW-HELLO\n")
+        self.wfile.flush()
+        while True:  # read (and so record) whatever the client relays, echoing it
+            chunk = self.rfile.read1(65536)
+            if not chunk:
+                break
+            self.wfile.write(b"upstream got: " + chunk)
+            self.wfile.flush()
+        self.close_connection = True
 
     # -- a minimal RFC 6455 echo server
     def _websocket(self) -> None:
@@ -338,6 +431,11 @@ class Server(socketserver.ThreadingTCPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # clients that hang up or fail TLS are part of the tests
 
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        local = request.getsockname()
+        Handler.recorder.write(ev="open", local=local[0], port=local[1], peer=client_address[0])
+        return True
+
     def __init__(self, family: int, addr: str, port: int, tls: ssl.SSLContext | None) -> None:
         self.address_family = family
         self.tls_context = tls
@@ -361,9 +459,15 @@ def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
 
 
 def serve(
-    cert: Path, key: Path, root: Path | None, https_ports: Sequence[int], http_ports: Sequence[int]
+    cert: Path,
+    key: Path,
+    root: Path | None,
+    https_ports: Sequence[int],
+    http_ports: Sequence[int],
+    record: Path | None = None,
 ) -> list[Server]:
     Handler.root = root
+    Handler.recorder = Recorder(record)
     ctx = tls_context(cert, key)
     servers = []
     for ports, tls in ((https_ports, ctx), (http_ports, None)):
@@ -417,8 +521,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sv.add_argument("--root", type=Path)
     sv.add_argument("--https-port", type=int, action="append")
     sv.add_argument("--http-port", type=int, action="append")
+    sv.add_argument("--record", type=Path, help="append a JSON line per connection here")
     args = ap.parse_args(argv)
-    serve(args.cert, args.key, args.root, args.https_port or [443], args.http_port or [80])
+    serve(
+        args.cert,
+        args.key,
+        args.root,
+        args.https_port or [443],
+        args.http_port or [80],
+        args.record,
+    )
     print("READY", flush=True)
     threading.Event().wait()
     return 0

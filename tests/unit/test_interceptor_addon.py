@@ -6,11 +6,22 @@ import asyncio
 import json
 import os
 import signal
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import jsonschema
 import pytest
-from mitmproxy import http
+from mitmproxy import connection, http
+from mitmproxy.addons.next_layer import NextLayer
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers import ClientTLSLayer, HttpLayer, ServerTLSLayer, modes
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
 
@@ -18,11 +29,16 @@ from runtime import interceptor
 from runtime.explain import explain
 from runtime.interceptor import (
     DECISION_HEADER,
+    MAX_REQUEST_LINE,
+    Closed,
+    HttpOnly,
     PolicyGate,
     PolicyReloader,
     Readiness,
     TrafficLogger,
+    UpgradeGuard,
     UpstreamPinning,
+    starts_like_http,
     verdict_of,
 )
 from runtime.policy import Mode, Origin, Policy, make_rule
@@ -454,3 +470,397 @@ def test_options_are_the_ones_the_issue_asks_for(tmp_path):
     assert opts["connection_strategy"] == "lazy" and opts["onboarding"] is False
     assert opts["flow_detail"] == 0 and opts["stream_large_bodies"] == "1m"
     assert opts["ssl_verify_upstream_trusted_ca"] == str(tmp_path / "b.pem")
+    # Nothing is ever relayed unjudged: no raw TCP, no pass-through hosts.
+    assert opts["rawtcp"] is False and opts["websocket"] is True
+    assert opts["tcp_hosts"] == opts["udp_hosts"] == []
+    assert opts["ignore_hosts"] == opts["allow_hosts"] == []
+
+
+# --------------------------------------------------------------------------- not HTTP
+
+
+def _client_hello(sni: str) -> bytes:
+    """A real TLS ClientHello, as a client's first bytes."""
+    ctx = ssl.create_default_context()
+    out = ssl.MemoryBIO()
+    tls = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname=sni)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return out.read()
+
+
+@dataclass
+class Conn:
+    """One client connection in transparent mode, up to its next_layer decision."""
+
+    context: Context
+    nextlayer: layer.NextLayer
+    commands: list[commands.Command]
+
+    @property
+    def chosen(self) -> layer.Layer | None:
+        return self.nextlayer.layer
+
+
+def connection_to(
+    tctx: Any,
+    dialled: tuple[str, int] = (DIALLED, 80),
+    *,
+    inside_tls: str | None = None,
+    alpn: bytes | None = None,
+    transport: str = "tcp",
+) -> Conn:
+    client = connection.Client(
+        peername=("127.0.0.1", 40000),
+        sockname=dialled,
+        timestamp_start=time.time(),
+        proxy_mode=ProxyMode.parse("transparent"),
+        transport_protocol=transport,
+    )
+    context = Context(client, tctx.options)
+    context.server.address = dialled
+    modes.TransparentProxy(context)
+    if inside_tls is not None:  # what the stack looks like once TLS with the client is up
+        ServerTLSLayer(context)
+        ClientTLSLayer(context)
+        client.tls = True
+        client.sni = inside_tls
+        client.alpn = alpn
+    nextlayer = layer.NextLayer(context)
+    return Conn(context, nextlayer, list(nextlayer.handle_event(events.Start())))
+
+
+def send(conn: Conn, data: bytes, hooks: Sequence[Any]) -> Conn:
+    """Deliver bytes from the client; answer next_layer hooks as mitmproxy's master does
+    (every addon in order), and keep what the chosen layer does with the bytes."""
+    todo = list(conn.nextlayer.handle_event(events.DataReceived(conn.context.client, data)))
+    while todo:
+        cmd = todo.pop(0)
+        if isinstance(cmd, layer.NextLayerHook):
+            for hook in hooks:
+                hook.next_layer(cmd.data)
+            todo = list(conn.nextlayer.handle_event(events.HookCompleted(cmd))) + todo
+        else:
+            conn.commands.append(cmd)
+    return conn
+
+
+@pytest.fixture(params=[False, True], ids=["rawtcp-off", "rawtcp-on"])
+def layers_ctx(request, tmp_log: Path):
+    """mitmproxy's own NextLayer addon, then ours, as DumpMaster orders them. With
+    rawtcp on too: HttpOnly must hold by itself."""
+    gate = PolicyGate(policy())
+    traffic = TrafficLogger(gate)
+    guard = HttpOnly(gate, traffic)
+    mitm = NextLayer()
+    # Proxyserver only for its options: the HTTP layer, once chosen, reads them.
+    with taddons.context(Proxyserver(), mitm, guard, traffic) as tctx:
+        tctx.configure(traffic, secure_proxy_traffic_log=str(tmp_log))
+        tctx.configure(mitm, rawtcp=request.param)
+        yield tctx, gate, [mitm, guard]
+
+
+def closed_client(conn: Conn) -> bool:
+    return any(
+        isinstance(c, commands.CloseConnection) and c.connection is conn.context.client
+        for c in conn.commands
+    )
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x00\x01\x02 binary\n",
+        b"SSH-2.0-OpenSSH_9.6\r\n",
+        b"\r\nGET /repos/x HTTP/1.1\r\nHost: api.github.com\r\n\r\n",  # one CRLF first
+        b"\nGET / HTTP/1.1\r\n\r\n",
+        b"HELO mail.example\r\n",  # mitmproxy guesses HTTP: no version in the line
+        b"GET /x\r\n",  # HTTP/0.9
+        b"GET / HTTP/1.1 trailing\r\n",
+        b"G" * (MAX_REQUEST_LINE + 1),
+    ],
+)
+def test_bytes_that_are_not_http_are_closed_and_logged(layers_ctx, tmp_log, data):
+    _tctx, _gate, hooks = layers_ctx
+    conn = send(connection_to(_tctx), data, hooks)
+    assert isinstance(conn.chosen, Closed)
+    assert closed_client(conn)
+    assert not any(isinstance(c, commands.OpenConnection) for c in conn.commands)
+    [line] = lines(tmp_log)
+    validate(line)
+    assert line["reason"] == "not_http" and line["action"] == "BLOCK"
+    assert (line["scheme"], line["host"], line["port"]) == ("http", DIALLED, 80)
+    assert line["method"] is None and line["path"] is None and line["status"] is None
+
+
+def test_http_request_line_goes_to_the_http_layer(layers_ctx, tmp_log):
+    _tctx, _gate, hooks = layers_ctx
+    conn = send(connection_to(_tctx), b"GET /repos/x HTTP/1.1\r\nHost: api.github.com\r\n", hooks)
+    assert isinstance(conn.chosen, HttpLayer)
+    assert lines(tmp_log) == []
+
+
+def test_partial_request_line_waits_for_more_bytes(layers_ctx, tmp_log):
+    _tctx, _gate, hooks = layers_ctx
+    conn = send(connection_to(_tctx), b"GE", hooks)
+    assert conn.chosen is None and not closed_client(conn)
+    send(conn, b"T /repos/x HT", hooks)
+    assert conn.chosen is None
+    # Layers built for a decision not taken are not left on the connection's stack.
+    assert [type(x) for x in conn.context.layers] == [modes.TransparentProxy]
+    send(conn, b"TP/1.1\r\nHost: api.github.com\r\n\r\n", hooks)
+    assert isinstance(conn.chosen, HttpLayer)
+    assert lines(tmp_log) == []
+
+
+def test_partial_junk_is_closed_without_waiting(layers_ctx):
+    _tctx, _gate, hooks = layers_ctx
+    conn = send(connection_to(_tctx), b"GET /x \x00", hooks)
+    assert isinstance(conn.chosen, Closed)
+
+
+def test_tls_client_hello_is_terminated_here(layers_ctx, tmp_log):
+    _tctx, _gate, hooks = layers_ctx
+    conn = connection_to(_tctx, (DIALLED, 443))
+    # Only the decision: the TLS layers would go on to ask for certificates.
+    conn.nextlayer.events.append(events.DataReceived(conn.context.client, _client_hello("a.test")))
+    for hook in hooks:
+        hook.next_layer(conn.nextlayer)
+    assert isinstance(conn.chosen, ServerTLSLayer)
+    assert isinstance(conn.chosen.child_layer, ClientTLSLayer)
+    assert lines(tmp_log) == []
+
+
+@pytest.mark.parametrize("alpn", [None, b"http/1.1", b"h2"])
+def test_not_http_inside_tls_is_closed_and_logged_with_the_sni(layers_ctx, tmp_log, alpn):
+    _tctx, _gate, hooks = layers_ctx
+    conn = connection_to(_tctx, (DIALLED, 443), inside_tls="Evil.Test", alpn=alpn)
+    send(conn, b"\x00\x01junk that is not HTTP\n", hooks)
+    assert isinstance(conn.chosen, Closed) and closed_client(conn)
+    [line] = lines(tmp_log)
+    assert (line["scheme"], line["host"], line["port"]) == ("https", "evil.test", 443)
+    validate(line)
+
+
+def test_http2_inside_tls_needs_the_connection_preface(layers_ctx):
+    _tctx, _gate, hooks = layers_ctx
+    conn = connection_to(_tctx, (DIALLED, 443), inside_tls="api.github.com", alpn=b"h2")
+    send(conn, b"PRI * HTTP/2.0\r\n", hooks)
+    assert conn.chosen is None
+    send(conn, b"\r\nSM\r\n\r\n\x00\x00", hooks)
+    assert isinstance(conn.chosen, HttpLayer)
+    conn = connection_to(_tctx, (DIALLED, 443), inside_tls="api.github.com", alpn=b"h2")
+    send(conn, b"GET / HTTP/1.1\r\n\r\n", hooks)  # h2 negotiated, HTTP/1 sent
+    assert isinstance(conn.chosen, Closed)
+
+
+def test_tls_inside_tls_is_closed(layers_ctx):
+    _tctx, _gate, hooks = layers_ctx
+    conn = connection_to(_tctx, (DIALLED, 443), inside_tls="api.github.com")
+    send(conn, _client_hello("evil.test"), hooks)
+    assert isinstance(conn.chosen, Closed)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"tcp_hosts": [".*"]}, {"ignore_hosts": [".*"]}, {"allow_hosts": ["^nothing$"]}],
+)
+def test_hosts_mitmproxy_would_pass_through_are_closed(layers_ctx, tmp_log, options):
+    """tcp_hosts / ignore_hosts / allow_hosts make mitmproxy relay raw TCP: never here."""
+    tctx, _gate, hooks = layers_ctx
+    tctx.configure(hooks[0], **options)
+    conn = send(connection_to(tctx), b"GET /repos/x HTTP/1.1\r\nHost: api.github.com\r\n", hooks)
+    assert isinstance(conn.chosen, Closed)
+    assert lines(tmp_log)[0]["reason"] == "not_http"
+
+
+def test_dns_and_udp_layers_are_closed(layers_ctx):
+    tctx, _gate, hooks = layers_ctx
+    conn = send(connection_to(tctx, (DIALLED, 53)), b"\x00\x1c\x12\x34\x01\x00", hooks)
+    assert isinstance(conn.chosen, Closed)
+    conn = send(connection_to(tctx, (DIALLED, 443), transport="udp"), b"\x00" * 40, hooks)
+    assert isinstance(conn.chosen, Closed)
+
+
+@pytest.mark.parametrize(("mode", "log"), [(Mode.MONITOR, False), (Mode.ALLOW_ALL, True)])
+def test_not_http_is_closed_in_monitor_and_allow_all_too(layers_ctx, tmp_log, mode, log):
+    tctx, gate, hooks = layers_ctx
+    gate.policy = Policy.build(mode, log, (), CONFIG)
+    conn = send(connection_to(tctx, ("2001:db8::20", 80)), b"\x00\x01\x02\n", hooks)
+    assert isinstance(conn.chosen, Closed)
+    [line] = lines(tmp_log)
+    assert line["mode"] == mode.value and line["host"] == "2001:db8::20"
+    assert line["action"] == "BLOCK" and line["violation"] is False
+    validate(line)
+
+
+def test_allow_all_without_log_closes_silently(layers_ctx, tmp_log):
+    tctx, gate, hooks = layers_ctx
+    gate.policy = Policy.build(Mode.ALLOW_ALL, False, (), CONFIG)
+    conn = send(connection_to(tctx), b"\x00\x01\x02\n", hooks)
+    assert isinstance(conn.chosen, Closed)
+    assert lines(tmp_log) == []
+
+
+def test_closed_layer_closes_once_and_relays_nothing():
+    context = Context(tflow.tclient_conn(), taddons.context().options)
+    closed = Closed(context)
+    first = list(closed.handle_event(events.Start()))
+    assert [type(c) for c in first] == [commands.CloseConnection]
+    assert first[0].connection is context.client
+    later = list(closed.handle_event(events.DataReceived(context.client, b"more bytes")))
+    assert later == []
+
+
+def test_tls_passthrough_asked_by_an_addon_is_refused():
+    guard = HttpOnly(PolicyGate(policy()))
+    data = SimpleNamespace(ignore_connection=True)
+    guard.tls_clienthello(data)
+    assert data.ignore_connection is False
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"GET / HTTP/1.1\r\n", True),
+        (b"get /x HTTP/1.0\n", True),
+        (b"OPTIONS * HTTP/1.1\r\nHost: x\r\n", True),
+        (b"GET http://a.test/ HTTP/1.1\r\n", True),
+        (b"G", None),
+        (b"GET /a", None),
+        (b"GET /a HTTP/1.", None),
+        (b"GET /a HTTP/1.1\r", None),
+        (b"\r\nGET / HTTP/1.1\r\n", False),
+        (b" GET / HTTP/1.1\r\n", False),
+        (b"GET  / HTTP/1.1\r\n", False),
+        (b"GET /a HTTPS", False),
+        (b"\x16\x03\x01", False),
+    ],
+)
+def test_starts_like_http(data, expected):
+    assert starts_like_http(data, h2=False) is expected
+
+
+# --------------------------------------------------------------------------- upgrades
+
+
+@pytest.fixture
+def upgrades(tmp_log: Path):
+    gate = PolicyGate(policy())
+    guard = UpgradeGuard(gate)
+    pin = UpstreamPinning()
+    log = TrafficLogger(gate)
+    with taddons.context(guard, gate, pin, log) as tctx:
+        tctx.configure(log, secure_proxy_traffic_log=str(tmp_log))
+        yield tctx, guard, gate, pin, log
+
+
+def upgrade_flow(protocol: str, url: str = "https://api.github.com/repos/x", **kw) -> http.HTTPFlow:
+    flow = make_flow(url, **kw)
+    flow.request.headers["Upgrade"] = protocol
+    flow.request.headers["Connection"] = "Upgrade"
+    return flow
+
+
+def request_hooks(upgrades, flow: http.HTTPFlow) -> None:
+    _tctx, guard, gate, pin, log = upgrades
+    for addon in (guard, gate, pin, log):
+        addon.requestheaders(flow)
+
+
+@pytest.mark.parametrize("mode", [Mode.ENFORCE, Mode.MONITOR, Mode.ALLOW_ALL])
+@pytest.mark.parametrize("protocol", ["x-tunnel", "websocket, x", "TLS/1.2", "h2c, x"])
+def test_upgrade_to_another_protocol_gets_403_in_every_mode(upgrades, tmp_log, mode, protocol):
+    _tctx, _guard, gate, _pin, log = upgrades
+    gate.policy = policy(mode, True)
+    flow = upgrade_flow(protocol)
+    request_hooks(upgrades, flow)
+    assert flow.response.status_code == 403
+    assert flow.response.headers[DECISION_HEADER] == "block; reason=not_http"
+    text = flow.response.text
+    assert text.startswith("BLOCKED: GET https://api.github.com/repos/x\n")
+    assert "reason: not_http" in text and "fix: none in the config" in text
+    assert flow.request.host == DIALLED  # never pinned upstream
+    log.response(flow)
+    [line] = lines(tmp_log)
+    assert line["reason"] == "not_http" and line["action"] == "BLOCK" and not line["violation"]
+    assert line["mode"] == mode.value and line["status"] == 403 and line["path"] == "/repos/x"
+    validate(line)
+
+
+def test_upgrade_to_a_blocked_host_keeps_the_policy_reason(upgrades):
+    flow = upgrade_flow("x-tunnel", "https://evil.test/x", sni="evil.test")
+    request_hooks(upgrades, flow)
+    assert flow.response.headers[DECISION_HEADER] == "block; reason=host_not_allowed"
+
+
+def test_websocket_upgrade_is_left_to_the_policy(upgrades):
+    flow = upgrade_flow("WebSocket")
+    request_hooks(upgrades, flow)
+    assert flow.response is None and flow.request.host == "api.github.com"
+    assert flow.request.headers["Upgrade"] == "WebSocket"
+
+
+def test_h2c_upgrade_headers_are_dropped(upgrades):
+    flow = upgrade_flow("h2c", method="POST", body=b"hello")
+    flow.request.headers["Connection"] = "keep-alive, Upgrade, HTTP2-Settings"
+    flow.request.headers["HTTP2-Settings"] = "AAMAAABkAARAAAAAAAIAAAAA"
+    request_hooks(upgrades, flow)
+    assert flow.response is None  # judged on its own and sent on as HTTP/1.1
+    assert "Upgrade" not in flow.request.headers
+    assert "HTTP2-Settings" not in flow.request.headers
+    assert flow.request.headers["Connection"] == "keep-alive"
+    assert verdict_of(flow).decision.reason.value == "rule_match"
+
+
+def response_101(flow: http.HTTPFlow, upgrade: str) -> None:
+    flow.response = http.Response.make(101, b"", {"Upgrade": upgrade, "Connection": "Upgrade"})
+
+
+@pytest.mark.parametrize(
+    ("request_upgrade", "version", "response_upgrade"),
+    [
+        (None, None, "x-tunnel"),  # upstream switches without being asked
+        ("websocket", "13", "x-tunnel"),  # asked for WebSocket, got something else
+        ("websocket", None, "websocket"),  # mitmproxy would not frame this one
+    ],
+)
+def test_101_that_is_not_a_websocket_is_killed(
+    upgrades, tmp_log, request_upgrade, version, response_upgrade
+):
+    _tctx, guard, _gate, _pin, log = upgrades
+    flow = make_flow("https://api.github.com/repos/x")
+    if request_upgrade:
+        flow.request.headers["Upgrade"] = request_upgrade
+    if version:
+        flow.request.headers["Sec-WebSocket-Version"] = version
+    request_hooks(upgrades, flow)
+    assert flow.response is None
+    response_101(flow, response_upgrade)
+    guard.responseheaders(flow)
+    log.responseheaders(flow)
+    assert flow.error is not None and flow.error.msg == flow.error.KILLED_MESSAGE
+    log.error(flow)
+    [line] = lines(tmp_log)
+    assert line["reason"] == "not_http" and line["action"] == "BLOCK"
+    assert line["status"] is None and line["path"] == "/repos/x"
+    validate(line)
+
+
+def test_websocket_101_goes_through(upgrades, tmp_log):
+    _tctx, guard, _gate, _pin, log = upgrades
+    flow = upgrade_flow("websocket")
+    flow.request.headers["Sec-WebSocket-Version"] = "13"
+    request_hooks(upgrades, flow)
+    response_101(flow, "websocket")
+    guard.responseheaders(flow)
+    log.responseheaders(flow)
+    assert flow.error is None
+    log.response(flow)
+    assert lines(tmp_log)[0]["status"] == 101
+
+
+def test_addon_order_puts_the_guards_first():
+    names = [type(a).__name__ for a in interceptor.make_addons(policy())]
+    assert names.index("HttpOnly") < names.index("PolicyGate")
+    assert names.index("UpgradeGuard") < names.index("PolicyGate")

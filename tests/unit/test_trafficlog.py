@@ -82,6 +82,44 @@ def test_schema_rejects_bad_values(schema, bad):
         jsonschema.validate(record, schema)
 
 
+NOT_HTTP = dict(
+    action="BLOCK",
+    reason="not_http",
+    rule=None,
+    rule_source=None,
+    method=None,
+    path=None,
+    http_version=None,
+    status=None,
+    bytes_in=0,
+)
+
+
+def test_not_http_connection_line_has_no_method_path_or_version(schema):
+    record = sample(**NOT_HTTP)
+    jsonschema.validate(record, schema)
+    assert (record["method"], record["path"], record["http_version"]) == (None, None, None)
+    # A refused upgrade is an HTTP request: it keeps them.
+    jsonschema.validate(sample(action="BLOCK", reason="not_http", status=403), schema)
+    jsonschema.validate(sample(**NOT_HTTP, mode="monitor"), schema)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"reason": "host_not_allowed"},  # only not_http may lack method, path, version
+        {"action": "ALLOW"},  # not_http is always a block...
+        {"mode": "monitor", "violation": True},  # ...never a monitor-mode violation
+        {"reason": "rule_match", "method": None, "path": "/", "http_version": "HTTP/1.1"},
+    ],
+)
+def test_schema_rejects_inconsistent_not_http_lines(schema, bad):
+    record = sample(**NOT_HTTP)
+    record.update(bad)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(record, schema)
+
+
 def test_schema_rejects_extra_fields(schema):
     record = sample()
     record["authorization"] = "Bearer x"
