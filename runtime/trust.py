@@ -353,9 +353,15 @@ def after_writable_run(root: Path, kind: str, path: Path) -> str:
         return f"copilot_here: after this run: {exc}\n"
     if c.trusted:
         return ""
+    if c.state == REMOVED:
+        what = "was removed during this run (it was writable with --network-config-write)"
+    else:
+        what = (
+            "was changed during this run (it was writable with --network-config-write); "
+            "the change was in force for this run only"
+        )
     return (
-        f"copilot_here: {c.name} was changed during this run (it was writable with "
-        "--network-config-write); the change was in force for this run only.\n"
+        f"copilot_here: {c.name} {what}.\n"
         + c.body()
         + f"Later runs use it only after you approve it: {TRUST_COMMAND}\n"
     )
