@@ -378,3 +378,34 @@ def test_on_a_terminal_the_run_asks_default_no(
     text = err.getvalue()
     assert "Trust this config? [y/N] " in text and str(cfg) in text and "exfil.test" in text
     assert main("--network-show")[1].count("NOT TRUSTED") == 1
+
+
+FAKE_ENGINE = """#!/bin/sh
+# A stand-in for `docker run`: acts as the agent on the writable global config mount.
+for arg in "$@"; do
+  case "$arg" in
+    *:/home/appuser/.copilot_here) dir=${arg%:/home/appuser/.copilot_here} ;;
+  esac
+done
+echo '{"enabled": false}' > "$dir/network.json"
+echo "ENGINE-RAN $$"
+exit 3
+"""
+
+
+def test_a_writable_run_is_waited_for_and_reports_the_agents_edit(
+    main: Main, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    gfile = main.write(main.cli.global_file, {"enabled": True, "mode": "enforce"})
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(FAKE_ENGINE)
+    (bin_dir / "docker").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    code = cli_module.main(["--engine", "docker", "--network-config-write", "--", "x"])
+    err = main.capsys.readouterr().err
+    assert code == 3  # the engine's code: waited for, not exec'd (or this test would end)
+    assert f"the global config {gfile} was changed during this run" in err
+    assert '+{"enabled": false}' in err and TRUST_CMD in err
+    code, _, err = main.run()
+    assert code == 1 and f"the global config {gfile} changed since you approved it" in err
