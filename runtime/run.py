@@ -306,11 +306,11 @@ def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
             Path(_logs_source(p)).mkdir(parents=True, exist_ok=True)
             watched = watch_writable_config(state, project, home, args.network_config_write)
             try:
-                code = sandbox.run(spec)
+                return sandbox.run(spec)
             except sandbox.SandboxError as exc:
                 raise RunError(str(exc)) from None
-            report_config_changes(state, watched)
-            return code
+            finally:
+                report_config_changes(state, watched)
         argv = engine_argv(engine, args.image, p, args.engine_arg)
         if args.dry_run:
             print(shlex.join(argv))
@@ -324,9 +324,10 @@ def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
         sys.stderr.flush()
         if watched is None:
             os.execvp(engine, argv)
-        code = wait_for(argv)
-        report_config_changes(state, watched)
-        return code
+        try:
+            return wait_for(argv)
+        finally:
+            report_config_changes(state, watched)
     except RunError as exc:
         print(f"copilot_here: {exc}", file=sys.stderr)
         return 2
