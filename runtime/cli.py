@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from runtime import fsutil, paths, run
+from runtime import fsutil, hoststate, paths, run, trust
 from runtime.config import ConfigError, parse_config, validate_config
 from runtime.explain import explain
 from runtime.policy import Mode, Request
@@ -72,6 +72,26 @@ def atomic_write(path: Path, text: str) -> None:
     fsutil.atomic_write(path, text, mode)
 
 
+def config_kind(path: Path, home: Path) -> str:
+    return GLOBAL if path == global_config_path(home) else REPO
+
+
+def write_config(path: Path, text: str, state: Path, home: Path, out) -> None:
+    """Write a config through the CLI and approve what was written: the user chose
+    it. Not when the file was untrusted before (an edit of a cloned repo's config
+    would otherwise approve the rest of it unseen): that still needs a review."""
+    before = trust.check(state, config_kind(path, home), path)
+    atomic_write(path, text)
+    if before.trusted:
+        trust.approve(state, path, text.encode("utf-8"))
+    else:
+        print(
+            f"Note: {before.name} was not trusted before this change ({before.state}); "
+            f"runs refuse it until you review and approve it: {trust.TRUST_COMMAND}",
+            file=out,
+        )
+
+
 def load_ordered(path: Path) -> dict[str, Any]:
     """The file as written (key order kept), validated so we never write a broken config."""
     text = path.read_text(encoding="utf-8")
@@ -83,7 +103,7 @@ def load_ordered(path: Path) -> dict[str, Any]:
 # Commands
 
 
-def cmd_init(target: Path, no_inherit: bool, force: bool, out) -> int:
+def cmd_init(target: Path, no_inherit: bool, force: bool, state: Path, home: Path, out) -> int:
     if target.exists() and not force:
         print(
             f"A network config already exists at {target}; it was left unchanged "
@@ -91,12 +111,17 @@ def cmd_init(target: Path, no_inherit: bool, force: bool, out) -> int:
             file=out,
         )
         return EXIT_OK
-    atomic_write(target, dump(template(no_inherit)))
+    if config_kind(target, home) == REPO:
+        trust.config_dir_check(target)
+    text = dump(template(no_inherit))
+    atomic_write(target, text)
+    # The whole file comes from the CLI: approved, whatever was there before.
+    trust.approve(state, target, text.encode("utf-8"))
     print(f"Created {target}", file=out)
     return EXIT_OK
 
 
-def cmd_set_enabled(target: Path, enabled: bool, out) -> int:
+def cmd_set_enabled(target: Path, enabled: bool, state: Path, home: Path, out) -> int:
     if target.exists():
         data = load_ordered(target)
         created = False
@@ -105,7 +130,7 @@ def cmd_set_enabled(target: Path, enabled: bool, out) -> int:
         created = True
     data["enabled"] = enabled
     validate_config(data, str(target))
-    atomic_write(target, dump(data))
+    write_config(target, dump(data), state, home, out)
     state = "enabled" if enabled else "disabled"
     print(f"Secure proxy {state} in {target}{' (created)' if created else ''}", file=out)
     return EXIT_OK
@@ -120,13 +145,35 @@ def describe_rules(resolved: Resolved) -> list[str]:
     return lines
 
 
-def cmd_show(project: Path, home: Path, config_write: bool, out) -> int:
+def trust_lines(state: Path, project: Path, home: Path) -> list[str]:
+    lines = []
+    for c in trust.in_use(state, project, home):
+        if c.state == trust.ABSENT:
+            continue
+        if c.trusted:
+            how = (
+                f"approved {c.approval.approved_at}, sha256 {c.approval.sha256[:12]}"
+                if c.approval
+                else "your global config; it needs no approval until a writable run changes it"
+            )
+            lines.append(f"Trust: {c.path} is trusted ({how})")
+        else:
+            lines.append(
+                f"Trust: NOT TRUSTED: {c.headline()}. Runs refuse to start until you review "
+                f"and approve it: {trust.TRUST_COMMAND}"
+            )
+    return lines
+
+
+def cmd_show(project: Path, home: Path, config_write: bool, state: Path, out) -> int:
     resolved = resolve(project, home)
     policy = resolved.policy
     where = {REPO: "repo config", GLOBAL: "global config", BUILT_IN: "no config file"}[
         resolved.kind
     ]
     print(f"Config source: {resolved.source} ({where})", file=out)
+    for line in trust_lines(state, project, home):
+        print(line, file=out)
     if policy.mode is Mode.ALLOW_ALL:
         print("Rules: DISABLED (allow-all mode: every request goes through)", file=out)
     else:
@@ -151,6 +198,29 @@ def cmd_show(project: Path, home: Path, config_write: bool, out) -> int:
         print(f"Allowed rules ({len(policy.rules)}):", file=out)
         lines = describe_rules(resolved)
         print("\n".join(lines) if lines else "  (none: every request is a violation)", file=out)
+    return EXIT_OK
+
+
+def cmd_trust(project: Path, home: Path, state: Path, out) -> int:
+    """Show what changed since the last approval, then approve it."""
+    checks = trust.pending(state, project, home)
+    if not checks:
+        kind, path = find_config(project, home)
+        what = f"the {trust.NAMES[kind]} {path}" if path else "no config file (built-in defaults)"
+        print(f"Nothing to approve: {what} is trusted.", file=out)
+        return EXIT_OK
+    for c in checks:
+        print(f"{c.headline()[0].upper()}{c.headline()[1:]}.", file=out)
+        print(c.body(), end="", file=out)
+        if c.current is not None:
+            # A broken config cannot take effect: fix it first (the error names the fix).
+            parse_config(c.text, str(c.path))
+    for c in checks:  # the bytes shown, not a re-read
+        trust.approve(state, c.path, c.current)
+        if c.current is None:
+            print(f"Approved: {c.path} stays removed.", file=out)
+        else:
+            print(f"Approved {c.path} (sha256 {trust.sha256(c.current)[:12]}).", file=out)
     return EXIT_OK
 
 
@@ -223,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--network-disable-global", action="store_true", help="disable rules in the global config"
     )
     actions.add_argument(
+        "--network-trust",
+        action="store_true",
+        help="show the repo (or global) config's changes since its last approval, then approve it",
+    )
+    actions.add_argument(
         "--network-check",
         metavar="URL",
         help="explain how the effective policy treats a request to URL",
@@ -250,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     project = Path.cwd()
     home = Path(os.environ.get("HOME") or Path.home())
+    state = hoststate.state_root(home)
     out = sys.stdout
     try:
         if (args.no_inherit or args.force) and not (args.network_init or args.network_init_global):
@@ -257,17 +333,22 @@ def main(argv: list[str] | None = None) -> int:
                 "--no-inherit and --force go with --network-init or --network-init-global"
             )
         if args.network_init:
-            return cmd_init(repo_config_path(project), args.no_inherit, args.force, out)
+            target = repo_config_path(project)
+            return cmd_init(target, args.no_inherit, args.force, state, home, out)
         if args.network_init_global:
-            return cmd_init(global_config_path(home), args.no_inherit, args.force, out)
+            target = global_config_path(home)
+            return cmd_init(target, args.no_inherit, args.force, state, home, out)
         if args.network_show:
-            return cmd_show(project, home, args.network_config_write, out)
+            return cmd_show(project, home, args.network_config_write, state, out)
+        if args.network_trust:
+            return cmd_trust(project, home, state, out)
         if args.network_enable or args.network_disable:
             _, path = find_config(project, home)
             target = path if path is not None else repo_config_path(project)
-            return cmd_set_enabled(target, args.network_enable, out)
+            return cmd_set_enabled(target, args.network_enable, state, home, out)
         if args.network_enable_global or args.network_disable_global:
-            return cmd_set_enabled(global_config_path(home), args.network_enable_global, out)
+            target = global_config_path(home)
+            return cmd_set_enabled(target, args.network_enable_global, state, home, out)
         if args.network_check:
             return cmd_check(project, home, args.network_check, args.method, out)
         return run.run_from_args(args, project, home)
@@ -276,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except ConfigError as exc:
         print(f"copilot_here: invalid network config\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (trust.TrustError, hoststate.StateError) as exc:
+        print(f"copilot_here: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 
 

@@ -12,6 +12,15 @@ unless --network-config-write; a directory, never the file: a single-file bind
 mount shows no inotify events and an editor that saves by rename leaves the
 container on the old inode); a host logs directory at /logs; the upstream CA
 named by SECURE_PROXY_UPSTREAM_CA.
+
+/work/.copilot_here is never writable unless --network-config-write asked for
+it and the repo config is the one in use: without a repo config an empty
+read-only directory of the host state is mounted there, so nothing can be
+planted for the in-container init or reloader, nor for the next run (which
+would in any case refuse an unapproved repo config: runtime.trust).
+
+A run that mounts a config writable is waited for instead of exec'd: at exit the
+CLI shows what the agent changed in it (a later run uses that only once approved).
 """
 
 from __future__ import annotations
@@ -20,12 +29,13 @@ import argparse
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime import paths
+from runtime import hoststate, paths, trust
 from runtime.resolve import GLOBAL, REPO, find_config
 
 DEFAULT_IMAGE = os.environ.get("COPILOT_HERE_IMAGE", "copilot_here-secure:latest")
@@ -123,15 +133,12 @@ def plan(
     tty: bool | None = None,
     uid: int | None = None,
     gid: int | None = None,
+    empty_dir: Path | None = None,
 ) -> Plan:
     environ = dict(os.environ if environ is None else environ)
     project = project.resolve()
     mounts = [Mount(str(project), str(paths.container_project_dir()))]
-    kind, path = find_config(project, home)
-    if kind == REPO and path is not None:
-        mounts.append(Mount(str(path.parent), CONTAINER_CONFIG_REPO, not config_write))
-    elif kind == GLOBAL and path is not None:
-        mounts.append(Mount(str(path.parent.resolve()), CONTAINER_CONFIG_GLOBAL, not config_write))
+    mounts += config_mounts(project, home, config_write, environ, empty_dir)
     logs = (logs_dir or project / ".copilot_here" / "logs").resolve()
     mounts.append(Mount(str(logs), CONTAINER_LOGS))
     env = {
@@ -153,6 +160,44 @@ def plan(
     if tty and environ.get("TERM"):
         env["TERM"] = environ["TERM"]
     return Plan(mounts, env, [parse_add_host(h) for h in add_hosts], list(command), tty)
+
+
+def config_mounts(
+    project: Path,
+    home: Path,
+    config_write: bool,
+    environ: dict[str, str],
+    empty_dir: Path | None = None,
+) -> list[Mount]:
+    """The config mounts. /work/.copilot_here always gets one (a bind mount over a
+    directory of the /work bind mount): the repo config's directory, or an empty
+    read-only directory that hides the project's own (writable even with
+    --network-config-write only when it holds the repo config in use)."""
+    kind, path = find_config(project, home)
+    if kind == REPO and path is not None:
+        return [Mount(str(path.parent), CONTAINER_CONFIG_REPO, not config_write)]
+    empty = empty_dir or hoststate.state_root(home, environ) / trust.EMPTY
+    mounts = [Mount(str(empty), CONTAINER_CONFIG_REPO, True)]
+    if kind == GLOBAL and path is not None:
+        mounts.append(Mount(str(path.parent.resolve()), CONTAINER_CONFIG_GLOBAL, not config_write))
+    return mounts
+
+
+def prepare_config_mountpoint(project: Path) -> None:
+    """Make the mountpoint of /work/.copilot_here as the user, before the engine does
+    it as root (Docker would leave a root-owned directory in the project, in which
+    the user could not create a config later). A symlink is refused: the engine
+    would resolve it inside the container and mount somewhere else."""
+    mountpoint = project / paths.REPO_CONFIG_RELATIVE.parent
+    if mountpoint.is_symlink():
+        raise RunError(
+            f"{mountpoint} is a symlink; a container resolves it inside itself. Fix: make it "
+            "a real directory in the project (or remove it)"
+        )
+    if not os.path.lexists(mountpoint):
+        mountpoint.mkdir(mode=0o755)
+    elif not mountpoint.is_dir():
+        raise RunError(f"{mountpoint} is not a directory; move it away")
 
 
 def engine_argv(engine: str, image: str, p: Plan, extra: list[str] | None = None) -> list[str]:
@@ -228,8 +273,16 @@ def sandbox_spec(p: Plan, netns: str | None):  # -> runtime.sandbox.Spec
 
 
 def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
+    state = hoststate.state_root(home)
+    project = project.resolve()
     try:
+        # Before anything else (the plan, the engine probe, a dry run): a repo
+        # config decides nothing until the user approved its exact content.
+        interactive = not args.dry_run and sys.stdin.isatty() and sys.stderr.isatty()
+        if not trust.gate(state, project, home, interactive):
+            return 1
         engine = args.engine or default_engine(args.image)
+        empty = state / trust.EMPTY if args.dry_run else trust.empty_dir(state)
         p = plan(
             project,
             home,
@@ -237,6 +290,7 @@ def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
             args.logs_dir,
             args.add_host,
             list(args.command or []),
+            empty_dir=empty,
         )
         p.cap_drop = list(args.cap_drop)
         if args.sandbox_netns and engine != "sandbox":
@@ -248,25 +302,101 @@ def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
             if args.dry_run:
                 print(f"sandbox {spec.to_json()}")
                 return 0
+            prepare_config_mountpoint(project)
             Path(_logs_source(p)).mkdir(parents=True, exist_ok=True)
+            watched = watch_writable_config(state, project, home, args.network_config_write)
             try:
                 return sandbox.run(spec)
             except sandbox.SandboxError as exc:
                 raise RunError(str(exc)) from None
+            finally:
+                report_config_changes(state, watched)
         argv = engine_argv(engine, args.image, p, args.engine_arg)
         if args.dry_run:
             print(shlex.join(argv))
             return 0
+        prepare_config_mountpoint(project)
         Path(_logs_source(p)).mkdir(parents=True, exist_ok=True)
         if not shutil.which(engine):
             raise RunError(f"{engine} is not installed; try --engine sandbox (as root)")
+        watched = watch_writable_config(state, project, home, args.network_config_write)
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execvp(engine, argv)
+        if watched is None:
+            os.execvp(engine, argv)
+        try:
+            return wait_for(argv)
+        finally:
+            report_config_changes(state, watched)
     except RunError as exc:
         print(f"copilot_here: {exc}", file=sys.stderr)
         return 2
-    return 0  # not reached: execvp replaced the process
+    except (trust.TrustError, hoststate.StateError) as exc:
+        print(f"copilot_here: {exc}", file=sys.stderr)
+        return 1
+
+
+def watch_writable_config(
+    state: Path, project: Path, home: Path, config_write: bool
+) -> tuple[str, Path] | None:
+    """The config a writable run exposes to the agent, its content recorded as the
+    approved one (if not yet), so what the agent changes is shown at exit and needs
+    approval before a later run uses it. None when nothing is mounted writable."""
+    if not config_write:
+        return None
+    kind, path = find_config(project, home)
+    if path is None:
+        return None
+    trust.before_writable_run(state, kind, path)
+    return kind, path
+
+
+def report_config_changes(state: Path, watched: tuple[str, Path] | None) -> None:
+    if watched is not None:
+        print(trust.after_writable_run(state, *watched), end="", file=sys.stderr)
+
+
+FORWARDED = (signal.SIGTERM, signal.SIGHUP)
+TERMINAL = (signal.SIGINT, signal.SIGQUIT)
+
+
+def wait_for(argv: list[str]) -> int:
+    """Run the engine as a child and return its exit code (128+N for signal N), as
+    exec would have: SIGTERM/SIGHUP are passed on; SIGINT/SIGQUIT come from the
+    terminal, which sends them to the engine too (or, in raw mode, the engine reads
+    the keys), so the CLI only survives them to report at exit."""
+    child: list[subprocess.Popen[bytes]] = []
+    early: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        if child:
+            child[0].send_signal(signum)
+        else:
+            early.append(signum)
+
+    def survive(_signum: int, _frame: object) -> None:
+        # A handler, not SIG_IGN: an ignored signal stays ignored across exec, and
+        # the engine must still get the user's Ctrl-C.
+        return
+
+    previous = {sig: signal.getsignal(sig) for sig in (*FORWARDED, *TERMINAL)}
+    try:
+        for sig in FORWARDED:
+            signal.signal(sig, forward)
+        for sig in TERMINAL:
+            signal.signal(sig, survive)
+        try:
+            proc = subprocess.Popen(argv)
+        except OSError as exc:
+            raise RunError(f"cannot start {argv[0]}: {exc.strerror}") from None
+        child.append(proc)
+        for sig in early:
+            proc.send_signal(sig)
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - code if code < 0 else code
 
 
 def _logs_source(p: Plan) -> str:

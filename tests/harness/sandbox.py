@@ -12,14 +12,18 @@ is laid by runtime.install, as in the image.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import json
 import os
 import queue
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -51,11 +55,21 @@ def cli_argv(
     return argv + list(args)
 
 
+@functools.cache
+def state_home() -> str:
+    """The CLI's XDG_STATE_HOME in tests (approvals, the empty mount): never the machine's."""
+    path = os.environ.get("SP_TEST_STATE") or tempfile.mkdtemp(prefix="sp-state-", dir="/tmp")
+    if not os.environ.get("SP_TEST_STATE"):
+        atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = {
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "PYTHONPATH": str(REPO_ROOT),
         "HOME": os.environ.get("SP_TEST_HOME", "/nonexistent-home"),
+        "XDG_STATE_HOME": state_home(),
         "LANG": "C.UTF-8",
     }
     env.update(extra or {})
@@ -278,10 +292,21 @@ def quote(argv: Sequence[str]) -> str:
     return shlex.join(argv)
 
 
-def write_config(project: Path, data: dict[str, Any]) -> Path:
+def write_config(
+    project: Path, data: dict[str, Any], approve: bool = True, state: str | None = None
+) -> Path:
+    """Write a network.json (repo config, or global when `project` is a HOME) and,
+    as the user's own file, approve it in the CLI's state (XDG_STATE_HOME `state`,
+    default the tests' one): a run refuses an unapproved repo config."""
+    from runtime import hoststate, trust
+
     path = project / ".copilot_here" / "network.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    text = json.dumps(data, indent=2) + "\n"
+    path.write_text(text)
+    if approve:
+        root = hoststate.state_root(Path("/"), {"XDG_STATE_HOME": state or state_home()})
+        trust.approve(root, path, text.encode())
     return path
 
 

@@ -170,13 +170,21 @@ def project(tmp_path: Path) -> Path:
 def env(cli_env: dict[str, str], tmp_path: Path, upstream_ca: UpstreamCA) -> dict[str, str]:
     home = tmp_path / "home"  # no global config unless a test writes one
     home.mkdir()
-    return {**cli_env, "HOME": str(home), "SECURE_PROXY_UPSTREAM_CA": str(upstream_ca.ca_cert)}
+    return {
+        **cli_env,
+        "HOME": str(home),
+        "XDG_STATE_HOME": str(tmp_path / "state"),  # approvals: the test's own
+        "SECURE_PROXY_UPSTREAM_CA": str(upstream_ca.ca_cert),
+    }
 
 
-def write_config(project: Path, rules: list[dict[str, object]]) -> Path:
+def write_config(project: Path, rules: list[dict[str, object]], env: dict[str, str]) -> Path:
+    """The user's repo config, approved as the user would (a run refuses it otherwise)."""
+    from runtime import hoststate, trust
+
     cfg = project / ".copilot_here" / "network.json"
     cfg.parent.mkdir(exist_ok=True)
-    cfg.write_text(
+    text = (
         json.dumps(
             {
                 "enabled": True,
@@ -189,6 +197,8 @@ def write_config(project: Path, rules: list[dict[str, object]]) -> Path:
         )
         + "\n"
     )
+    cfg.write_text(text)
+    trust.approve(hoststate.state_root(Path(env["HOME"]), env), cfg, text.encode())
     return cfg
 
 
@@ -205,7 +215,7 @@ def traffic_lines(logs: Path) -> list[dict[str, object]]:
 def test_enforce_allows_blocks_and_logs_on_the_host(
     image: str, net: Topology, project: Path, env: dict[str, str]
 ) -> None:
-    write_config(project, [{"host": ALLOWED}])
+    write_config(project, [{"host": ALLOWED}], env)
     ok, bad = f"https://{ALLOWED}/hello", f"https://{BLOCKED}/secret"
     plain_bad = f"http://{BLOCKED}/plain"
     command = ["python3", "-c", FETCH, ok, bad, plain_bad]
@@ -254,7 +264,7 @@ def test_no_config_is_allow_all_without_a_log_and_the_exit_code_comes_back(
 def test_live_edit_with_network_config_write(
     image: str, net: Topology, project: Path, env: dict[str, str]
 ) -> None:
-    cfg = write_config(project, [{"host": ALLOWED}])
+    cfg = write_config(project, [{"host": ALLOWED}], env)
     url = f"https://{LATER}/now"
     name = f"sp-image-test-{net.run_id}"
     extra = ["--network-config-write", f"--engine-arg=--name={name}"]
@@ -301,6 +311,31 @@ def test_live_edit_with_network_config_write(
     after = next(line.split() for line in out.splitlines() if line.startswith("AFTER"))
     assert after[1] == "200", out
     assert float(after[2]) < 5.0, f"the edit took {after[2]}s to apply"
+
+
+def test_the_agent_cannot_plant_a_repo_config_and_a_planted_one_is_refused(
+    image: str, net: Topology, project: Path, env: dict[str, str]
+) -> None:
+    # Podman mounts a read-only empty directory over /work/.copilot_here (a
+    # subdirectory of the /work bind mount), even with --network-config-write.
+    (project / ".copilot_here").mkdir()
+    (project / ".copilot_here").chmod(0o777)  # the user's own: only the mount may stop it
+    script = (
+        "( echo '{\"enabled\": false}' > /work/.copilot_here/network.json ) 2>/dev/null "
+        "&& echo PLANT:DONE || echo PLANT:denied; echo END"
+    )
+    result = run_cli(
+        cli_argv(image, net, ["sh", "-c", script], ["--network-config-write"]), project, env
+    )
+    assert result.returncode == 0, result.stderr
+    assert "PLANT:denied" in result.stdout and "END" in result.stdout, result.stdout
+    assert not (project / ".copilot_here" / "network.json").exists()
+    # A cloned repository's config: the container is not started until approved.
+    (project / ".copilot_here" / "network.json").write_text('{"enabled": false}\n')
+    result = run_cli(cli_argv(image, net, ["sh", "-c", "echo COMMAND-RAN"]), project, env)
+    assert result.returncode == 1
+    assert "COMMAND-RAN" not in result.stdout
+    assert "copilot_here --network-trust" in result.stderr
 
 
 def test_under_a_pseudo_terminal_the_command_sees_a_tty(

@@ -1,7 +1,9 @@
-"""The host CLI, run as a subprocess with a temporary HOME and project dir."""
+"""The host CLI with a temporary HOME, state dir and project dir: as a subprocess,
+and in-process (main()) for the trust messages."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -10,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from runtime import cli as cli_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,6 +30,7 @@ class CLI:
         self.env = {
             **os.environ,
             "HOME": str(self.home),
+            "XDG_STATE_HOME": str(tmp / "state"),
             "PYTHONPATH": str(ROOT),
             "SECURE_PROXY_SHARE": str(share),
         }
@@ -200,3 +205,207 @@ def test_config_errors_exit_1_and_name_file_field_fix(cli: CLI, content: str, ne
 )
 def test_usage_errors_exit_2(cli: CLI, args: list[str]) -> None:
     assert cli(*args).returncode == 2
+
+
+# --------------------------------------------------------------------------- trust (in-process)
+
+
+class Main:
+    """cli.main() in this process, in a temporary project, HOME and state dir."""
+
+    def __init__(self, tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+        self.cli = CLI(tmp)
+        self.state = tmp / "state"
+        self.capsys = capsys
+        monkeypatch.chdir(self.cli.project)
+        for key in ("HOME", "XDG_STATE_HOME", "SECURE_PROXY_SHARE"):
+            monkeypatch.setenv(key, self.cli.env[key])
+
+    def __call__(self, *args: str) -> tuple[int, str, str]:
+        code = cli_module.main(list(args))
+        captured = self.capsys.readouterr()
+        return code, captured.out, captured.err
+
+    def run(self) -> tuple[int, str, str]:
+        """A run as far as it goes without an engine: the dry run."""
+        return self("--engine", "docker", "--dry-run", "--", "echo", "hi")
+
+    def write(self, path: Path, data: dict) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        return path
+
+
+@pytest.fixture
+def main(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> Main:
+    return Main(tmp_path, monkeypatch, capsys)
+
+
+CLONED = {"enabled": False, "allowed_rules": [{"host": "exfil.test"}]}
+TRUST_CMD = "copilot_here --network-trust"
+
+
+def test_a_new_repo_config_stops_the_run_even_a_dry_run(main: Main) -> None:
+    cfg = main.write(main.cli.repo_file, CLONED)
+    code, out, err = main.run()
+    assert code == 1
+    assert out == ""  # not even the argv
+    assert f"the repo config {cfg} is new" in err
+    assert '    "enabled": false,' in err and "exfil.test" in err
+    assert err.count(TRUST_CMD) == 1
+
+
+def test_network_trust_shows_the_content_approves_and_the_run_starts(main: Main) -> None:
+    cfg = main.write(main.cli.repo_file, CLONED)
+    code, out, _ = main("--network-trust")
+    assert code == 0
+    assert "exfil.test" in out and f"Approved {cfg}" in out
+    code, out, err = main.run()
+    assert code == 0, err
+    assert out.startswith("docker run") and f"{cfg.parent}:/work/.copilot_here:ro" in out
+    code, out, _ = main("--network-trust")
+    assert code == 0 and out == f"Nothing to approve: the repo config {cfg} is trusted.\n"
+
+
+def test_a_changed_repo_config_shows_the_diff(main: Main) -> None:
+    cfg = main.write(main.cli.repo_file, CLONED)
+    main("--network-trust")
+    main.write(cfg, {**CLONED, "enabled": True})  # edited by hand: asked once
+    code, _, err = main.run()
+    assert code == 1
+    assert f"the repo config {cfg} changed since you approved it" in err
+    assert '-  "enabled": false,' in err and '+  "enabled": true,' in err
+    # a diff: the unchanged rule is context, not an addition
+    assert not [x for x in err.splitlines() if "exfil.test" in x and x[:1] in "+-"]
+    code, out, _ = main("--network-trust")
+    assert code == 0 and '+  "enabled": true,' in out
+    assert main.run()[0] == 0
+
+
+def test_nothing_to_approve_without_any_config(main: Main) -> None:
+    code, out, _ = main("--network-trust")
+    assert code == 0 and "Nothing to approve: no config file" in out
+
+
+def test_cli_writes_are_approved(main: Main) -> None:
+    assert main("--network-init")[0] == 0
+    assert main.run()[0] == 0
+    assert main("--network-enable")[0] == 0
+    assert main.run()[0] == 0
+    assert main("--network-init", "--force", "--no-inherit")[0] == 0
+    assert main.run()[0] == 0
+
+
+def test_enable_on_an_unreviewed_config_does_not_approve_it(main: Main) -> None:
+    main.write(main.cli.repo_file, CLONED)
+    code, out, _ = main("--network-enable")
+    assert code == 0 and "not trusted" in out and TRUST_CMD in out
+    assert json.loads(main.cli.repo_file.read_text())["enabled"] is True
+    code, _, err = main.run()
+    assert code == 1 and "exfil.test" in err
+    # --force replaces the whole file with the CLI's template: that is approved.
+    assert main("--network-init", "--force")[0] == 0
+    assert main.run()[0] == 0
+
+
+def test_global_config_needs_no_approval_until_it_has_a_record(main: Main) -> None:
+    gfile = main.write(main.cli.global_file, CLONED)
+    assert main.run()[0] == 0  # the user's own file, never touched by a run
+    assert "needs no approval" in main("--network-show")[1]
+    assert main("--network-enable-global")[0] == 0  # a CLI write records it
+    assert main.run()[0] == 0
+    main.write(gfile, {**CLONED, "mode": "monitor"})
+    code, _, err = main.run()
+    assert code == 1 and f"the global config {gfile} changed" in err and '+  "mode"' in err
+    code, out, _ = main("--network-trust")
+    assert code == 0 and f"Approved {gfile}" in out
+    assert main.run()[0] == 0
+
+
+def test_a_removed_config_is_a_change_too(main: Main) -> None:
+    main.write(main.cli.global_file, {"enabled": True, "mode": "enforce"})
+    assert main("--network-enable-global")[0] == 0
+    main.cli.global_file.unlink()  # the next run would be allow-all
+    code, _, err = main.run()
+    assert code == 1 and "removed" in err and "allow-all" in err
+    code, out, _ = main("--network-trust")
+    assert code == 0 and "stays removed" in out
+    assert main.run()[0] == 0
+
+
+def test_show_reports_trust(main: Main) -> None:
+    cfg = main.write(main.cli.repo_file, CLONED)
+    code, out, _ = main("--network-show")
+    assert code == 0
+    line = next(x for x in out.splitlines() if x.startswith("Trust:"))
+    assert "NOT TRUSTED" in line and str(cfg) in line and TRUST_CMD in line
+    main("--network-trust")
+    line = next(x for x in main("--network-show")[1].splitlines() if x.startswith("Trust:"))
+    assert line.startswith(f"Trust: {cfg} is trusted (approved ")
+
+
+def test_trust_refuses_a_broken_config_and_approves_nothing(main: Main) -> None:
+    main.cli.repo_file.parent.mkdir()
+    main.cli.repo_file.write_text('{"enabled": true, "mode": "strict"}')
+    code, out, err = main("--network-trust")
+    assert code == 1 and "/mode" in err and "strict" in out
+    assert not (main.state / "approvals").exists() or not any((main.state / "approvals").iterdir())
+
+
+def test_a_symlinked_repo_config_is_refused(main: Main, tmp_path: Path) -> None:
+    target = main.write(tmp_path / "elsewhere.json", CLONED)
+    main.cli.repo_file.parent.mkdir()
+    main.cli.repo_file.symlink_to(target)
+    code, _, err = main.run()
+    assert code == 1 and "symlink" in err and str(main.cli.repo_file) in err
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("answer", "approved"), [("\n", False), ("n\n", False), ("", False)])
+def test_on_a_terminal_the_run_asks_default_no(
+    main: Main, monkeypatch: pytest.MonkeyPatch, answer: str, approved: bool
+) -> None:
+    cfg = main.write(main.cli.repo_file, CLONED)
+    err = Tty()
+    monkeypatch.setattr(sys, "stdin", Tty(answer))
+    monkeypatch.setattr(sys, "stderr", err)
+    code = cli_module.main(["--engine", "docker", "--", "echo", "hi"])  # no dry run: it asks
+    assert code == 1
+    text = err.getvalue()
+    assert "Trust this config? [y/N] " in text and str(cfg) in text and "exfil.test" in text
+    assert main("--network-show")[1].count("NOT TRUSTED") == 1
+
+
+FAKE_ENGINE = """#!/bin/sh
+# A stand-in for `docker run`: acts as the agent on the writable global config mount.
+for arg in "$@"; do
+  case "$arg" in
+    *:/home/appuser/.copilot_here) dir=${arg%:/home/appuser/.copilot_here} ;;
+  esac
+done
+echo '{"enabled": false}' > "$dir/network.json"
+echo "ENGINE-RAN $$"
+exit 3
+"""
+
+
+def test_a_writable_run_is_waited_for_and_reports_the_agents_edit(
+    main: Main, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    gfile = main.write(main.cli.global_file, {"enabled": True, "mode": "enforce"})
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(FAKE_ENGINE)
+    (bin_dir / "docker").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    code = cli_module.main(["--engine", "docker", "--network-config-write", "--", "x"])
+    err = main.capsys.readouterr().err
+    assert code == 3  # the engine's code: waited for, not exec'd (or this test would end)
+    assert f"the global config {gfile} was changed during this run" in err
+    assert '+{"enabled": false}' in err and TRUST_CMD in err
+    code, _, err = main.run()
+    assert code == 1 and f"the global config {gfile} changed since you approved it" in err

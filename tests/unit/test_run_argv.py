@@ -38,13 +38,19 @@ def config(base: Path) -> Path:
     return path
 
 
+def empty(home: Path) -> Path:
+    return home / ".local/state/copilot_here/empty"
+
+
 def test_docker_without_config(tmp_path):
-    project, _, p = make_plan(tmp_path, command=["--", "echo", "hi"])
+    project, home, p = make_plan(tmp_path, command=["--", "echo", "hi"])
     argv = run.engine_argv("docker", "img:1", p)
     assert argv == [
         *("docker", "run", "--rm", "-i", "--cap-add=NET_ADMIN"),
         *("-e", "PUID=501", "-e", "PGID=20"),
         *("-v", f"{project}:/work"),
+        # Nothing may be planted in /work/.copilot_here during the run.
+        *("-v", f"{empty(home)}:/work/.copilot_here:ro"),
         *("-v", f"{project}/.copilot_here/logs:/logs"),
         *("img:1", "echo", "hi"),
     ]
@@ -72,10 +78,47 @@ def test_repo_config_directory_read_only_unless_write(tmp_path):
 
 def test_global_config_when_no_repo_config(tmp_path):
     cfg = config(tmp_path / "home")
-    _, _, p = make_plan(tmp_path)
+    _, home, p = make_plan(tmp_path)
     argv = run.engine_argv("docker", "img", p)
     assert f"{cfg.parent}:/home/appuser/.copilot_here:ro" in argv
-    assert not any(":/work/.copilot_here" in a for a in argv)
+    assert [a for a in argv if ":/work/.copilot_here" in a] == [
+        f"{empty(home)}:/work/.copilot_here:ro"
+    ]
+
+
+def test_config_write_with_global_config_keeps_work_config_dir_read_only(tmp_path):
+    cfg = config(tmp_path / "home")
+    _, home, p = make_plan(tmp_path, config_write=True)
+    by_target = {m.target: m for m in p.mounts}
+    assert by_target["/home/appuser/.copilot_here"].source == str(cfg.parent)
+    assert not by_target["/home/appuser/.copilot_here"].read_only
+    assert by_target["/work/.copilot_here"].source == str(empty(home))
+    assert by_target["/work/.copilot_here"].read_only
+
+
+def test_empty_dir_follows_xdg_state_home_or_is_given(tmp_path):
+    _, _, p = make_plan(tmp_path, environ={"XDG_STATE_HOME": str(tmp_path / "st")})
+    assert {m.target: m.source for m in p.mounts}["/work/.copilot_here"] == str(
+        tmp_path / "st/copilot_here/empty"
+    )
+    _, _, p = make_plan(tmp_path, empty_dir=tmp_path / "e")
+    assert {m.target: m.source for m in p.mounts}["/work/.copilot_here"] == str(tmp_path / "e")
+
+
+def test_config_mountpoint_is_made_by_the_user_and_never_a_symlink(tmp_path):
+    project = tmp_path / "proj"
+    project.mkdir()
+    run.prepare_config_mountpoint(project)
+    assert (project / ".copilot_here").is_dir()
+    run.prepare_config_mountpoint(project)  # again: fine
+    (project / ".copilot_here").rmdir()
+    (project / ".copilot_here").symlink_to(tmp_path)
+    with pytest.raises(run.RunError, match="symlink"):
+        run.prepare_config_mountpoint(project)
+    (project / ".copilot_here").unlink()
+    (project / ".copilot_here").write_text("x")
+    with pytest.raises(run.RunError, match="not a directory"):
+        run.prepare_config_mountpoint(project)
 
 
 def test_repo_config_wins_and_global_is_not_mounted(tmp_path):
@@ -145,7 +188,7 @@ def test_sandbox_spec_round_trips(tmp_path):
     assert back.command == ["id"]
     assert back.netns == "spnet-abc123"
     assert back.add_hosts == [("a.test", "1.2.3.4")]
-    assert [m.target for m in back.mounts] == ["/work", "/logs"]
+    assert [m.target for m in back.mounts] == ["/work", "/work/.copilot_here", "/logs"]
     assert json.loads(spec.to_json())["env"] == {"PUID": "501", "PGID": "20"}
 
 
@@ -161,6 +204,7 @@ def test_cli_dry_run_prints_the_argv(tmp_path, monkeypatch, capsys, argv):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
     assert main(argv) == 0
     out = capsys.readouterr().out.strip()
     engine = argv[argv.index("--engine") + 1]
@@ -182,3 +226,34 @@ def test_engine_choice_docker_then_podman_with_image_then_sandbox():
 
 def test_podman_without_the_image_is_not_chosen():
     assert run.podman_has("localhost/no-such-image-" + os.urandom(4).hex()) is False
+
+
+# --------------------------------------------------------------------------- waiting for the engine
+
+
+def test_wait_for_returns_the_code_and_the_signal_as_exec_would():
+    assert run.wait_for(["sh", "-c", "exit 3"]) == 3
+    assert run.wait_for(["sh", "-c", "kill -KILL $$"]) == 128 + 9
+
+
+def test_wait_for_forwards_sigterm_and_survives_sigint():
+    import signal
+    import threading
+
+    script = "trap 'echo; exit 7' TERM; i=0; while [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done"
+    before = signal.getsignal(signal.SIGINT)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    assert run.wait_for(["sh", "-c", script]) == 7
+    timer.join()
+    # Ctrl-C meant for the engine does not end the CLI before it can report.
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    assert run.wait_for(["sh", "-c", "sleep 1; exit 4"]) == 4
+    timer.join()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_wait_for_a_missing_engine_is_a_run_error():
+    with pytest.raises(run.RunError, match="cannot start"):
+        run.wait_for(["/nonexistent/engine"])
