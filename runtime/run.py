@@ -25,7 +25,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime import paths
+from runtime import hostlogs, paths
+from runtime.hoststate import StateError
 from runtime.resolve import GLOBAL, REPO, find_config
 
 DEFAULT_IMAGE = os.environ.get("COPILOT_HERE_IMAGE", "copilot_here-secure:latest")
@@ -79,7 +80,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--logs-dir",
         type=Path,
-        help="host directory mounted at /logs (default: .copilot_here/logs in the project)",
+        help="host directory mounted at /logs, yours and without symlinks (default: "
+        "$XDG_STATE_HOME/copilot_here/logs/<project>, i.e. ~/.local/state/...)",
     )
     group.add_argument("--dry-run", action="store_true", help="print the exact argv, run nothing")
     group.add_argument(
@@ -132,11 +134,12 @@ def plan(
         mounts.append(Mount(str(path.parent), CONTAINER_CONFIG_REPO, not config_write))
     elif kind == GLOBAL and path is not None:
         mounts.append(Mount(str(path.parent.resolve()), CONTAINER_CONFIG_GLOBAL, not config_write))
-    logs = (logs_dir or project / ".copilot_here" / "logs").resolve()
+    logs = hostlogs.logs_source(project, home, logs_dir, environ)
     mounts.append(Mount(str(logs), CONTAINER_LOGS))
     env = {
         "PUID": str(os.getuid() if uid is None else uid),
         "PGID": str(os.getgid() if gid is None else gid),
+        "SECURE_PROXY_HOST_LOG_DIR": str(logs),  # for the init's banner only
     }
     if environ.get("SECURE_PROXY_TRACE"):
         env["SECURE_PROXY_TRACE"] = environ["SECURE_PROXY_TRACE"]
@@ -248,7 +251,7 @@ def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
             if args.dry_run:
                 print(f"sandbox {spec.to_json()}")
                 return 0
-            Path(_logs_source(p)).mkdir(parents=True, exist_ok=True)
+            _prepare_logs(p, args.logs_dir is not None, home)
             try:
                 return sandbox.run(spec)
             except sandbox.SandboxError as exc:
@@ -257,7 +260,7 @@ def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
         if args.dry_run:
             print(shlex.join(argv))
             return 0
-        Path(_logs_source(p)).mkdir(parents=True, exist_ok=True)
+        _prepare_logs(p, args.logs_dir is not None, home)
         if not shutil.which(engine):
             raise RunError(f"{engine} is not installed; try --engine sandbox (as root)")
         sys.stdout.flush()
@@ -266,8 +269,17 @@ def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
     except RunError as exc:
         print(f"copilot_here: {exc}", file=sys.stderr)
         return 2
+    except StateError as exc:  # an unsafe logs directory: nothing was started
+        print(f"copilot_here: {exc}", file=sys.stderr)
+        return 1
     return 0  # not reached: execvp replaced the process
 
 
 def _logs_source(p: Plan) -> str:
     return next(m.source for m in p.mounts if m.target == CONTAINER_LOGS)
+
+
+def _prepare_logs(p: Plan, explicit: bool, home: Path) -> None:
+    """Create and check the host logs directory (runtime.hostlogs); StateError if unsafe."""
+    others = [(m.source, m.target) for m in p.mounts if m.target != CONTAINER_LOGS]
+    hostlogs.prepare(Path(_logs_source(p)), explicit, home, others)

@@ -12,14 +12,17 @@ is laid by runtime.install, as in the image.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import queue
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -36,6 +39,10 @@ UpstreamCA: Any = getattr(upstream, "UpstreamCA", None) or upstream.TestCA
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NAMES = ("api.github.com", "example.com", "evil.test", "npm.registry.test", "v6.test")
+# The CLI's host state (traffic logs) for tests that do not give their own
+# XDG_STATE_HOME: one scratch directory per test process, removed at its exit.
+STATE_HOME = Path(tempfile.gettempdir()) / f"sp-state-{os.getpid()}"
+atexit.register(shutil.rmtree, STATE_HOME, True)
 
 
 def cli_argv(
@@ -56,10 +63,19 @@ def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "PYTHONPATH": str(REPO_ROOT),
         "HOME": os.environ.get("SP_TEST_HOME", "/nonexistent-home"),
+        "XDG_STATE_HOME": str(STATE_HOME),
         "LANG": "C.UTF-8",
     }
     env.update(extra or {})
     return env
+
+
+def host_logs(project: Path, env: Mapping[str, str] | None = None) -> Path:
+    """The CLI's default host logs directory for `project` under cli_env(env)."""
+    from runtime.hoststate import path_key, state_root
+
+    full = cli_env(env)
+    return state_root(Path(full["HOME"]), full) / "logs" / path_key(project.resolve())
 
 
 class Internet:
@@ -300,6 +316,7 @@ __all__ = [
     "Session",
     "client_script",
     "enforce",
+    "host_logs",
     "quote",
     "request_loop",
     "run_cli",
