@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from runtime import fsutil, paths, run
+from runtime import fsutil, hostlogs, paths, run
 from runtime.config import ConfigError, parse_config, validate_config
 from runtime.explain import explain
 from runtime.policy import Mode, Request
@@ -120,7 +120,9 @@ def describe_rules(resolved: Resolved) -> list[str]:
     return lines
 
 
-def cmd_show(project: Path, home: Path, config_write: bool, out) -> int:
+def cmd_show(
+    project: Path, home: Path, config_write: bool, out, logs_dir: Path | None = None
+) -> int:
     resolved = resolve(project, home)
     policy = resolved.policy
     where = {REPO: "repo config", GLOBAL: "global config", BUILT_IN: "no config file"}[
@@ -136,6 +138,8 @@ def cmd_show(project: Path, home: Path, config_write: bool, out) -> int:
     else:
         logging = "on" if policy.log_to_file else "off"
     print(f"Traffic log: {logging} ({paths.traffic_log()} in the container)", file=out)
+    host_logs = hostlogs.logs_source(project, home, logs_dir)
+    print(f"Traffic log on the host: {host_logs / paths.traffic_log().name}", file=out)
     print(
         f"Inherit built-in defaults: {'yes' if resolved.config.inherit_defaults else 'no'}",
         file=out,
@@ -261,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.network_init_global:
             return cmd_init(global_config_path(home), args.no_inherit, args.force, out)
         if args.network_show:
-            return cmd_show(project, home, args.network_config_write, out)
+            return cmd_show(project, home, args.network_config_write, out, args.logs_dir)
         if args.network_enable or args.network_disable:
             _, path = find_config(project, home)
             target = path if path is not None else repo_config_path(project)
