@@ -138,7 +138,12 @@ def test_cli_refuses_with_one_line_and_exit_1(tmp_path, monkeypatch, capsys) -> 
     project.mkdir()
     monkeypatch.chdir(project)
     monkeypatch.setenv("HOME", str(tmp_path))
-    # docker: on success this would exec the engine; the check comes first.
+
+    def no_engine(*_args: object) -> None:
+        raise AssertionError("the engine was started")
+
+    monkeypatch.setattr(run.os, "execvp", no_engine)
+    monkeypatch.setattr(run.shutil, "which", lambda _name: "/usr/bin/docker")
     code = cli_main(["--engine", "docker", "--logs-dir", str(tmp_path / "link"), "--", "true"])
     err = capsys.readouterr().err
     assert code == 1
