@@ -54,7 +54,11 @@ def prepare(
         try:
             return ensure_private_dir(source, state_root(home, environ))
         except StateError as exc:
-            raise StateError(f"logs directory: {exc}") from None
+            # Only when the leaf itself is what failed: every component above it was
+            # checked (no symlink), so the advice cannot point through a planted link.
+            leaf = str(exc).startswith(f"{source} belongs to uid")
+            why = (_left_by_a_killed_run(source) if leaf else None) or exc
+            raise StateError(f"logs directory: {why}") from None
     ensure_chosen_dir(source)
     for other, target in others:
         inside = Path(os.path.abspath(other))
@@ -64,6 +68,23 @@ def prepare(
                 f"{target}; choose a directory outside it (or drop --logs-dir for the default)"
             )
     return source
+
+
+def _left_by_a_killed_run(path: Path) -> str | None:
+    """A real directory of another uid at the very end of our private state tree: what
+    a run leaves when it is killed before the init hands /logs back (it is then the
+    log guard's). Still refused, with the way to take it back."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    uid, gid = os.getuid(), os.getgid()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid == uid:
+        return None
+    return (
+        f"{path} belongs to uid {st.st_uid}, not to you (uid {uid}), as a run that was "
+        f"killed leaves it; take it back with: sudo chown -R {uid}:{gid} {path}"
+    )
 
 
 def ensure_chosen_dir(path: Path) -> Path:

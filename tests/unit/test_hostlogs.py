@@ -76,6 +76,26 @@ def test_symlink_at_the_default_location_is_refused(dirs, tmp_path, where) -> No
     assert [p.name for p in victim.iterdir()] == ["keep"]
 
 
+def test_default_left_by_a_killed_run_is_refused_with_the_way_back(dirs) -> None:
+    project, home, env = dirs
+    logs = hostlogs.prepare(hostlogs.default_logs_dir(project, home, env), False, home, environ=env)
+    os.chown(logs, 4321, 4321)  # the log guard's uid, never handed back
+    with pytest.raises(StateError, match=re.escape(f"sudo chown -R {os.getuid()}:{os.getgid()}")):
+        hostlogs.prepare(logs, False, home, environ=env)
+    # An intermediate directory of somebody else's is not explained away like that,
+    # nor is a leaf of somebody else's reached through a symlink.
+    os.chown(logs.parent, 4321, 4321)
+    with pytest.raises(StateError, match="remove it or choose another directory"):
+        hostlogs.prepare(logs, False, home, environ=env)
+    os.chown(logs.parent, os.getuid(), os.getgid())
+    moved = logs.parent.parent / "elsewhere"
+    logs.parent.rename(moved)
+    logs.parent.symlink_to(moved)
+    with pytest.raises(StateError) as info:
+        hostlogs.prepare(logs, False, home, environ=env)
+    assert "is a symlink" in str(info.value) and "chown" not in str(info.value)
+
+
 def test_chosen_dir_is_created_component_by_component(tmp_path) -> None:
     chosen = tmp_path / "a" / "b" / "logs"
     assert hostlogs.prepare(chosen, True, tmp_path) == chosen
