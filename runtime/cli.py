@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from runtime import fsutil, hoststate, paths, run, trust
+from runtime import fsutil, hostlogs, hoststate, paths, run, trust
 from runtime.config import ConfigError, parse_config, validate_config
 from runtime.explain import explain
 from runtime.policy import Mode, Request
@@ -165,7 +165,14 @@ def trust_lines(state: Path, project: Path, home: Path) -> list[str]:
     return lines
 
 
-def cmd_show(project: Path, home: Path, config_write: bool, state: Path, out) -> int:
+def cmd_show(
+    project: Path,
+    home: Path,
+    config_write: bool,
+    state: Path,
+    out,
+    logs_dir: Path | None = None,
+) -> int:
     resolved = resolve(project, home)
     policy = resolved.policy
     where = {REPO: "repo config", GLOBAL: "global config", BUILT_IN: "no config file"}[
@@ -183,6 +190,8 @@ def cmd_show(project: Path, home: Path, config_write: bool, state: Path, out) ->
     else:
         logging = "on" if policy.log_to_file else "off"
     print(f"Traffic log: {logging} ({paths.traffic_log()} in the container)", file=out)
+    host_logs = hostlogs.logs_source(project, home, logs_dir)
+    print(f"Traffic log on the host: {host_logs / paths.traffic_log().name}", file=out)
     print(
         f"Inherit built-in defaults: {'yes' if resolved.config.inherit_defaults else 'no'}",
         file=out,
@@ -339,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             target = global_config_path(home)
             return cmd_init(target, args.no_inherit, args.force, state, home, out)
         if args.network_show:
-            return cmd_show(project, home, args.network_config_write, state, out)
+            return cmd_show(project, home, args.network_config_write, state, out, args.logs_dir)
         if args.network_trust:
             return cmd_trust(project, home, state, out)
         if args.network_enable or args.network_disable:

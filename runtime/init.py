@@ -8,8 +8,14 @@
     5. trust the interceptor's CA (system store, env vars, NSS where a browser exists)
     6. run the user command LAST: as appuser, no_new_privs, empty capability
        bounding set, in the terminal's foreground; forward signals, reap zombies
-    7. stop supervisord (the log guard hands /logs to PUID:PGID) and exit with
-       the command's code (128+N when it died of signal N)
+    7. when it exits: end every process it left (in the background, setsid,
+       double-forked: every process of the PID namespace but init and
+       supervisord's tree; SIGTERM, a short grace, SIGKILL) and wait until none
+       remains; stop supervisord; hand /logs and the traffic log to PUID:PGID
+       (by descriptor, those two files only); exit with the command's code
+       (128+N when it died of signal N). Nothing of the command outlives the
+       hand-over, so nothing of it can write to the log once it is the host
+       user's (whose uid the command runs with).
 
 supervisord gives its children pipes and always exits 0, so this small init,
 not supervisord, owns the terminal and the exit code (see DESIGN.md).
@@ -41,6 +47,8 @@ EXIT_SETUP = 1
 FIREWALL_TIMEOUT = float(os.environ.get("SECURE_PROXY_FIREWALL_TIMEOUT", "30"))
 INTERCEPTOR_TIMEOUT = float(os.environ.get("SECURE_PROXY_INTERCEPTOR_TIMEOUT", "60"))
 STOP_TIMEOUT = 8.0
+KILL_GRACE = float(os.environ.get("SECURE_PROXY_KILL_GRACE", "1.0"))
+KILL_TIMEOUT = 5.0
 DEFAULT_ID = 1000
 CA_KEY_SIZE = 2048  # mitmproxy's default key_size
 FORWARDED = (
@@ -82,7 +90,7 @@ class Interrupted(BaseException):
 # ----------------------------------------------------------------------------- config
 
 
-def describe(resolved: Resolved) -> list[str]:
+def describe(resolved: Resolved, host_log_dir: str | None = None) -> list[str]:
     lines = {
         REPO: f"[Network] Using repo config: {resolved.path}",
         GLOBAL: f"[Network] Using global config: {resolved.path}",
@@ -95,6 +103,9 @@ def describe(resolved: Resolved) -> list[str]:
         out.append(f"[Network] Rules DISABLED (allow-all mode, log_to_file: {log})")
     else:
         out.append(f"[Network] Rules ENABLED (mode: {policy.mode.value})")
+    if policy.log_to_file:
+        where = f" (on the host: {host_log_dir.rstrip('/')}/traffic.jsonl)" if host_log_dir else ""
+        out.append(f"[Network] Traffic log: {paths.traffic_log()}{where}")
     return out
 
 
@@ -333,6 +344,158 @@ def reap_zombies(reaped: dict[int, int]) -> None:
         if pid == 0:
             return
         reaped[pid] = status
+
+
+# ----------------------------------------------------------------------------- leftovers
+
+
+def _proc_stat(pid: int) -> tuple[int, str, str] | None:
+    """(ppid, state, start time) from /proc/<pid>/stat, None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), fields[0], fields[19]
+
+
+def _uids(pid: int) -> set[int]:
+    """Real, effective, saved and filesystem uid of pid."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return {int(x) for x in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    return set()
+
+
+def whole_namespace() -> bool:
+    """True when init is PID 1 of its PID namespace and /proc shows that namespace:
+    then every other process in /proc is the container's. Otherwise (docker --init,
+    a shared PID namespace) only init's own descendants are: init is their
+    subreaper, so orphans of the command are re-parented to it, never elsewhere."""
+    try:
+        return os.getpid() == 1 and os.readlink("/proc/self") == "1"
+    except OSError:
+        return False
+
+
+def leftovers(keep_root: int | None, app_uid: int | None) -> dict[int, str]:
+    """pid -> start time of every live process that must end before the hand-over:
+    all but init and the tree of keep_root (supervisord), plus any process in that
+    tree running with the app user's uid (real, effective or saved)."""
+    me = os.getpid()
+    table: dict[int, tuple[int, str, str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            info = _proc_stat(int(entry))
+            if info is not None:
+                table[int(entry)] = info
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _state, _start) in table.items():
+        children.setdefault(ppid, []).append(pid)
+
+    def tree(root: int) -> set[int]:
+        found, todo = set(), [root]
+        while todo:
+            pid = todo.pop()
+            if pid in table and pid not in found:
+                found.add(pid)
+                todo.extend(children.get(pid, []))
+        return found
+
+    keep = tree(keep_root) if keep_root is not None else set()
+    scope = set(table) if whole_namespace() else tree(me)
+    out: dict[int, str] = {}
+    for pid in scope - {me}:
+        _ppid, state, start = table[pid]
+        if state in ("Z", "X"):
+            continue  # dead already; reaped by whoever waits for it (init, in the end)
+        if pid not in keep or (app_uid is not None and app_uid in _uids(pid)):
+            out[pid] = start
+    return out
+
+
+def _send(pid: int, start: str, sig: int) -> None:
+    """Signal pid only if it is still the process we listed (a pidfd pins it)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except (OSError, AttributeError):
+        info = _proc_stat(pid)
+        if info is not None and info[2] == start:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        return
+    try:
+        info = _proc_stat(pid)
+        if info is not None and info[2] == start:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, sig)
+    finally:
+        os.close(fd)
+
+
+def end_processes(
+    keep_root: int | None, app_uid: int | None, reaped: dict[int, int], grace: float
+) -> bool:
+    """SIGTERM every leftover, SIGKILL what is still there after `grace`, until none
+    remains (new ones included: a process forking while we scan is caught next round).
+    Returns False if some were still alive after KILL_TIMEOUT (stuck in the kernel)."""
+    start = time.monotonic()
+    termed: set[tuple[int, str]] = set()
+    while True:
+        reap_zombies(reaped)
+        left = leftovers(keep_root, app_uid)
+        if not left:
+            return True
+        elapsed = time.monotonic() - start
+        if elapsed > grace + KILL_TIMEOUT:
+            trace(f"still running after SIGKILL: {sorted(left)}")
+            return False
+        for pid, started in left.items():
+            if elapsed >= grace:
+                _send(pid, started, signal.SIGKILL)
+            elif (pid, started) not in termed:
+                _send(pid, started, signal.SIGTERM)
+                termed.add((pid, started))
+        time.sleep(0.02)
+
+
+def finish(
+    sup: subprocess.Popen[bytes] | None,
+    reaped: dict[int, int],
+    app_uid: int | None,
+    logs_prepared: bool,
+) -> None:
+    """The exit sequence: the command's leftovers, then supervisord, then the hand-over.
+
+    The hand-over is the last step and happens only when no process but init is
+    left: the log then belongs to the uid the command ran with, and nothing of
+    the command may still be there to write to it.
+    """
+    for sig in FORWARDED:  # a signal now must not cut the sequence short
+        signal.signal(sig, signal.SIG_IGN)
+    clean = end_processes(sup.pid if sup else None, app_uid, reaped, KILL_GRACE)
+    trace("command's processes gone" if clean else "command's processes NOT all gone")
+    stop_supervisord(sup, reaped)
+    trace("supervisord stopped")
+    clean = end_processes(None, app_uid, reaped, 0.0) and clean
+    if not logs_prepared:
+        return
+    if not clean:
+        say(
+            "[Network] Some processes could not be ended; the traffic log was not handed "
+            f"over and still belongs to {paths.PROXY_USER}'s uid."
+        )
+        return
+    try:
+        done = logguard.hand_over()
+    except (logguard.HandOverError, OSError) as exc:
+        say(f"[Network] The traffic log was not handed over: {exc}")
+        return
+    trace(f"handed over: {', '.join(done)}")
 
 
 # ----------------------------------------------------------------------------- CA
@@ -578,6 +741,8 @@ def main(argv: list[str] | None = None) -> int:
     child: subprocess.Popen[bytes] | None = None
     sup: subprocess.Popen[bytes] | None = None
     reaped: dict[int, int] = {}
+    uid: int | None = None
+    logs_prepared = False
 
     aborting = False
 
@@ -601,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             say(f"[Network] Invalid network config; the container does not start.\n{exc}")
             return EXIT_SETUP
-        for line in describe(resolved):
+        for line in describe(resolved, os.environ.get("SECURE_PROXY_HOST_LOG_DIR")):
             say(line)
         puid, pgid = host_ids()
         uid, gid = app_ids(puid, pgid, proxy_uid())
@@ -619,6 +784,7 @@ def main(argv: list[str] | None = None) -> int:
             "app_gid": gid,
         }
         paths.session_file().write_text(json.dumps(session) + "\n")
+        logs_prepared = True  # from here on /logs may be proxy-user's: hand it back at exit
         logguard.prepare()
         trace("policy + logs prepared")
         service_env = dict(os.environ)
@@ -634,10 +800,10 @@ def main(argv: list[str] | None = None) -> int:
         child = launch(command, uid, gid, user_env(name, ca_env))
     except SetupFailed as exc:
         say(f"[Network] {exc}")
-        stop_supervisord(sup, reaped)
+        finish(sup, reaped, uid, logs_prepared)
         return EXIT_SETUP
     except Interrupted as exc:
-        stop_supervisord(sup, reaped)
+        finish(sup, reaped, uid, logs_prepared)
         return 128 + exc.signum
 
     watch = CrashWatch(sup.pid)
@@ -666,10 +832,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in FORWARDED:
         signal.signal(sig, signal.SIG_IGN)
     trace(f"command exited ({code})")
-    stop_supervisord(sup, reaped)
-    trace("supervisord stopped")
-    with contextlib.suppress(OSError):
-        logguard.hand_over()
+    finish(sup, reaped, uid, logs_prepared)
     return code
 
 

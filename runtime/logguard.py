@@ -7,14 +7,18 @@ init calls prepare() before supervisord starts, so the interceptor always finds
 both in place. The supervised program then polls every 200 ms (a stat of two
 paths: cheap, and unlike inotify it also sees a file replaced or removed) and
 repairs any owner or mode change, recording each repair as one JSON line in its
-own log. On SIGTERM (supervisord stops it after the interceptor, see the
-priorities in supervisor.d/) it hands everything under /logs to PUID:PGID, so
-the host user who mounted /logs owns the audit trail after the session.
+own log. Ownership and mode are set through a descriptor opened without
+following symlinks.
+
+At exit, init (not this program) calls hand_over(): /logs and the log go to
+PUID:PGID, so the host user who mounted /logs owns the audit trail after the
+session. It runs only after init has killed every process of the user command
+and stopped supervisord (this program included), and it touches those two
+files only, by descriptor.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pwd
@@ -51,17 +55,29 @@ def record(event: dict[str, object]) -> None:
         pass
 
 
+_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def _create(path: Path, kind: str, mode: int) -> None:
+    if kind == "dir":
+        os.mkdir(path, mode)
+    else:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        os.close(fd)
+
+
+def _open(path: Path, kind: str) -> int:
+    """A descriptor of path itself (never a symlink's target): what gets chowned/chmodded."""
+    return os.open(path, _FLAGS | (os.O_DIRECTORY if kind == "dir" else 0))
+
+
 def _check(path: Path, kind: str, uid: int, gid: int, mode: int) -> list[dict[str, object]]:
     """Make path what it must be; return the repairs done (empty if it was fine)."""
     repairs: list[dict[str, object]] = []
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        if kind == "dir":
-            path.mkdir(parents=True, exist_ok=True)
-        else:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, mode)
-            os.close(fd)
+        _create(path, kind, mode)
         repairs.append({"path": str(path), "repair": "created"})
         st = os.lstat(path)
     wrong_type = stat.S_ISLNK(st.st_mode) or (
@@ -71,32 +87,37 @@ def _check(path: Path, kind: str, uid: int, gid: int, mode: int) -> list[dict[st
         # Never follow a symlink planted in place of the log.
         if kind == "file":
             os.unlink(path)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, mode)
-            os.close(fd)
+            _create(path, kind, mode)
             repairs.append({"path": str(path), "repair": "replaced non-regular file"})
-            st = os.lstat(path)
         else:
             raise RuntimeError(f"{path} is not a directory")
-    if (st.st_uid, st.st_gid) != (uid, gid):
-        os.chown(path, uid, gid, follow_symlinks=False)
-        repairs.append(
-            {
-                "path": str(path),
-                "repair": "owner",
-                "was": f"{st.st_uid}:{st.st_gid}",
-                "now": f"{uid}:{gid}",
-            }
-        )
-    if stat.S_IMODE(st.st_mode) != mode:
-        os.chmod(path, mode)
-        repairs.append(
-            {
-                "path": str(path),
-                "repair": "mode",
-                "was": oct(stat.S_IMODE(st.st_mode)),
-                "now": oct(mode),
-            }
-        )
+    fd = _open(path, kind)
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISDIR if kind == "dir" else stat.S_ISREG)(st.st_mode):
+            raise OSError(f"{path} changed type while being checked")  # next poll repairs
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            os.fchown(fd, uid, gid)
+            repairs.append(
+                {
+                    "path": str(path),
+                    "repair": "owner",
+                    "was": f"{st.st_uid}:{st.st_gid}",
+                    "now": f"{uid}:{gid}",
+                }
+            )
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.fchmod(fd, mode)
+            repairs.append(
+                {
+                    "path": str(path),
+                    "repair": "mode",
+                    "was": oct(stat.S_IMODE(st.st_mode)),
+                    "now": oct(mode),
+                }
+            )
+    finally:
+        os.close(fd)
     return repairs
 
 
@@ -121,21 +142,53 @@ def session_ids() -> tuple[int, int]:
         return int(os.environ.get("PUID", "1000")), int(os.environ.get("PGID", "1000"))
 
 
-def hand_over() -> int:
-    """Give everything under /logs (and /logs itself) to PUID:PGID. Returns files changed."""
+class HandOverError(Exception):
+    """The logs directory or the log is not what the runtime made; nothing was handed over."""
+
+
+def hand_over() -> list[str]:
+    """Give /logs and /logs/traffic.jsonl, the only files the runtime makes there, to
+    PUID:PGID. Returns the paths handed over.
+
+    Called by init once every process of the user command is gone and supervisord
+    has stopped: nothing can write to /logs any more. By descriptor, never by path
+    and never recursively: each is opened without following symlinks (O_NOFOLLOW,
+    O_NONBLOCK so a FIFO cannot block us), checked with fstat to be the directory /
+    single-link regular file it must be, and fchown'd. Anything else found in /logs
+    keeps its owner.
+    """
     uid, gid = session_ids()
     root = paths.logs_dir()
-    changed = 0
-    if not root.is_dir():
-        return 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
-            with contextlib.suppress(OSError):
-                os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
-                changed += 1
-    with contextlib.suppress(OSError):
-        os.chown(root, uid, gid)
-    return changed
+    done: list[str] = []
+    try:
+        dir_fd = os.open(root, _FLAGS | os.O_DIRECTORY)
+    except OSError as exc:
+        raise HandOverError(f"{root}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISDIR(os.fstat(dir_fd).st_mode):
+            raise HandOverError(f"{root} is not a directory")
+        log = paths.traffic_log()
+        if log.parent == root:
+            try:
+                fd = os.open(log.name, _FLAGS, dir_fd=dir_fd)
+            except FileNotFoundError:
+                fd = -1
+            except OSError as exc:
+                raise HandOverError(f"{log}: {exc.strerror} (a symlink?)") from None
+            if fd >= 0:
+                try:
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                        raise HandOverError(f"{log} is not a regular file with one link")
+                    os.fchown(fd, uid, gid)
+                    done.append(str(log))
+                finally:
+                    os.close(fd)
+        os.fchown(dir_fd, uid, gid)
+        done.append(str(root))
+    finally:
+        os.close(dir_fd)
+    return done
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,9 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             record({"event": "error", "error": str(exc)})
         time.sleep(POLL_SECONDS)
-    changed = hand_over()
-    puid, pgid = session_ids()
-    record({"event": "handover", "owner": f"{puid}:{pgid}", "entries": changed})
+    # No hand-over here: init does it, once every process of the command is gone
+    # (a hand-over at this point would give the log to a uid that may still run).
+    record({"event": "stop"})
     return 0
 
 

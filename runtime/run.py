@@ -35,7 +35,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime import hoststate, paths, trust
+from runtime import hostlogs, hoststate, paths, trust
 from runtime.resolve import GLOBAL, REPO, find_config
 
 DEFAULT_IMAGE = os.environ.get("COPILOT_HERE_IMAGE", "copilot_here-secure:latest")
@@ -89,7 +89,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--logs-dir",
         type=Path,
-        help="host directory mounted at /logs (default: .copilot_here/logs in the project)",
+        help="host directory mounted at /logs, yours and without symlinks (default: "
+        "$XDG_STATE_HOME/copilot_here/logs/<project>, i.e. ~/.local/state/...)",
     )
     group.add_argument("--dry-run", action="store_true", help="print the exact argv, run nothing")
     group.add_argument(
@@ -139,11 +140,12 @@ def plan(
     project = project.resolve()
     mounts = [Mount(str(project), str(paths.container_project_dir()))]
     mounts += config_mounts(project, home, config_write, environ, empty_dir)
-    logs = (logs_dir or project / ".copilot_here" / "logs").resolve()
+    logs = hostlogs.logs_source(project, home, logs_dir, environ)
     mounts.append(Mount(str(logs), CONTAINER_LOGS))
     env = {
         "PUID": str(os.getuid() if uid is None else uid),
         "PGID": str(os.getgid() if gid is None else gid),
+        "SECURE_PROXY_HOST_LOG_DIR": str(logs),  # for the init's banner only
     }
     if environ.get("SECURE_PROXY_TRACE"):
         env["SECURE_PROXY_TRACE"] = environ["SECURE_PROXY_TRACE"]
@@ -303,7 +305,7 @@ def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
                 print(f"sandbox {spec.to_json()}")
                 return 0
             prepare_config_mountpoint(project)
-            Path(_logs_source(p)).mkdir(parents=True, exist_ok=True)
+            _prepare_logs(p, args.logs_dir is not None, home)
             watched = watch_writable_config(state, project, home, args.network_config_write)
             try:
                 return sandbox.run(spec)
@@ -316,7 +318,7 @@ def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
             print(shlex.join(argv))
             return 0
         prepare_config_mountpoint(project)
-        Path(_logs_source(p)).mkdir(parents=True, exist_ok=True)
+        _prepare_logs(p, args.logs_dir is not None, home)
         if not shutil.which(engine):
             raise RunError(f"{engine} is not installed; try --engine sandbox (as root)")
         watched = watch_writable_config(state, project, home, args.network_config_write)
@@ -401,3 +403,9 @@ def wait_for(argv: list[str]) -> int:
 
 def _logs_source(p: Plan) -> str:
     return next(m.source for m in p.mounts if m.target == CONTAINER_LOGS)
+
+
+def _prepare_logs(p: Plan, explicit: bool, home: Path) -> None:
+    """Create and check the host logs directory (runtime.hostlogs); StateError if unsafe."""
+    others = [(m.source, m.target) for m in p.mounts if m.target != CONTAINER_LOGS]
+    hostlogs.prepare(Path(_logs_source(p)), explicit, home, others)

@@ -23,6 +23,7 @@ from tests.harness.sandbox import (
     Internet,
     Session,
     enforce,
+    host_logs,
     request_loop,
     run_cli,
     sh,
@@ -53,7 +54,7 @@ def curl(url: str) -> str:
 
 
 def traffic(project: Path) -> list[dict]:
-    log = project / ".copilot_here" / "logs" / "traffic.jsonl"
+    log = host_logs(project) / "traffic.jsonl"
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
@@ -82,7 +83,7 @@ def test_first_request_is_judged_v4_and_v6(internet, project):
     assert ("api.github.com", "allow") in seen, lines
     assert ("evil.test", "block") in seen, lines
     # After the session the audit trail belongs to the host user (PUID:PGID = 0:0 here).
-    logs = project / ".copilot_here" / "logs"
+    logs = host_logs(project)
     for path in (logs, logs / "traffic.jsonl"):
         st = path.stat()
         assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid()), path
@@ -319,7 +320,7 @@ def test_appuser_cannot_touch_log_ca_key_supervisor_or_firewall(internet, projec
     allowed = {name for name, verdict in results.items() if verdict != "denied"}
     assert not allowed, r.stdout
     # The forged line never made it into the audit trail.
-    assert "forged" not in (project / ".copilot_here" / "logs" / "traffic.jsonl").read_text()
+    assert "forged" not in (host_logs(project) / "traffic.jsonl").read_text()
 
 
 def test_logguard_repairs_owner_and_mode_within_a_second(internet, project):

@@ -42,6 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 NAMES = ("api.github.com", "example.com", "evil.test", "npm.registry.test", "v6.test")
 
 
+# The CLI's host state (traffic logs) for tests that do not give their own
 def cli_argv(
     args: Sequence[str],
     netns: str | None = None,
@@ -74,6 +75,14 @@ def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     }
     env.update(extra or {})
     return env
+
+
+def host_logs(project: Path, env: Mapping[str, str] | None = None) -> Path:
+    """The CLI's default host logs directory for `project` under cli_env(env)."""
+    from runtime.hoststate import path_key, state_root
+
+    full = cli_env(env)
+    return state_root(Path(full["HOME"]), full) / "logs" / path_key(project.resolve())
 
 
 class Internet:
@@ -325,6 +334,7 @@ __all__ = [
     "Session",
     "client_script",
     "enforce",
+    "host_logs",
     "quote",
     "request_loop",
     "run_cli",

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from runtime import paths
+from runtime.hostlogs import default_logs_dir
 from tests.harness import Topology, python_bin
 from tests.harness.upstream import UpstreamCA, wait_ready
 
@@ -233,8 +234,9 @@ def test_enforce_allows_blocks_and_logs_on_the_host(
         assert f"BLOCKED: GET {url}" in body, body
     assert "Rules ENABLED (mode: enforce)" in result.stderr
 
-    # The log on the host (the CLI's default logs dir), one line per request.
-    lines = traffic_lines(project / ".copilot_here" / "logs")
+    # The log on the host (the CLI's default logs dir, in the XDG state dir), one
+    # line per request.
+    lines = traffic_lines(default_logs_dir(project, Path(env["HOME"]), env))
     seen_lines = {
         (line["scheme"], line["host"], line["path"], str(line["action"]).lower(), line["status"])
         for line in lines
@@ -258,7 +260,7 @@ def test_no_config_is_allow_all_without_a_log_and_the_exit_code_comes_back(
     assert echoed(body)["host"] == BLOCKED
     assert "NO-TTY" in result.stdout
     assert "allow-all" in result.stderr
-    assert traffic_lines(project / ".copilot_here" / "logs") == []
+    assert traffic_lines(default_logs_dir(project, Path(env["HOME"]), env)) == []
 
 
 def test_live_edit_with_network_config_write(

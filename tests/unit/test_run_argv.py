@@ -10,6 +10,7 @@ import pytest
 
 from runtime import run
 from runtime.cli import build_parser
+from runtime.hoststate import path_key
 
 
 def make_plan(tmp_path: Path, **kw):
@@ -45,13 +46,14 @@ def empty(home: Path) -> Path:
 def test_docker_without_config(tmp_path):
     project, home, p = make_plan(tmp_path, command=["--", "echo", "hi"])
     argv = run.engine_argv("docker", "img:1", p)
+    logs = home / ".local/state/copilot_here/logs" / path_key(project)  # out of the project
     assert argv == [
         *("docker", "run", "--rm", "-i", "--cap-add=NET_ADMIN"),
-        *("-e", "PUID=501", "-e", "PGID=20"),
+        *("-e", "PUID=501", "-e", "PGID=20", "-e", f"SECURE_PROXY_HOST_LOG_DIR={logs}"),
         *("-v", f"{project}:/work"),
         # Nothing may be planted in /work/.copilot_here during the run.
         *("-v", f"{empty(home)}:/work/.copilot_here:ro"),
-        *("-v", f"{project}/.copilot_here/logs:/logs"),
+        *("-v", f"{logs}:/logs"),
         *("img:1", "echo", "hi"),
     ]
 
@@ -189,7 +191,8 @@ def test_sandbox_spec_round_trips(tmp_path):
     assert back.netns == "spnet-abc123"
     assert back.add_hosts == [("a.test", "1.2.3.4")]
     assert [m.target for m in back.mounts] == ["/work", "/work/.copilot_here", "/logs"]
-    assert json.loads(spec.to_json())["env"] == {"PUID": "501", "PGID": "20"}
+    env = json.loads(spec.to_json())["env"]
+    assert env == {"PUID": "501", "PGID": "20", "SECURE_PROXY_HOST_LOG_DIR": p.mounts[-1].source}
 
 
 @pytest.mark.parametrize(
