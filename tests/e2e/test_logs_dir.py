@@ -256,7 +256,7 @@ def test_hand_over_gives_only_the_runtimes_files_to_the_host_user(project, env, 
 
 
 def test_a_run_creates_nothing_in_the_project_and_says_where_the_log_is(project, env):
-    write_config(project, enforce("api.github.com"))
+    write_config(project, enforce("api.github.com"), state=env["XDG_STATE_HOME"])
     before = snapshot(project)
     r = run_cli(project, ["--", "true"], env=env)
     assert r.returncode == 0, r.stderr
