@@ -162,42 +162,192 @@ def normalize_path_escapes(path: str) -> str:
     return _PERCENT.sub(_decode_unreserved, path)
 
 
-def _is_dot_segment(segment: str, dots: str) -> bool:
-    # `..;x` is `..` to servlet containers (path parameters): treat it as one.
-    return segment.split(";", 1)[0] == dots
+def _resolve(path: str, params: bool = True) -> str:
+    """Dot segments resolved and empty segments dropped, on text already decoded.
+
+    `params`: `..;x` is `..`, as servlet containers strip path parameters; without,
+    it is a name, as nginx and Node read it.
+    """
+    out: list[str] = []
+    segments = path.split("/")
+    for segment in segments:
+        if not segment:
+            continue
+        if segment[0] == ".":  # only these can be dot segments
+            name = segment.split(";", 1)[0] if params else segment
+            if name == ".":
+                continue
+            if name == "..":
+                if out:
+                    out.pop()
+                continue
+        out.append(segment)
+    normalized = "/" + "/".join(out)
+    last = segments[-1]
+    if out and (not last or (last.split(";", 1)[0] if params else last) in (".", "..")):
+        normalized += "/"
+    return normalized
+
+
+def _resolutions(decoded: str) -> tuple[str, ...]:
+    """`decoded` resolved with path parameters stripped and, if that differs, kept."""
+    servlet = _resolve(decoded)
+    if ";" not in decoded:
+        return (servlet,)
+    literal = _resolve(decoded, params=False)
+    return (servlet,) if literal == servlet else (servlet, literal)
 
 
 def normalize_path(raw: str) -> str:
-    """The path a request is judged on.
+    """The path as written: the first of `path_readings`, and what the traffic log shows.
 
     Query and fragment dropped, percent-encoded unreserved characters decoded
-    (other escapes upper-cased, so `%2f` stays data, never a separator), dot
-    segments resolved, repeated slashes collapsed. Always starts with `/`.
+    (other escapes upper-cased: `%2f` is data here), dot segments resolved,
+    repeated slashes collapsed. Always starts with `/`.
     """
     path = raw.split("#", 1)[0].split("?", 1)[0]
     if path[:1] == "/" and "%" not in path and "/." not in path and "//" not in path:
         # Already normal (the common case): no escapes, and every segment is non-empty
         # (but a trailing one) and cannot be a dot segment, which starts with '.'.
         return path
-    path = normalize_path_escapes(path)
-    trailing = (
-        path.endswith("/")
-        or _is_dot_segment(path.rsplit("/", 1)[-1], ".")
-        or (_is_dot_segment(path.rsplit("/", 1)[-1], ".."))
+    return _resolve(normalize_path_escapes(path))
+
+
+#: What makes upstreams read a path differently: an encoded '/', '\' or '%' (a second
+#: decoding pass), a '%' that starts no escape (decoded hex digits may complete one), a '\'.
+_AMBIGUOUS = re.compile(r"%(?:2[Ff]|5[Cc]|25|(?![0-9A-Fa-f]{2}))|\\")
+#: Escapes an upstream may decode beyond the unreserved characters, by their hex code.
+_SEPARATOR_ESCAPES = ("2F", "5C", "25")
+#: More readings than this, or more characters decoded to find them, and the path may be
+#: anything: "/" joins the readings (only an entry covering every path covers it). Real
+#: paths have one to four readings and take a few passes; the bound keeps a crafted
+#: path's cost to milliseconds.
+MAX_READINGS = 32
+MAX_DECODED = 16_384
+_BACKSLASH_NONE, _BACKSLASH_RAW, _BACKSLASH_ALL = 0, 1, 2
+
+
+@functools.lru_cache(maxsize=16)
+def _decode_table(extra: frozenset[str]) -> dict[str, str]:
+    """Each two-digit escape code (any case) -> what a pass decoding `extra` makes of it."""
+    table = {}
+    for value in range(256):
+        char, code = chr(value), f"{value:02X}"
+        decoded = char if char in _UNRESERVED or code in extra else "%" + code
+        for spelling in {code, code.lower(), code[0] + code[1].lower(), code[0].lower() + code[1]}:
+            table[spelling] = decoded
+    return table
+
+
+def _decode_pass(path: str, extra: frozenset[str], backslash: int) -> str:
+    """One upstream's decoding pass: unreserved characters and `extra` escapes, once.
+
+    `backslash`: none is a separator, raw ones only (translated before decoding,
+    as lighttpd on Windows), or every one (decoded `%5C` too, as IIS).
+    """
+    if backslash == _BACKSLASH_RAW:
+        path = path.replace("\\", "/")
+    if "%" in path:
+        # split beats re.sub with a callback by half: this is the readings' hot loop.
+        table = _decode_table(extra)
+        parts = path.split("%")
+        out = [parts[0]]
+        for part in parts[1:]:
+            decoded = table.get(part[:2])
+            if decoded is None:  # a bare '%'
+                out.append("%" + part)
+            else:
+                out += (decoded, part[2:])
+        path = "".join(out)
+    return path.replace("\\", "/") if backslash == _BACKSLASH_ALL else path
+
+
+@functools.lru_cache(maxsize=64)
+def _passes(features: frozenset[str]) -> tuple[tuple[frozenset[str], int], ...]:
+    """The decoding passes that can change a path with these features (escape codes, '\\')."""
+    codes = [code for code in _SEPARATOR_ESCAPES if code in features]
+    out = []
+    for mask in range(1 << len(codes)):
+        extra = frozenset(code for i, code in enumerate(codes) if mask >> i & 1)
+        modes = [_BACKSLASH_NONE]
+        if "\\" in features:
+            modes.append(_BACKSLASH_RAW)
+        if "5C" in extra:
+            modes.append(_BACKSLASH_ALL)
+        out += [(extra, mode) for mode in modes]
+    return tuple(out)
+
+
+def _features(path: str) -> frozenset[str]:
+    """What in `path` a pass may read: `2F`, `5C`, `25`, `\\`, and "" for a bare '%'."""
+    return frozenset(
+        "\\" if token == "\\" else token[1:].upper() for token in set(_AMBIGUOUS.findall(path))
     )
-    out: list[str] = []
-    for segment in path.split("/"):
-        if segment == "" or _is_dot_segment(segment, "."):
-            continue
-        if _is_dot_segment(segment, ".."):
-            if out:
-                out.pop()
-            continue
-        out.append(segment)
-    normalized = "/" + "/".join(out)
-    if trailing and out:
-        normalized += "/"
-    return normalized
+
+
+#: An escape of an unreserved character: in a text a pass handed on, only from `%25`
+#: or a bare '%' (`%%34%31` is `%41`); the next pass decodes it.
+_UNRESERVED_ESCAPE = re.compile(r"%(?:3[0-9]|[46][1-9A-Fa-f]|[57][0-9Aa]|2[DdEe]|5[Ff]|7[Ee])")
+
+
+def path_readings(raw: str) -> tuple[str, ...]:
+    """Every path an upstream, or a chain of them, may serve for `raw`; the first is
+    `normalize_path(raw)`, the path as written.
+
+    Upstreams disagree: nginx, lighttpd and Python's http.server decode `%2F` and
+    then resolve dot segments (`/a/x%2f..%2f..%2fb` is `/b`), WHATWG URL parsers
+    (Node) and Windows servers take `\\` for `/`, IIS decodes `%5C` to a separator,
+    a decoding proxy that forwards without re-encoding has the next server decode
+    `%25` again, and a proxy may resolve dot segments before the server decodes.
+    So a reading is what dot-segment resolution makes of the path after any chain of
+    decoding passes (each: unreserved characters, plus any of `%2F`, `%5C`, `%25`, with
+    `\\` a separator or not), with or without resolution between the passes.
+    Path parameters too: `..;x` is `..` to servlet containers and a name to others.
+    Cheap: a path without `%2F`, `%5C`, `%25`, a bare `%`, `\\` or `;` has one reading.
+    Past MAX_READINGS readings or MAX_DECODED characters decoded, "/" stands for anything.
+    """
+    path = raw.split("#", 1)[0].split("?", 1)[0]
+    first = normalize_path(path)
+    as_written = (first,)
+    if ";" in path:  # `..;x` is `..` to servlet containers, a name to others
+        as_written = _resolutions(normalize_path_escapes(path))
+    if ("%" not in path and "\\" not in path) or not _AMBIGUOUS.search(path):
+        # Every pass decodes this path as normalize_path does, and no escape can form.
+        return as_written
+    readings = dict.fromkeys(as_written)  # an insertion-ordered set
+    # Texts an upstream may hand on, decoded or not, resolved or not: `first` is what a
+    # proxy that only resolves dot segments forwards.
+    todo = list(dict.fromkeys((path, *as_written)))
+    seen = set(todo)
+    budget = MAX_DECODED
+    while todo:
+        text = todo.pop()
+        features = _features(text)
+        passes = _passes(features)
+        # The plain pass changes a text only through unreserved escapes: on the path as
+        # written it gives `as_written` (unless a bare '%' completes an escape), and a
+        # text handed on has them only when the pass before made them.
+        if ("" not in features) if text is path else not _UNRESERVED_ESCAPE.search(text):
+            passes = passes[1:]
+        budget -= len(passes) * len(text)
+        if budget < 0:
+            readings["/"] = None
+            break
+        for extra, backslash in passes:
+            decoded = _decode_pass(text, extra, backslash)
+            resolved = _resolutions(decoded)
+            readings.update(dict.fromkeys(resolved))
+            for handed_on in (decoded, *resolved):
+                # A text with nothing left to decode has no reading but its resolution.
+                if handed_on not in seen and (
+                    _AMBIGUOUS.search(handed_on) or _UNRESERVED_ESCAPE.search(handed_on)
+                ):
+                    seen.add(handed_on)
+                    todo.append(handed_on)
+        if len(readings) > MAX_READINGS:
+            readings["/"] = None
+            break
+    return tuple(readings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,9 +539,6 @@ class Policy:
 
     def decide(self, request: Request) -> Decision:
         path = normalize_path(request.path)
-        # Some servers (IIS, some proxies) treat a backslash as a separator:
-        # a path must be allowed under both readings.
-        alt = _backslash_reading(request.path)
         method = request.method.upper()
         try:
             host, mismatch = judged_host(request)
@@ -406,14 +553,28 @@ class Policy:
         candidates = self.rules_for_host(host)
         if not candidates:
             return self._verdict(Reason.HOST_NOT_ALLOWED, host, path, None)
+        # A rule allows the path only if it allows every reading an upstream may take;
+        # a path without '%', ';' or a backslash has one (the fast path).
+        raw = request.path
+        if ";" in raw or (("%" in raw or "\\" in raw) and _AMBIGUOUS.search(raw)):
+            readings = path_readings(raw)
+        else:
+            readings = (path,)
         path_match: Rule | None = None
         for rule in candidates:
-            if rule.allows_path(path) and (alt is None or rule.allows_path(alt)):
+            if (
+                rule.allows_path(path)
+                if len(readings) == 1
+                else all(rule.allows_path(reading) for reading in readings)
+            ):
                 if rule.allows_method(method):
                     return Decision(Action.ALLOW, Reason.RULE_MATCH, self.mode, host, path, rule)
                 path_match = path_match or rule
         if path_match is not None:
             return self._verdict(Reason.METHOD_NOT_ALLOWED, host, path, path_match)
+        # Report the reading the rule refused: `/repos/x%2f..%2fadmin` is blocked as `/admin`.
+        if len(readings) > 1:
+            path = next((r for r in readings if not candidates[0].allows_path(r)), path)
         return self._verdict(Reason.PATH_NOT_ALLOWED, host, path, candidates[0])
 
     def _verdict(self, reason: Reason, host: str, path: str, rule: Rule | None) -> Decision:
@@ -441,13 +602,6 @@ class Policy:
             (Rule.from_json(rule) for rule in data.get("rules", ())),
             str(data.get("source", "")),
         )
-
-
-def _backslash_reading(raw: str) -> str | None:
-    if "\\" not in raw and ("%" not in raw or "%5c" not in raw.lower()):
-        return None
-    query_free = raw.split("#", 1)[0].split("?", 1)[0]
-    return normalize_path(query_free.replace("\\", "/").replace("%5c", "/").replace("%5C", "/"))
 
 
 def judged_host(request: Request) -> tuple[str, bool]:

@@ -22,7 +22,10 @@ from runtime.policy import HostError, normalize_host, normalize_path
 
 def ref_normalize_path(raw: str) -> str:
     path = policy.normalize_path_escapes(raw.split("#", 1)[0].split("?", 1)[0])
-    dot = policy._is_dot_segment
+
+    def dot(segment: str, dots: str) -> bool:
+        return segment.split(";", 1)[0] == dots
+
     last = path.rsplit("/", 1)[-1]
     trailing = path.endswith("/") or dot(last, ".") or dot(last, "..")
     out: list[str] = []
@@ -55,7 +58,7 @@ def ref_format_ts(epoch: float) -> str:
 
 # --------------------------------------------------------------------------- properties
 
-PATH_ALPHABET = st.sampled_from([*"ab/.;%2fFcC5\\?#~-_é", "%2e", "%2E", "..", "//"])
+PATH_ALPHABET = st.sampled_from([*"ab/.;%2fFcC5\\?#~-_é", "%2e", "%2E", "..", "//", "%25", "%5c"])
 paths = st.lists(PATH_ALPHABET, max_size=24).map("".join)
 
 
@@ -171,3 +174,40 @@ def test_encode_line_same_as_json_dumps() -> None:
     )
     expected = json.dumps({k: record[k] for k in trafficlog.FIELDS}, separators=(",", ":"))
     assert trafficlog.encode_line(record) == expected.encode("ascii") + b"\n"
+
+
+# --------------------------------------------------------------------------- path readings
+
+READINGS_POLICY = policy.Policy.build(
+    policy.Mode.ENFORCE,
+    False,
+    [policy.make_rule("h.test", ["/a/", "/b"], ["GET"])],
+    "test",
+)
+READINGS_RULE = READINGS_POLICY.rules[0]
+
+
+def ref_decide_path(raw: str, method: str = "GET") -> tuple[policy.Reason, str]:
+    """decide() without its shortcut: every path goes through path_readings."""
+    readings = policy.path_readings(raw)
+    if all(READINGS_RULE.allows_path(r) for r in readings):
+        reason = policy.Reason.RULE_MATCH if method == "GET" else policy.Reason.METHOD_NOT_ALLOWED
+        return reason, readings[0]
+    refused = next(r for r in readings if not READINGS_RULE.allows_path(r))
+    return policy.Reason.PATH_NOT_ALLOWED, refused
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.sampled_from(["/a/", "/b", "/", "a"]), paths, st.sampled_from(["GET", "PUT"]))
+def test_decide_shortcut_same_as_all_readings(head: str, tail: str, method: str) -> None:
+    raw = head + tail
+    d = READINGS_POLICY.decide(policy.Request(method, raw, sni="h.test"))
+    assert (d.reason, d.path) == ref_decide_path(raw, method)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(paths)
+def test_first_reading_is_the_normalised_path(raw: str) -> None:
+    readings = policy.path_readings(raw)
+    assert readings[0] == normalize_path(raw)
+    assert len(set(readings)) == len(readings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from runtime.explain import explain
 from runtime.policy import (
@@ -13,6 +14,7 @@ from runtime.policy import (
     Reason,
     Request,
     make_rule,
+    normalize_path,
     suggested_rule,
 )
 
@@ -189,3 +191,75 @@ def test_absolute_form_authority_must_agree_with_host_header() -> None:
     # The authority alone names the host when nothing else does.
     only = Request("GET", "/", scheme="http", port=80, authority="github.com")
     assert p.decide(only).host == "github.com"
+
+
+CLIMBING = [
+    "/repos/x%2f..%2f..%2fadmin",
+    "/repos/x%2F..%2F..%2Fadmin",
+    "/repos/..%2fadmin",
+    "/repos/%2e%2e%2fadmin",
+    "/repos/x%5c..%5c..%5cadmin",
+    "/repos/x%5C..%5C..%5Cadmin",
+    "/repos/x\\..\\..\\admin",
+    "/repos/x%2f..\\..%2fadmin",
+    "/repos/x%252f..%252f..%252fadmin",
+    "/repos/x%2f..%2f..%2fadmin?page=1",
+]
+
+
+def test_encoded_separators_cannot_climb_out_of_a_prefix() -> None:
+    p = build()
+    for path in CLIMBING:
+        d = p.decide(req("api.github.com", path))
+        assert (d.action, d.reason) == (Action.BLOCK, Reason.PATH_NOT_ALLOWED), path
+        # Reported as what an upstream would serve, and the fix says so.
+        assert d.path == "/admin", (path, d.path)
+        assert suggested_rule(d)["allowed_paths"][-1] == "/admin"
+    m = build(Mode.MONITOR).decide(req("api.github.com", CLIMBING[0]))
+    assert (m.action, m.reason, m.path) == (Action.VIOLATION, Reason.PATH_NOT_ALLOWED, "/admin")
+
+
+def test_encoded_separators_inside_a_prefix_are_allowed() -> None:
+    p = build()
+    for path in ("/repos/a%2fb", "/repos/a%5Cb", "/repos/a%252fb/c", "/repos/a%2f..%2fb"):
+        d = p.decide(req("api.github.com", path))
+        assert d.reason is Reason.RULE_MATCH, path
+        assert d.path == normalize_path(path)
+
+
+def test_every_reading_must_be_allowed_by_one_rule() -> None:
+    # An exact entry spelled with %2f covers that spelling only; an upstream that
+    # decodes it serves the other one, so both must be listed.
+    one = Policy.build(Mode.ENFORCE, False, [make_rule("r.test", ["/@s%2fp"])], "t")
+    assert one.decide(req("r.test", "/@s%2fp")).reason is Reason.PATH_NOT_ALLOWED
+    both = Policy.build(Mode.ENFORCE, False, [make_rule("r.test", ["/@s%2fp", "/@s/p"])], "t")
+    assert both.decide(req("r.test", "/@s%2fp")).reason is Reason.RULE_MATCH
+    # Two rules that each cover one reading do not add up to one that covers both.
+    split = Policy.build(
+        Mode.ENFORCE,
+        False,
+        [make_rule("r.test", ["/@s%2fp"]), make_rule("r.test", ["/@s/p"])],
+        "t",
+    )
+    assert split.decide(req("r.test", "/@s%2fp")).reason is Reason.PATH_NOT_ALLOWED
+
+
+def test_a_rule_without_paths_allows_every_reading() -> None:
+    d = build().decide(req("github.com", "/x%2f..%2f..%2fadmin"))
+    assert d.reason is Reason.RULE_MATCH
+
+
+def test_method_is_judged_after_every_reading() -> None:
+    p = build()
+    d = p.decide(req("uploads.example.com", "/v1/a%2fb", "POST"))
+    assert d.reason is Reason.METHOD_NOT_ALLOWED
+    d = p.decide(req("uploads.example.com", "/v1/a%2f..%2f..%2fv2", "GET"))
+    assert (d.reason, d.path) == (Reason.PATH_NOT_ALLOWED, "/v2")
+
+
+def test_crafted_paths_are_refused_quickly() -> None:
+    crafted = "/repos/" + "a%2f%5c\\%25..%" * 300
+    start = time.perf_counter()
+    d = build().decide(req("api.github.com", crafted))
+    assert d.reason is Reason.PATH_NOT_ALLOWED
+    assert time.perf_counter() - start < 1.0  # milliseconds in fact; generous for load

@@ -1,12 +1,28 @@
-"""Path normalisation and path rules: no prefix escapes."""
+"""Path normalisation, path rules and path readings: no prefix escapes."""
 
 from __future__ import annotations
 
+import posixpath
+import re
+from collections.abc import Callable
+from http.server import SimpleHTTPRequestHandler
+from urllib.parse import unquote
+
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.policy import PathEntry, normalize_path
+from runtime.policy import (
+    MAX_READINGS,
+    Action,
+    Mode,
+    PathEntry,
+    Policy,
+    Request,
+    make_rule,
+    normalize_path,
+    path_readings,
+)
 
 
 @pytest.mark.parametrize(
@@ -90,3 +106,231 @@ def test_no_prefix_escape(tail: str) -> None:
     outside = normalize_path("/admin/" + tail)
     if covers("/repos/", "/admin/" + tail):
         assert outside.startswith("/repos/")
+
+
+# --------------------------------------------------------------------------- readings
+#
+# Upstreams read an ambiguous path differently; path_readings lists every reading,
+# and a path is allowed only when each is. The models below are written apart from
+# the policy code (one uses the standard library's own http.server) and say what
+# real servers, and chains of them, serve for a raw path.
+
+
+def test_one_reading_for_ordinary_paths() -> None:
+    for raw in ("/repos/o/r", "/repos/a%20b", "/%7Euser", "/a/../b?x=%2f", "/a/%2e%2e/b"):
+        assert path_readings(raw) == (normalize_path(raw),), raw
+
+
+@pytest.mark.parametrize(
+    ("raw", "served"),
+    [
+        # nginx, lighttpd, http.server: %2F decoded, then dot segments resolved
+        ("/repos/x%2f..%2f..%2fadmin", "/admin"),
+        ("/repos/x%2F..%2F..%2Fadmin", "/admin"),
+        ("/repos/..%2fadmin", "/admin"),
+        ("/repos/%2e%2e%2fadmin", "/admin"),
+        ("/repos/%2f/..", "/"),
+        # WHATWG URL (Node), Windows: backslash is a separator
+        ("/repos/x\\..\\..\\admin", "/admin"),
+        # IIS: %5C decoded to a separator
+        ("/repos/x%5c..%5c..%5cadmin", "/admin"),
+        ("/repos/x%5C..%5C..%5Cadmin", "/admin"),
+        # Node: WHATWG parse ('\' -> '/'), then decodeURIComponent and path.join
+        ("/repos/x%2f..\\..%2fadmin", "/admin"),
+        # a decoding proxy that forwards without re-encoding: decoded twice
+        ("/repos/x%252f..%252f..%252fadmin", "/admin"),
+        ("/repos/x%25%32f..%25%32f..%25%32fadmin", "/admin"),
+        ("/repos/%252f/..", "/"),
+        # a bare '%' and encoded hex digits make an escape for the next decoder
+        ("/repos/x%%32%66..%%32%66..%%32%66admin", "/admin"),
+        # a proxy resolves dot segments first, the server decodes after
+        ("/repos/a%2fb/../x%2f..%2f..%2fadmin", "/admin"),
+        # `..;x` is `..` to a servlet container, a name to nginx
+        ("/repos/..;x/admin", "/admin"),
+        ("/..;x/repos/", "/..;x/repos/"),
+        ("/.;x/repos/a", "/.;x/repos/a"),
+    ],
+)
+def test_readings_include_what_upstreams_serve(raw: str, served: str) -> None:
+    readings = path_readings(raw)
+    assert readings[0] == normalize_path(raw)
+    assert served in readings, readings
+    assert not all(covers_all("/repos/", r) for r in readings)
+
+
+def covers_all(entry: str, reading: str) -> bool:
+    return PathEntry(normalize_path(entry)).covers(reading)
+
+
+def test_encoded_slash_under_the_prefix_stays_allowed() -> None:
+    for raw in ("/repos/a%2fb", "/repos/a\\b", "/repos/a%5cb", "/repos/a%252fb", "/repos/a%2f%2e"):
+        readings = path_readings(raw)
+        assert len(readings) > 1, raw
+        assert all(covers_all("/repos/", r) for r in readings), (raw, readings)
+
+
+def test_too_many_readings_read_as_anything() -> None:
+    crafted = "/repos/" + "a%2f%5c\\%25..%" * 40
+    readings = path_readings(crafted)
+    assert readings[-1] == "/"
+    assert len(readings) <= MAX_READINGS + 1
+    assert not all(covers_all("/repos/", r) for r in readings)
+    assert all(covers_all("/", r) for r in readings)
+    # A long ordinary path with an encoded slash is within the bound.
+    long = "/repos/" + "a%2f" * 1500
+    assert path_readings(long)[-1] != "/"
+
+
+# -- independent models of upstream decoding ------------------------------------------
+
+_BARE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def _remove_dots(path: str, *, strict_root: bool = False, servlet: bool = False) -> str | None:
+    """Dot segments resolved, empty segments dropped; None when the server refuses."""
+    segments = path.split("/")
+    out: list[str] = []
+    for segment in segments:
+        name = segment.split(";", 1)[0] if servlet else segment
+        if segment == "" or name == ".":
+            continue
+        if name == "..":
+            if not out and strict_root:
+                return None  # nginx: 400 Bad Request
+            if out:
+                out.pop()
+            continue
+        out.append(segment)
+    last = segments[-1].split(";", 1)[0] if servlet else segments[-1]
+    tail = "/" if out and last in ("", ".", "..") else ""
+    return "/" + "/".join(out) + tail
+
+
+def nginx(raw: str) -> str | None:
+    if _BARE_PERCENT.search(raw):
+        return None
+    return _remove_dots(unquote(raw), strict_root=True)
+
+
+def http_server(raw: str) -> str:
+    handler = SimpleHTTPRequestHandler.__new__(SimpleHTTPRequestHandler)
+    handler.directory = "/srv"
+    return handler.translate_path(raw)[len("/srv") :] or "/"
+
+
+def whatwg(raw: str) -> str:
+    """Node's `new URL(path, base).pathname`: '\\' is '/', `%2e` is '.', empty segments kept."""
+    segments = raw.replace("\\", "/").split("/")[1:]
+    out: list[str] = []
+    for i, segment in enumerate(segments):
+        lower = segment.lower()
+        if lower in ("..", ".%2e", "%2e.", "%2e%2e"):
+            if out:
+                out.pop()
+        elif lower not in (".", "%2e"):
+            out.append(segment)
+            continue
+        if i == len(segments) - 1:
+            out.append("")
+    return "/" + "/".join(out)
+
+
+def node_static(raw: str) -> str:
+    """The usual Node static server: WHATWG parse, decodeURIComponent, path.join."""
+    return posixpath.normpath("/" + unquote(whatwg(raw)).lstrip("/"))
+
+
+def iis(raw: str) -> str | None:
+    return _remove_dots(unquote(raw).replace("\\", "/"))
+
+
+def lighttpd(raw: str) -> str:
+    """Dot segments resolved with %2F kept, then decoded for the file system."""
+    return posixpath.normpath(unquote(normalize_path(raw)))
+
+
+def servlet(raw: str) -> str | None:
+    return _remove_dots(unquote(raw), servlet=True)
+
+
+def double_decoding(raw: str) -> str:
+    return posixpath.normpath("/" + unquote(unquote(raw)).lstrip("/"))
+
+
+def decoding_proxy_to_http_server(raw: str) -> str | None:
+    front = nginx(raw)
+    return None if front is None else http_server(front)
+
+
+def resolving_proxy_to_nginx(raw: str) -> str | None:
+    return nginx(_remove_dots(raw) or "/")
+
+
+UPSTREAMS = (
+    nginx,
+    http_server,
+    whatwg,
+    node_static,
+    iis,
+    lighttpd,
+    servlet,
+    double_decoding,
+    decoding_proxy_to_http_server,
+    resolving_proxy_to_nginx,
+)
+
+
+def under_repos(served: str) -> bool:
+    """Inside /repos/ as a file system sees it (repeated slashes are one)."""
+    collapsed = re.sub("/+", "/", served)
+    return (collapsed.rstrip("/") + "/").startswith("/repos/")
+
+
+ATOMS = st.sampled_from(
+    [
+        *("", ".", "..", "%2e", "%2E%2e", "a", "b", "admin", ";x", "repos"),
+        *("%2f", "%2F", "%5c", "%5C", "\\", "%25", "%252f", "%255C", "%252e"),
+        *("%", "%32", "%66", "%2", "%%32%66", "%25%32%66"),
+    ]
+)
+ambiguous_paths = st.tuples(
+    st.sampled_from(["/repos/", "/", "/repos", "/repos/a/"]),
+    st.lists(st.lists(ATOMS, min_size=1, max_size=3).map("".join), max_size=7),
+).map(lambda parts: parts[0] + "/".join(parts[1]))
+
+REPOS_RULE = make_rule("api.github.com", ["/repos/", "/user"])
+POLICY = Policy.build(Mode.ENFORCE, False, [REPOS_RULE], "test")
+
+
+def allowed(raw: str) -> bool:
+    return POLICY.decide(Request("GET", raw, sni="api.github.com")).action is Action.ALLOW
+
+
+@settings(max_examples=3000, deadline=None)
+@given(ambiguous_paths)
+def test_allowed_means_every_reading_is_under_an_allowed_entry(raw: str) -> None:
+    if allowed(raw):
+        for reading in path_readings(raw):
+            assert REPOS_RULE.allows_path(reading), (raw, reading)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(ambiguous_paths)
+def test_allowed_means_no_upstream_serves_outside_the_prefix(raw: str) -> None:
+    if not raw.startswith("/repos/") or not allowed(raw):
+        return
+    for upstream in UPSTREAMS:
+        served = upstream(raw)
+        assert served is None or under_repos(served), (upstream.__name__, raw, served)
+
+
+@pytest.mark.parametrize("upstream", UPSTREAMS, ids=lambda f: f.__name__)
+def test_each_model_really_climbs_on_something(upstream: Callable[[str], str | None]) -> None:
+    """The models are not vacuous: each serves /admin for some path under /repos/."""
+    climbs = [
+        raw
+        for raw, _ in test_readings_include_what_upstreams_serve.pytestmark[0].args[1]
+        if (served := upstream(raw)) is not None and not under_repos(served)
+    ]
+    assert climbs, upstream.__name__
+    assert not any(allowed(raw) for raw in climbs)
