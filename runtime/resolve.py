@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime import fsutil, paths
-from runtime.config import (
+from runtime.core.config import (
     ConfigError,
     NetworkConfig,
     Problem,
@@ -21,7 +21,7 @@ from runtime.config import (
     compile_policy,
     parse_config,
 )
-from runtime.policy import Policy, Rule
+from runtime.core.policy import Policy, Rule
 from runtime.registries import registry_hosts
 
 BUILT_IN_SOURCE = "built-in defaults"

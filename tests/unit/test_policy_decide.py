@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from runtime.explain import explain
-from runtime.policy import (
+from runtime.core.explain import explain
+from runtime.core.policy import (
     Action,
     Mode,
     Origin,

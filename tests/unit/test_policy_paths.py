@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runtime.policy import PathEntry, normalize_path
+from runtime.core.policy import PathEntry, normalize_path
 
 
 @pytest.mark.parametrize(

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from runtime import fsutil, hostlogs, hoststate, paths, run, trust
-from runtime.config import ConfigError, parse_config, validate_config
-from runtime.explain import explain
-from runtime.policy import Mode, Request
+from runtime import fsutil, paths
+from runtime.core.config import ConfigError, parse_config, validate_config
+from runtime.core.explain import explain
+from runtime.core.policy import Mode, Request
+from runtime.host import hostlogs, hoststate, run, trust
 from runtime.resolve import (
     BUILT_IN,
     GLOBAL,
