@@ -39,6 +39,19 @@ class Resolved:
     def source(self) -> str:
         return str(self.path) if self.path else BUILT_IN_SOURCE
 
+    # One description of the effective config, for the init's banner and --network-show.
+
+    @property
+    def kind_label(self) -> str:
+        return {REPO: "repo config", GLOBAL: "global config", BUILT_IN: "no config file"}[self.kind]
+
+    @property
+    def logging(self) -> str:
+        """The traffic log as the policy decided it (Policy.build forces it on in monitor)."""
+        if not self.policy.log_to_file:
+            return "off"
+        return "on" if self.config.log_to_file else "on (forced by monitor mode)"
+
 
 def repo_config_path(project_dir: Path) -> Path:
     return project_dir / paths.REPO_CONFIG_RELATIVE
