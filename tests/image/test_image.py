@@ -406,7 +406,7 @@ def test_image_has_what_runs_and_nothing_for_building(image: str) -> None:
         ls /var/lib/apt/lists | grep -v '^lock$\\|^partial$' | sed 's/^/HAS apt list /'
         ls /var/cache/apt/archives/*.deb 2>/dev/null | sed 's/^/HAS /'
         id proxy-user >/dev/null && echo "OK proxy-user"
-        for f in defaults.json allow-all.json network.schema.json; do
+        for f in defaults.json network.schema.json; do
             [ -f /opt/secure-proxy/$f ] && echo "OK $f"
         done
         /opt/secure-proxy/venv/bin/python \\
@@ -444,7 +444,6 @@ def test_image_has_what_runs_and_nothing_for_building(image: str) -> None:
     assert {
         "OK proxy-user",
         "OK defaults.json",
-        "OK allow-all.json",
         "OK network.schema.json",
         "OK imports",
     } <= set(lines)
