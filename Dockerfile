@@ -106,7 +106,7 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
  && PYTHONDONTWRITEBYTECODE=1 python3 -m runtime.install --root / --source /src --wheels /wheels \
  && /opt/secure-proxy/venv/bin/python -m pip uninstall -y -q pip setuptools \
  && rm -rf /root/.cache /tmp/* \
- && /opt/secure-proxy/venv/bin/python -c "import runtime.init, firewall.cli, mitmproxy, iptc"
+ && /opt/secure-proxy/venv/bin/python -c "import runtime.container.init, firewall.cli, mitmproxy, iptc"
 
 WORKDIR /work
 # The interceptor writes this marker once it listens (after the firewall verified);

@@ -11,7 +11,7 @@ In-process, no network, no root needed:
   UpstreamPinning, TrafficLogger: requestheaders, responseheaders, response),
   with the traffic log on (a real file) and off, on mitmproxy's own test flows;
   and its parts: decide, make_record, encode_line, the log write;
-- start-up imports: `import runtime.interceptor` in a fresh interpreter against
+- start-up imports: `import runtime.container.interceptor` in a fresh interpreter against
   importing the mitmproxy modules it needs.
 
 `--profile` adds a cProfile of the addon chain, sorted by own time.
@@ -43,8 +43,8 @@ from mitmproxy import http  # noqa: E402
 from mitmproxy.proxy.mode_specs import ProxyMode  # noqa: E402
 from mitmproxy.test import tflow  # noqa: E402
 
-from runtime.interceptor import PolicyGate, TrafficLogger, UpstreamPinning  # noqa: E402
-from runtime.policy import Mode, Origin, Policy, Request, make_rule  # noqa: E402
+from runtime.container.interceptor import PolicyGate, TrafficLogger, UpstreamPinning  # noqa: E402
+from runtime.core.policy import Mode, Origin, Policy, Request, make_rule  # noqa: E402
 from runtime.trafficlog import TrafficLogWriter, encode_line, make_record  # noqa: E402
 
 USER = Origin("user", "/work/.copilot_here/network.json")
@@ -239,8 +239,8 @@ def bench_imports(quick: bool) -> dict[str, float]:
             "import mitmproxy.http, mitmproxy.ctx, mitmproxy.proxy.mode_specs, "
             "mitmproxy.tools.dump, loguru"
         ),
-        "import runtime.interceptor + DumpMaster": (
-            "import runtime.interceptor, mitmproxy.tools.dump"
+        "import runtime.container.interceptor + DumpMaster": (
+            "import runtime.container.interceptor, mitmproxy.tools.dump"
         ),
     }
     out = {}

@@ -39,7 +39,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from runtime.policy import Mode, Policy, make_rule  # noqa: E402
+from runtime.core.policy import Mode, Policy, make_rule  # noqa: E402
 from runtime.resolve import write_policy  # noqa: E402
 from tests.harness import Topology, cleanup_leftovers, python_bin, stage_source  # noqa: E402
 from tests.harness.upstream import UpstreamCA  # noqa: E402
@@ -221,7 +221,7 @@ def main() -> int:
                     [
                         python_bin(),
                         "-m",
-                        "runtime.interceptor",
+                        "runtime.container.interceptor",
                         *("--port", str(port), "--policy", str(policy)),
                         *("--confdir", str(work / confdir)),
                         *("--traffic-log", str(work / "logs" / "traffic.jsonl")),

@@ -5,7 +5,7 @@ wheel directory) and the sandbox engine runs it at every start inside its own
 mount namespace (`--reuse-venv /opt/sp-venv`: no pip, no network, well under a
 second). Both produce the same layout, so the image layout is written once:
 
-    /opt/secure-proxy/                     defaults.json, allow-all.json, schema, registries.json
+    /opt/secure-proxy/                     defaults.json, schemas, registries.json
     /opt/secure-proxy/venv/                Python env with runtime/, firewall/ and console scripts
     /etc/secure-proxy/supervisor/          supervisord.conf and conf.d/<program>.conf
     /usr/local/bin/supervisorctl           wrapper that finds our supervisord.conf
@@ -35,7 +35,6 @@ SOURCE_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("runtime", "firewall")
 SHARE_FILES = (
     "defaults.json",
-    "allow-all.json",
     "network.schema.json",
     "traffic-log.schema.json",
 )

@@ -19,7 +19,7 @@ def _path(var: str, default: str) -> Path:
 
 
 def share_dir() -> Path:
-    """Directory holding defaults.json, allow-all.json and the schema."""
+    """Directory holding defaults.json and the schemas."""
     override = os.environ.get("SECURE_PROXY_SHARE")
     if override:
         return Path(override)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime import fsutil, paths
-from runtime.config import (
+from runtime.core.config import (
     ConfigError,
     NetworkConfig,
     Problem,
@@ -21,7 +21,7 @@ from runtime.config import (
     compile_policy,
     parse_config,
 )
-from runtime.policy import Policy, Rule
+from runtime.core.policy import Policy, Rule
 from runtime.registries import registry_hosts
 
 BUILT_IN_SOURCE = "built-in defaults"
@@ -38,6 +38,19 @@ class Resolved:
     @property
     def source(self) -> str:
         return str(self.path) if self.path else BUILT_IN_SOURCE
+
+    # One description of the effective config, for the init's banner and --network-show.
+
+    @property
+    def kind_label(self) -> str:
+        return {REPO: "repo config", GLOBAL: "global config", BUILT_IN: "no config file"}[self.kind]
+
+    @property
+    def logging(self) -> str:
+        """The traffic log as the policy decided it (Policy.build forces it on in monitor)."""
+        if not self.policy.log_to_file:
+            return "off"
+        return "on" if self.config.log_to_file else "on (forced by monitor mode)"
 
 
 def repo_config_path(project_dir: Path) -> Path:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from runtime import paths
-from runtime.policy import Mode, Policy, make_rule
+from runtime.core.policy import Mode, Policy, make_rule
 from tests.harness import python_bin
 
 pytestmark = pytest.mark.e2e
@@ -66,7 +66,13 @@ class Guarded:
     def start_guard(self):
         marker = self.tmp / "guard" / "dnsguard.ready"  # in a directory of the proxy uid
         marker.unlink(missing_ok=True)
-        argv = [python_bin(), "-m", "runtime.dnsguard", "--policy", str(self.tmp / "policy.json")]
+        argv = [
+            python_bin(),
+            "-m",
+            "runtime.container.dnsguard",
+            "--policy",
+            str(self.tmp / "policy.json"),
+        ]
         argv += ["--traffic-log", str(self.log), "--ready-marker", str(marker)]
         self.guard = self.topo.box_popen(
             argv, user=PROXY_UID, env=self.env(), text=True, stderr=subprocess.STDOUT

@@ -26,7 +26,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from runtime.policy import Mode, Origin, Policy, make_rule
+from runtime.core.policy import Mode, Origin, Policy, make_rule
 from runtime.resolve import write_policy
 from runtime.trafficlog import schema_path
 from tests.harness import Topology, python_bin
@@ -214,7 +214,7 @@ def env(module_topology: Topology, staged_source: str) -> Iterator[Env]:
     err = err_path.open("w")
     interceptor = topo.box_popen(
         [
-            *(python_bin(), "-m", "runtime.interceptor"),
+            *(python_bin(), "-m", "runtime.container.interceptor"),
             *("--policy", str(policy_file), "--confdir", str(work / "confdir")),
             *("--traffic-log", str(log_file), "--ca-cert", str(proxy_ca)),
             *("--ready-marker", str(marker), "--verbosity", "info"),

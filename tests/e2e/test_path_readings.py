@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from runtime.policy import Mode, Origin, Policy, make_rule
+from runtime.core.policy import Mode, Origin, Policy, make_rule
 from runtime.resolve import write_policy
 from tests.harness import Topology, python_bin
 from tests.harness.pathservers import (

@@ -48,7 +48,7 @@ def cli_argv(
     netns: str | None = None,
     add_hosts: Mapping[str, str] | None = None,
 ) -> list[str]:
-    argv = [python_bin(), "-m", "runtime.cli", "--engine", "sandbox"]
+    argv = [python_bin(), "-m", "runtime.host.cli", "--engine", "sandbox"]
     if netns:
         argv += ["--sandbox-netns", netns]
     for name, ip in (add_hosts or {}).items():
@@ -79,7 +79,7 @@ def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def host_logs(project: Path, env: Mapping[str, str] | None = None) -> Path:
     """The CLI's default host logs directory for `project` under cli_env(env)."""
-    from runtime.hoststate import path_key, state_root
+    from runtime.host.hoststate import path_key, state_root
 
     full = cli_env(env)
     return state_root(Path(full["HOME"]), full) / "logs" / path_key(project.resolve())
@@ -307,7 +307,7 @@ def write_config(
     """Write a network.json (repo config, or global when `project` is a HOME) and,
     as the user's own file, approve it in the CLI's state (XDG_STATE_HOME `state`,
     default the tests' one): a run refuses an unapproved repo config."""
-    from runtime import hoststate, trust
+    from runtime.host import hoststate, trust
 
     path = project / ".copilot_here" / "network.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from runtime import paths
-from runtime.hostlogs import default_logs_dir
+from runtime.host.hostlogs import default_logs_dir
 from tests.harness import Topology, python_bin
 from tests.harness.upstream import UpstreamCA, wait_ready
 
@@ -92,7 +92,7 @@ def cli_argv(
     command: Sequence[str],
     extra: Sequence[str] = (),
 ) -> list[str]:
-    argv = [sys.executable, "-m", "runtime.cli", "--engine", "podman", "--image", image]
+    argv = [sys.executable, "-m", "runtime.host.cli", "--engine", "podman", "--image", image]
     for name in NAMES:
         argv += ["--add-host", f"{name}:{topo.net_ip}"]
     argv += [*network_args(topo), *extra, "--", *command]
@@ -181,7 +181,7 @@ def env(cli_env: dict[str, str], tmp_path: Path, upstream_ca: UpstreamCA) -> dic
 
 def write_config(project: Path, rules: list[dict[str, object]], env: dict[str, str]) -> Path:
     """The user's repo config, approved as the user would (a run refuses it otherwise)."""
-    from runtime import hoststate, trust
+    from runtime.host import hoststate, trust
 
     cfg = project / ".copilot_here" / "network.json"
     cfg.parent.mkdir(exist_ok=True)
@@ -406,10 +406,11 @@ def test_image_has_what_runs_and_nothing_for_building(image: str) -> None:
         ls /var/lib/apt/lists | grep -v '^lock$\\|^partial$' | sed 's/^/HAS apt list /'
         ls /var/cache/apt/archives/*.deb 2>/dev/null | sed 's/^/HAS /'
         id proxy-user >/dev/null && echo "OK proxy-user"
-        for f in defaults.json allow-all.json network.schema.json; do
+        for f in defaults.json network.schema.json; do
             [ -f /opt/secure-proxy/$f ] && echo "OK $f"
         done
-        /opt/secure-proxy/venv/bin/python -c 'import iptc, mitmproxy, supervisor, runtime.init' \\
+        /opt/secure-proxy/venv/bin/python \\
+            -c 'import iptc, mitmproxy, supervisor, runtime.container.init' \\
             && echo "OK imports"
         """
     )
@@ -443,7 +444,6 @@ def test_image_has_what_runs_and_nothing_for_building(image: str) -> None:
     assert {
         "OK proxy-user",
         "OK defaults.json",
-        "OK allow-all.json",
         "OK network.schema.json",
         "OK imports",
     } <= set(lines)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import cli as cli_module
+from runtime.host import cli as cli_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,7 +37,7 @@ class CLI:
 
     def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "runtime.cli", *args],
+            [sys.executable, "-m", "runtime.host.cli", *args],
             cwd=self.project,
             env=self.env,
             capture_output=True,

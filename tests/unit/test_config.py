@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from runtime.config import ConfigError, NetworkConfig, RuleSpec, compile_policy, parse_config
-from runtime.policy import Action, Mode, Reason, Request, make_rule
+from runtime.core.config import ConfigError, NetworkConfig, RuleSpec, compile_policy, parse_config
+from runtime.core.policy import Action, Mode, Reason, Request, make_rule
 
 SRC = "/work/.copilot_here/network.json"
 
@@ -201,7 +201,7 @@ def test_user_rules_are_never_dropped() -> None:
 
 
 def test_built_in_rules_are_validated_like_user_rules() -> None:
-    from runtime.config import built_in_rules
+    from runtime.core.config import built_in_rules
 
     rules = built_in_rules([{"host": "GitHub.com"}, {"host": "*.x.test", "methods": ["get"]}])
     assert [r.host for r in rules] == ["github.com", "*.x.test"]

@@ -12,8 +12,8 @@ import socket
 import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
 
-from runtime.dnsguard import Guard, Upstream, judge_name, parse_query
-from runtime.policy import Action, Mode, Policy, Reason, make_rule
+from runtime.container.dnsguard import Guard, Upstream, judge_name, parse_query
+from runtime.core.policy import Action, Mode, Policy, Reason, make_rule
 from tests.harness.dns import DnsServer, build_query
 
 

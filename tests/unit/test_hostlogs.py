@@ -1,4 +1,4 @@
-"""The host logs directory: out of the project, never through a symlink (runtime.hostlogs)."""
+"""The host logs directory: out of the project, never through a symlink (runtime.host.hostlogs)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime import hostlogs, hoststate, run
-from runtime.cli import cmd_show
-from runtime.cli import main as cli_main
-from runtime.hoststate import StateError, path_key
+from runtime.host import hostlogs, hoststate, run
+from runtime.host.cli import cmd_show
+from runtime.host.cli import main as cli_main
+from runtime.host.hoststate import StateError, path_key
 
 
 @pytest.fixture

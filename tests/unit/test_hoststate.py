@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.hoststate import StateError, ensure_private_dir, path_key, state_root
+from runtime.host.hoststate import StateError, ensure_private_dir, path_key, state_root
 
 
 def test_state_root_prefers_absolute_xdg(tmp_path: Path) -> None:

@@ -14,8 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime import policy, trafficlog
-from runtime.policy import HostError, normalize_host, normalize_path
+from runtime import trafficlog
+from runtime.core import policy
+from runtime.core.policy import HostError, normalize_host, normalize_path
 
 # --------------------------------------------------------------------------- references
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.init import SetupFailed, app_ids
+from runtime.container.init import SetupFailed, app_ids
 
 
 def test_root_maps_to_1000() -> None:

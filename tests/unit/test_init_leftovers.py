@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from runtime import init
+from runtime.container import init
 
 IGNORES_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
 

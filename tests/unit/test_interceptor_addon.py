@@ -25,9 +25,8 @@ from mitmproxy.proxy.layers import ClientTLSLayer, HttpLayer, ServerTLSLayer, mo
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
 
-from runtime import interceptor
-from runtime.explain import explain
-from runtime.interceptor import (
+from runtime.container import interceptor
+from runtime.container.interceptor import (
     DECISION_HEADER,
     MAX_REQUEST_LINE,
     Closed,
@@ -41,7 +40,8 @@ from runtime.interceptor import (
     starts_like_http,
     verdict_of,
 )
-from runtime.policy import Mode, Origin, Policy, make_rule
+from runtime.core.explain import explain
+from runtime.core.policy import Mode, Origin, Policy, make_rule
 from runtime.resolve import write_policy
 from runtime.trafficlog import FIELDS, read_lines, schema_path
 

@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from runtime import logguard
+from runtime.container import logguard
 
 
 @pytest.fixture

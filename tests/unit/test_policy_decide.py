@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import time
 
-from runtime.explain import explain
-from runtime.policy import (
+from runtime.core.explain import explain
+from runtime.core.policy import (
     Action,
     Mode,
     Origin,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runtime.policy import (
+from runtime.core.policy import (
     HostError,
     Mode,
     Policy,

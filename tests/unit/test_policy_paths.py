@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.policy import (
+from runtime.core.policy import (
     MAX_READINGS,
     Action,
     Mode,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from runtime import reloader
+from runtime.container import reloader
 from runtime.resolve import REPO, read_policy
 
 

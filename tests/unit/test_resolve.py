@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.config import ConfigError
-from runtime.policy import Mode, Policy
+from runtime.core.config import ConfigError
+from runtime.core.policy import Mode, Policy
 from runtime.resolve import (
     BUILT_IN,
     GLOBAL,

@@ -1,4 +1,4 @@
-"""The docker/podman argv and the sandbox spec built by `copilot_here` (runtime.run)."""
+"""The docker/podman argv and the sandbox spec built by `copilot_here` (runtime.host.run)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime import run
-from runtime.cli import build_parser
-from runtime.hoststate import path_key
+from runtime.host import run
+from runtime.host.cli import build_parser
+from runtime.host.hoststate import path_key
 
 
 def make_plan(tmp_path: Path, **kw):
@@ -184,7 +184,7 @@ def test_bad_add_host(tmp_path):
 def test_sandbox_spec_round_trips(tmp_path):
     _, _, p = make_plan(tmp_path, command=["--", "id"], add_hosts=["a.test:1.2.3.4"])
     spec = run.sandbox_spec(p, "spnet-abc123")
-    from runtime.sandbox import Spec
+    from runtime.host.sandbox import Spec
 
     back = Spec.from_json(spec.to_json())
     assert back.command == ["id"]
@@ -203,7 +203,7 @@ def test_sandbox_spec_round_trips(tmp_path):
     ],
 )
 def test_cli_dry_run_prints_the_argv(tmp_path, monkeypatch, capsys, argv):
-    from runtime.cli import main
+    from runtime.host.cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))

@@ -8,7 +8,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from runtime.config import ConfigError, parse_config
+from runtime.core.config import ConfigError, built_in_rules, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "tests" / "corpus"
@@ -50,9 +50,8 @@ def test_validator_only_rejections(path: Path) -> None:
     assert "Fix:" in str(info.value)
 
 
-def test_shipped_files_are_valid() -> None:
-    for name in ("defaults.json",):
-        data = json.loads((ROOT / "config" / name).read_text())
-        data.pop("description"), data.pop("package_registries")
-        VALIDATOR.validate(data)
-        parse_config(json.dumps(data), name)
+def test_shipped_defaults_are_valid_rules() -> None:
+    data = json.loads((ROOT / "config" / "defaults.json").read_text())
+    assert set(data) == {"description", "allowed_rules", "package_registries"}
+    VALIDATOR.validate({"allowed_rules": data["allowed_rules"]})
+    assert built_in_rules(data["allowed_rules"])

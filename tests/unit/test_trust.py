@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime import trust
-from runtime.hoststate import StateError, path_key
+from runtime.host import trust
+from runtime.host.hoststate import StateError, path_key
 from runtime.resolve import GLOBAL, REPO
 
 CFG = '{\n  "enabled": true,\n  "mode": "enforce",\n  "allowed_rules": [{"host": "a.test"}]\n}\n'

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from runtime.policy import Decision, Reason, suggested_rule
+from runtime.core.policy import Decision, Reason, suggested_rule
 
 REASON_TEXT = {
     Reason.ALLOW_ALL: "the secure proxy is in allow-all mode (enabled is false)",

@@ -31,7 +31,7 @@ from typing import Any
 from dnslib import QTYPE, RCODE, DNSError, DNSRecord
 from loguru import logger
 
-from runtime.policy import Action, Decision, HostError, Mode, Policy, Reason, normalize_host
+from runtime.core.policy import Action, Decision, HostError, Mode, Policy, Reason, normalize_host
 from runtime.trafficlog import make_dns_record
 
 #: How long one upstream resolver gets before the next is tried.

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from runtime import fsutil, hostlogs, hoststate, paths, run, trust
-from runtime.config import ConfigError, parse_config, validate_config
-from runtime.explain import explain
-from runtime.policy import Mode, Request
+from runtime import fsutil, paths
+from runtime.core.config import ConfigError, parse_config, validate_config
+from runtime.core.explain import explain
+from runtime.core.policy import Mode, Request
+from runtime.host import hostlogs, hoststate, run, trust
 from runtime.resolve import (
-    BUILT_IN,
     GLOBAL,
     REPO,
     Resolved,
@@ -175,21 +175,14 @@ def cmd_show(
 ) -> int:
     resolved = resolve(project, home)
     policy = resolved.policy
-    where = {REPO: "repo config", GLOBAL: "global config", BUILT_IN: "no config file"}[
-        resolved.kind
-    ]
-    print(f"Config source: {resolved.source} ({where})", file=out)
+    print(f"Config source: {resolved.source} ({resolved.kind_label})", file=out)
     for line in trust_lines(state, project, home):
         print(line, file=out)
     if policy.mode is Mode.ALLOW_ALL:
         print("Rules: DISABLED (allow-all mode: every request goes through)", file=out)
     else:
         print(f"Rules: ENABLED (mode: {policy.mode.value})", file=out)
-    if policy.mode is Mode.MONITOR and not resolved.config.log_to_file:
-        logging = "on (forced by monitor mode)"
-    else:
-        logging = "on" if policy.log_to_file else "off"
-    print(f"Traffic log: {logging} ({paths.traffic_log()} in the container)", file=out)
+    print(f"Traffic log: {resolved.logging} ({paths.traffic_log()} in the container)", file=out)
     host_logs = hostlogs.logs_source(project, home, logs_dir)
     print(f"Traffic log on the host: {host_logs / paths.traffic_log().name}", file=out)
     print(

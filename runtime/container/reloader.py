@@ -23,7 +23,7 @@ import xmlrpc.client
 from pathlib import Path
 
 from runtime import paths
-from runtime.config import ConfigError
+from runtime.core.config import ConfigError
 from runtime.resolve import compile_resolved, read_config, write_policy
 
 DEBOUNCE_SECONDS = 0.1

@@ -38,9 +38,10 @@ import time
 import xmlrpc.client
 from pathlib import Path
 
-from runtime import logguard, paths
-from runtime.config import ConfigError
-from runtime.policy import Mode
+from runtime import paths
+from runtime.container import logguard
+from runtime.core.config import ConfigError
+from runtime.core.policy import Mode
 from runtime.resolve import BUILT_IN, GLOBAL, REPO, Resolved, resolve, write_policy
 
 EXIT_SETUP = 1
@@ -207,7 +208,7 @@ def ensure_appuser(uid: int, gid: int) -> str:
 
 
 def supervisor_rpc() -> xmlrpc.client.ServerProxy:
-    from runtime.reloader import supervisor_rpc as rpc
+    from runtime.container.reloader import supervisor_rpc as rpc
 
     return rpc()
 

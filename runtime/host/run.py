@@ -4,7 +4,7 @@ One plan (what to mount where, which environment) and three engines:
 
     docker / podman   argv for `docker run` / `podman run` (exec'd: the exit code
                       and signals are the engine's own, which are the container's)
-    sandbox           the same init as PID 1 in Linux namespaces (runtime.sandbox)
+    sandbox           the same init as PID 1 in Linux namespaces (runtime.host.sandbox)
 
 Mounts: the project at /work; the repo config *directory* at /work/.copilot_here,
 else the global config directory at /home/appuser/.copilot_here (read-only
@@ -17,7 +17,7 @@ named by SECURE_PROXY_UPSTREAM_CA.
 it and the repo config is the one in use: without a repo config an empty
 read-only directory of the host state is mounted there, so nothing can be
 planted for the in-container init or reloader, nor for the next run (which
-would in any case refuse an unapproved repo config: runtime.trust).
+would in any case refuse an unapproved repo config: runtime.host.trust).
 
 A run that mounts a config writable is waited for instead of exec'd: at exit the
 CLI shows what the agent changed in it (a later run uses that only once approved).
@@ -35,7 +35,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime import hostlogs, hoststate, paths, trust
+from runtime import paths
+from runtime.host import hostlogs, hoststate, trust
 from runtime.resolve import GLOBAL, REPO, find_config
 
 DEFAULT_IMAGE = os.environ.get("COPILOT_HERE_IMAGE", "copilot_here-secure:latest")
@@ -261,8 +262,8 @@ def default_engine(image: str) -> str:
     return choose_engine(docker_ok, not docker_ok and podman_has(image))
 
 
-def sandbox_spec(p: Plan, netns: str | None):  # -> runtime.sandbox.Spec
-    from runtime import sandbox
+def sandbox_spec(p: Plan, netns: str | None):  # -> runtime.host.sandbox.Spec
+    from runtime.host import sandbox
 
     return sandbox.Spec(
         command=p.command,
@@ -298,7 +299,7 @@ def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
         if args.sandbox_netns and engine != "sandbox":
             raise RunError("--sandbox-netns goes with --engine sandbox")
         if engine == "sandbox":
-            from runtime import sandbox
+            from runtime.host import sandbox
 
             spec = sandbox_spec(p, args.sandbox_netns)
             if args.dry_run:
@@ -406,6 +407,6 @@ def _logs_source(p: Plan) -> str:
 
 
 def _prepare_logs(p: Plan, explicit: bool, home: Path) -> None:
-    """Create and check the host logs directory (runtime.hostlogs); StateError if unsafe."""
+    """Create and check the host logs directory (runtime.host.hostlogs); StateError if unsafe."""
     others = [(m.source, m.target) for m in p.mounts if m.target != CONTAINER_LOGS]
     hostlogs.prepare(Path(_logs_source(p)), explicit, home, others)

@@ -40,7 +40,7 @@ from typing import IO
 from loguru import logger
 
 from runtime import fsutil
-from runtime.hoststate import ensure_private_dir, path_key
+from runtime.host.hoststate import ensure_private_dir, path_key
 from runtime.resolve import GLOBAL, REPO, global_config_path, repo_config_path
 
 TRUST_COMMAND = "copilot_here --network-trust"

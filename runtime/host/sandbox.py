@@ -41,7 +41,7 @@ STAGE_PARENT = Path(os.environ.get("SECURE_PROXY_SANDBOX_STAGE", "/tmp"))
 HOSTNAME = "copilot-here"
 SANDBOX_IF = "eth0"
 DEFAULT_VENV = "/opt/sp-venv"
-SOURCE_ROOT = Path(__file__).resolve().parent.parent
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
@@ -345,7 +345,7 @@ def run(spec: Spec) -> int:
             "--",
             python,
             "-m",
-            "runtime.sandbox",
+            "runtime.host.sandbox",
             "--inner",
         ]
         tty = os.isatty(0)
@@ -495,7 +495,7 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--inner"]:
         sys.exit(inner())
     print(
-        "usage: python -m runtime.sandbox --inner (started by copilot_here --engine sandbox)",
+        "usage: python -m runtime.host.sandbox --inner (started by copilot_here --engine sandbox)",
         file=sys.stderr,
     )
     sys.exit(2)

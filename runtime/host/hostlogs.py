@@ -6,7 +6,7 @@ there can be swapped for a symlink to any host directory (the next run would
 mount that directory at /logs and the log guard would take it over), or be
 replaced by a forged one between runs. So:
 
-    default       <state root>/logs/<path key of the project>/  (runtime.hoststate)
+    default       <state root>/logs/<path key of the project>/  (runtime.host.hoststate)
     --logs-dir D  D, if no component of it is a symlink, D is the user's own,
                   every parent is the user's or root's, and D neither lies in
                   nor contains another mount of the container
@@ -22,7 +22,7 @@ import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from runtime.hoststate import StateError, ensure_private_dir, path_key, state_root
+from runtime.host.hoststate import StateError, ensure_private_dir, path_key, state_root
 
 NEW_DIR_MODE = 0o700
 

@@ -16,7 +16,7 @@ from functools import cache
 from typing import Any
 from urllib.parse import urlsplit
 
-from runtime.policy import (
+from runtime.core.policy import (
     BUILT_IN_ORIGIN,
     HostError,
     Mode,

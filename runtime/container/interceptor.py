@@ -48,8 +48,8 @@ from mitmproxy.proxy.layers import ClientTLSLayer, HttpLayer, ServerTLSLayer
 from mitmproxy.proxy.mode_specs import TransparentMode
 
 from runtime import fsutil, paths
-from runtime.explain import explain
-from runtime.policy import (
+from runtime.core.explain import explain
+from runtime.core.policy import (
     Action,
     Decision,
     HostError,

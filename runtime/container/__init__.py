@@ -1,0 +1,1 @@
+"""What runs inside the container: PID 1, its services, the interceptor."""

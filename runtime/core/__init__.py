@@ -1,0 +1,1 @@
+"""The pure core: policy, config model and validation, explanations. No I/O."""
