@@ -177,7 +177,7 @@ def env(module_topology: Topology, staged_source: str) -> Iterator[Env]:
     with err_path.open("w") as err:
         interceptor = topo.box_popen(
             [
-                *(python_bin(), "-m", "runtime.interceptor"),
+                *(python_bin(), "-m", "runtime.container.interceptor"),
                 *("--policy", str(policy_file), "--confdir", str(work / "confdir")),
                 *("--traffic-log", str(work / "logs" / "traffic.jsonl")),
                 *("--ca-cert", str(proxy_ca), "--ready-marker", str(marker)),
