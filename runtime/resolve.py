@@ -1,6 +1,6 @@
 """Finding, reading and compiling the config: the I/O around the pure core.
 
-Resolution, exactly as the seed says: the repo config wins outright; else the
+Resolution: the repo config wins outright; else the
 global config; else the built-in defaults (allow-all). No merging between repo
 and global. The init, the reloader and the host CLI all resolve through here.
 """

@@ -406,7 +406,7 @@ def compile_policy(
     source: str,
     built_in: Iterable[Rule] = (),
 ) -> Policy:
-    """The seed's behaviour matrix, in one place.
+    """The behaviour matrix (README), in one place.
 
     enabled false -> allow-all (log only if log_to_file); enabled true ->
     rules apply in monitor (logging forced on) or enforce mode.

@@ -483,7 +483,7 @@ class Decision:
 
     @property
     def log_action(self) -> str:
-        """The traffic log's `action` field: ALLOW or BLOCK, as in the seed."""
+        """The traffic log's `action` field: ALLOW or BLOCK (monitor violations are ALLOW)."""
         return "BLOCK" if self.blocked else "ALLOW"
 
 

@@ -30,13 +30,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import upstream
 from .netns import Topology
 from .source import python_bin
-from .upstream import wait_ready
-
-# helper-2's test CA (renamed from TestCA so pytest does not collect it).
-UpstreamCA: Any = getattr(upstream, "UpstreamCA", None) or upstream.TestCA
+from .upstream import UpstreamCA, wait_ready
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NAMES = ("api.github.com", "example.com", "evil.test", "npm.registry.test", "v6.test")

@@ -132,7 +132,7 @@ def test_every_problem_reported_at_once() -> None:
     ]
 
 
-# -- the seed's behaviour matrix ----------------------------------------------
+# -- the behaviour matrix (README) ---------------------------------------------
 
 BUILT_IN = (make_rule("github.com"), make_rule("api.github.com"))
 

@@ -1,4 +1,4 @@
-"""The hot-path shortcuts (issue 7) give exactly what the plain code gave.
+"""The hot-path shortcuts give exactly what the plain code gave.
 
 Each reference below is the code as it was before the shortcut; the property
 tests compare them on generated inputs biased towards the shortcuts' edges.
