@@ -31,7 +31,8 @@ from runtime.core.policy import (
 
 TOP_LEVEL_KEYS = ("$schema", "enabled", "inherit_defaults", "mode", "log_to_file", "allowed_rules")
 RULE_KEYS = ("host", "allowed_paths", "methods")
-MODES = ("monitor", "enforce")
+#: The modes a config may name: the core's own vocabulary (allow-all comes from enabled).
+MODES = (Mode.MONITOR.value, Mode.ENFORCE.value)
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE")
 
 # Names people reach for from other tools; difflib alone would not find these.
@@ -89,7 +90,7 @@ class RuleSpec:
 class NetworkConfig:
     enabled: bool = False
     inherit_defaults: bool = True
-    mode: str = "monitor"
+    mode: Mode = Mode.MONITOR
     log_to_file: bool = False
     allowed_rules: tuple[RuleSpec, ...] = field(default_factory=tuple)
 
@@ -160,7 +161,7 @@ def validate_config(data: Any, source: str) -> NetworkConfig:
     return NetworkConfig(
         enabled=enabled,
         inherit_defaults=inherit,
-        mode=mode,
+        mode=Mode(mode),
         log_to_file=log_to_file,
         allowed_rules=tuple(rules),
     )
