@@ -327,11 +327,9 @@ def _check_path(path: Any, pointer: str, problems: list[Problem]) -> None:
             )
         )
         return
-    segments = normalize_path_escapes(path).split("/")[1:]
-    dot_or_empty = any(seg.split(";", 1)[0] in (".", "..") for seg in segments) or any(
-        seg == "" for seg in segments[:-1]
-    )
-    if dot_or_empty:
+    # Dot segments and empty segments are the policy's to define: a rule path is
+    # accepted only when normalising it changes nothing but its escapes.
+    if normalize_path(path) != normalize_path_escapes(path):
         problems.append(
             Problem(
                 pointer,
