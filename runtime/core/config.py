@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from runtime.core.policy import (
     BUILT_IN_ORIGIN,
+    SEGMENT_WILDCARD,
     HostError,
     Mode,
     Origin,
@@ -312,9 +313,35 @@ def _check_path(path: Any, pointer: str, problems: list[Problem]) -> None:
             )
         )
         return
+    if path in ("*", "/*"):
+        problems.append(
+            Problem(
+                pointer,
+                f"{json.dumps(path)} is how other tools say 'every path'",
+                'write "allowed_paths": [] (an empty list allows every path)',
+            )
+        )
+        return
     if not path.startswith("/"):
         problems.append(
             Problem(pointer, f"{json.dumps(path)} must start with '/'", f'write "/{path}"')
+        )
+        return
+    glued = [seg for seg in path.split("/") if "*" in seg and seg != SEGMENT_WILDCARD]
+    if glued:
+        head = path.split("*", 1)[0]
+        fix = (
+            f'for a prefix write "{head}" (an entry ending in "/" covers all below it)'
+            if head.endswith("/")
+            else f'write "{head}" (it covers {head} and everything below it)'
+        )
+        problems.append(
+            Problem(
+                pointer,
+                f"{json.dumps(path)}: '*' stands for one whole segment (as in /*/*/info/refs), "
+                "not part of one",
+                fix,
+            )
         )
         return
     if "?" in path or "#" in path or any(c.isspace() for c in path):

@@ -350,9 +350,19 @@ def path_readings(raw: str) -> tuple[str, ...]:
     return tuple(readings)
 
 
+#: A whole path segment that matches any one segment: `/*/*/info/refs`.
+SEGMENT_WILDCARD = "*"
+
+
 @dataclass(frozen=True, slots=True)
 class PathEntry:
-    """One `allowed_paths` entry, normalised once at compile time."""
+    """One `allowed_paths` entry, normalised once at compile time.
+
+    Ending in `/`: a prefix (`/repos/` covers `/repos/a/b`). Otherwise the path
+    and what lies below it at a segment boundary (`/user` covers `/user/x`, not
+    `/users`). A segment that is exactly `*` matches any one segment, never a
+    `/`: `/*/*/git-upload-pack` covers `/o/r.git/git-upload-pack`.
+    """
 
     text: str
 
@@ -361,9 +371,29 @@ class PathEntry:
         return self.text.endswith("/")
 
     def covers(self, path: str) -> bool:
+        if SEGMENT_WILDCARD in self.text:
+            return _covers_by_segments(self.text, path)
         if self.is_prefix:
             return path.startswith(self.text)
         return path == self.text or path.startswith(self.text + "/")
+
+
+@functools.lru_cache(maxsize=4096)
+def _segments(path: str) -> tuple[str, ...]:
+    inner = path.strip("/")
+    return tuple(inner.split("/")) if inner else ()
+
+
+def _covers_by_segments(pattern_text: str, path: str) -> bool:
+    pattern, segments = _segments(pattern_text), _segments(path)
+    if len(segments) < len(pattern):
+        return False
+    for want, got in zip(pattern, segments, strict=False):
+        if want != SEGMENT_WILDCARD and want != got:
+            return False
+    if pattern_text.endswith("/"):  # a prefix covers what lies below it, or itself with '/'
+        return len(segments) > len(pattern) or path.endswith("/")
+    return True
 
 
 # ---------------------------------------------------------------------------

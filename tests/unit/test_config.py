@@ -210,3 +210,24 @@ def test_built_in_rules_are_validated_like_user_rules() -> None:
     text = str(err.value)
     assert text.startswith("built-in defaults: /allowed_rules/1/host")
     assert '/allowed_rules/2/paths: unknown key "paths"' in text
+
+
+@pytest.mark.parametrize(
+    ("path", "fix"),
+    [
+        ("*", 'write "allowed_paths": [] (an empty list allows every path)'),
+        ("/*", 'write "allowed_paths": [] (an empty list allows every path)'),
+        ("/v3/*x", 'for a prefix write "/v3/"'),
+        ("/repos/o/r*", 'write "/repos/o/r" (it covers /repos/o/r and everything below it)'),
+    ],
+)
+def test_star_paths_get_the_native_form(path: str, fix: str) -> None:
+    doc = {"allowed_rules": [{"host": "a.test", "allowed_paths": [path]}]}
+    with pytest.raises(ConfigError) as err:
+        parse_config(json.dumps(doc), "f.json")
+    assert fix in str(err.value)
+
+
+def test_whole_segment_wildcards_are_valid() -> None:
+    doc = {"allowed_rules": [{"host": "a.test", "allowed_paths": ["/*/*/info/refs", "/x/*/"]}]}
+    assert parse_config(json.dumps(doc), "f.json").allowed_rules[0].allowed_paths

@@ -334,3 +334,40 @@ def test_each_model_really_climbs_on_something(upstream: Callable[[str], str | N
     ]
     assert climbs, upstream.__name__
     assert not any(allowed(raw) for raw in climbs)
+
+
+# -- segment wildcards ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("entry", "path", "covered"),
+    [
+        ("/*/*/git-upload-pack", "/o/r.git/git-upload-pack", True),
+        ("/*/*/git-upload-pack", "/o/r/git-upload-pack", True),
+        ("/*/*/git-upload-pack", "/o/git-upload-pack", False),
+        ("/*/*/git-upload-pack", "/o/r/x/git-upload-pack", False),
+        ("/*/*/git-upload-pack", "/o/r/git-receive-pack", False),
+        ("/*/*/info/refs", "/o/r/info/refs", True),
+        ("/*/*/info/refs", "/o/r/info/refsx", False),
+        ("/repos/*/", "/repos/o/anything/below", True),
+        ("/repos/*/", "/repos/o/", True),
+        ("/repos/*/", "/repos/o", False),
+        ("/repos/*", "/repos/o", True),
+        ("/repos/*", "/repos", False),
+        ("/repos/*", "/repos/", False),
+    ],
+)
+def test_segment_wildcard(entry: str, path: str, covered: bool) -> None:
+    assert PathEntry(entry).covers(path) is covered
+
+
+_seg = st.text(alphabet="ab*./%", min_size=1, max_size=3).filter(lambda s: s not in (".", ".."))
+
+
+@given(st.lists(_seg, min_size=0, max_size=5), st.booleans())
+def test_segment_wildcard_never_spans_a_slash(segments: list[str], trailing: bool) -> None:
+    """`/*/x` covers a path exactly when its second segment is `x`: a `*` is one segment."""
+    path = "/" + "/".join(segments) + ("/" if trailing and segments else "")
+    parts = [s for s in path.split("/") if s]
+    expected = len(parts) >= 2 and parts[1] == "x"
+    assert PathEntry("/*/x").covers(path) is expected
