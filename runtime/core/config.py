@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -199,7 +200,8 @@ def _validate_rule(raw: Any, pointer: str, problems: list[Problem]) -> RuleSpec 
             )
         )
     else:
-        _check_host(host, f"{pointer}/host", problems)
+        _check_placeholders(host, f"{pointer}/host", problems)
+        _check_host(_sample(host), f"{pointer}/host", problems)
     paths = raw.get("allowed_paths", [])
     if not isinstance(paths, list):
         problems.append(
@@ -211,7 +213,11 @@ def _validate_rule(raw: Any, pointer: str, problems: list[Problem]) -> RuleSpec 
         )
     else:
         for index, path in enumerate(paths):
-            _check_path(path, f"{pointer}/allowed_paths/{index}", problems)
+            where = f"{pointer}/allowed_paths/{index}"
+            if isinstance(path, str):
+                _check_placeholders(path, where, problems)
+                path = _sample(path)
+            _check_path(path, where, problems)
     methods = raw.get("methods")
     if methods is not None:
         if not isinstance(methods, list) or not methods:
@@ -415,9 +421,79 @@ def _type_name(value: Any) -> str:
 # Compilation
 
 
-def user_rules(config: NetworkConfig, source_file: str) -> list[Rule]:
+# ---------------------------------------------------------------------------
+# Placeholders: {{GITHUB_OWNER}} and {{GITHUB_REPO}}, filled from the project's
+# origin remote at start. A rule whose placeholders have no value drops out.
+
+PLACEHOLDERS = ("GITHUB_OWNER", "GITHUB_REPO")
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_]+)\s*\}\}")
+# What GitHub allows: owners are [A-Za-z0-9-], repositories also '.' and '_'.
+_VALID_VALUE = {
+    "GITHUB_OWNER": re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})"),
+    "GITHUB_REPO": re.compile(r"[A-Za-z0-9._-]{1,100}"),
+}
+_SAMPLE = {"GITHUB_OWNER": "owner", "GITHUB_REPO": "repo"}
+
+
+def placeholder_values(owner: str | None, repo: str | None) -> dict[str, str]:
+    """Checked values for the placeholders; an unusable one is left out (its rules drop)."""
+    values = {}
+    for name, value in (("GITHUB_OWNER", owner), ("GITHUB_REPO", repo)):
+        if value and _VALID_VALUE[name].fullmatch(value) and value not in (".", ".."):
+            values[name] = value
+    return values
+
+
+def _sample(text: str) -> str:
+    return _PLACEHOLDER.sub(lambda m: _SAMPLE.get(m.group(1), m.group(0)), text)
+
+
+def _check_placeholders(text: str, pointer: str, problems: list[Problem]) -> None:
+    for name in _PLACEHOLDER.findall(text):
+        if name not in PLACEHOLDERS:
+            problems.append(
+                Problem(
+                    pointer,
+                    f"unknown placeholder {{{{{name}}}}}",
+                    "use " + " or ".join(f"{{{{{p}}}}}" for p in PLACEHOLDERS),
+                )
+            )
+
+
+def fill(text: str, values: Mapping[str, str]) -> str | None:
+    """`text` with its placeholders filled, or None when one has no value."""
+    missing = False
+
+    def one(match: re.Match[str]) -> str:
+        nonlocal missing
+        value = values.get(match.group(1))
+        if value is None:
+            missing = True
+            return ""
+        return value
+
+    filled = _PLACEHOLDER.sub(one, text)
+    return None if missing else filled
+
+
+def uses_placeholders(spec: RuleSpec) -> bool:
+    return any(_PLACEHOLDER.search(t) for t in (spec.host, *spec.allowed_paths))
+
+
+def _filled_rule(spec: RuleSpec, values: Mapping[str, str], origin: Origin) -> Rule | None:
+    host = fill(spec.host, values)
+    paths = [fill(p, values) for p in spec.allowed_paths]
+    if host is None or any(p is None for p in paths):
+        return None
+    return make_rule(host, [p for p in paths if p is not None], spec.methods, origin)
+
+
+def user_rules(
+    config: NetworkConfig, source_file: str, values: Mapping[str, str] | None = None
+) -> list[Rule]:
     origin = Origin("user", source_file)
-    return [make_rule(r.host, r.allowed_paths, r.methods, origin) for r in config.allowed_rules]
+    rules = (_filled_rule(r, values or {}, origin) for r in config.allowed_rules)
+    return [rule for rule in rules if rule is not None]
 
 
 def merge_rules(user: Iterable[Rule], built_in: Iterable[Rule]) -> tuple[Rule, ...]:
@@ -431,6 +507,7 @@ def compile_policy(
     config: NetworkConfig,
     source: str,
     built_in: Iterable[Rule] = (),
+    values: Mapping[str, str] | None = None,
 ) -> Policy:
     """The behaviour matrix (README), in one place.
 
@@ -439,15 +516,18 @@ def compile_policy(
     """
     if not config.enabled:
         return Policy.build(Mode.ALLOW_ALL, config.log_to_file, (), source)
-    rules = user_rules(config, source)
+    rules = user_rules(config, source, values)
     merged = merge_rules(rules, built_in) if config.inherit_defaults else tuple(rules)
     return Policy.build(Mode(config.mode), config.log_to_file, merged, source)
 
 
 def built_in_rules(
-    specs: Iterable[Mapping[str, Any]], source: str = "built-in defaults"
+    specs: Iterable[Mapping[str, Any]],
+    source: str = "built-in defaults",
+    values: Mapping[str, str] | None = None,
 ) -> tuple[Rule, ...]:
-    """The image's built-in rules, validated exactly as a user's rules are."""
+    """The image's built-in rules, validated exactly as a user's rules are; those
+    whose placeholders have no value drop out."""
     problems: list[Problem] = []
     checked = [
         _validate_rule(dict(spec), f"/allowed_rules/{index}", problems)
@@ -455,6 +535,5 @@ def built_in_rules(
     ]
     if problems:
         raise ConfigError(source, problems)
-    return tuple(
-        make_rule(r.host, r.allowed_paths, r.methods, BUILT_IN_ORIGIN) for r in checked if r
-    )
+    rules = (_filled_rule(r, values or {}, BUILT_IN_ORIGIN) for r in checked if r)
+    return tuple(rule for rule in rules if rule is not None)

@@ -231,3 +231,48 @@ def test_star_paths_get_the_native_form(path: str, fix: str) -> None:
 def test_whole_segment_wildcards_are_valid() -> None:
     doc = {"allowed_rules": [{"host": "a.test", "allowed_paths": ["/*/*/info/refs", "/x/*/"]}]}
     assert parse_config(json.dumps(doc), "f.json").allowed_rules[0].allowed_paths
+
+
+def test_placeholders_are_filled_and_rules_without_values_drop_out() -> None:
+    from runtime.core.config import built_in_rules, placeholder_values
+
+    doc = {
+        "enabled": True,
+        "mode": "enforce",
+        "inherit_defaults": False,
+        "allowed_rules": [
+            {
+                "host": "api.github.com",
+                "allowed_paths": ["/repos/{{GITHUB_OWNER}}/{{GITHUB_REPO}}/"],
+            },
+            {"host": "api.github.com", "allowed_paths": ["/user"]},
+        ],
+    }
+    config = parse_config(json.dumps(doc), "f.json")
+    values = placeholder_values("octo-org", "my.repo")
+    policy = compile_policy(config, "f.json", values=values)
+    assert [e.text for r in policy.rules for e in r.allowed_paths] == [
+        "/repos/octo-org/my.repo/",
+        "/user",
+    ]
+    without = compile_policy(config, "f.json", values=placeholder_values(None, None))
+    assert [e.text for r in without.rules for e in r.allowed_paths] == ["/user"]
+    built = built_in_rules([{"host": "{{GITHUB_OWNER}}.github.io"}], values=values)
+    assert [r.host for r in built] == ["octo-org.github.io"]
+    assert built_in_rules([{"host": "{{GITHUB_OWNER}}.github.io"}]) == ()
+
+
+@pytest.mark.parametrize("owner", ["..", "a/b", "-x", "a" * 40, "", "o%2f"])
+def test_placeholder_values_refuse_what_github_would_not_name(owner: str) -> None:
+    from runtime.core.config import placeholder_values
+
+    assert "GITHUB_OWNER" not in placeholder_values(owner, "repo")
+    assert placeholder_values("ok", "..") == {"GITHUB_OWNER": "ok"}
+
+
+def test_unknown_placeholder_names_the_known_ones() -> None:
+    doc = {"allowed_rules": [{"host": "a.test", "allowed_paths": ["/r/{{GITHUB_ORG}}/"]}]}
+    with pytest.raises(ConfigError) as err:
+        parse_config(json.dumps(doc), "f.json")
+    assert "unknown placeholder {{GITHUB_ORG}}" in str(err.value)
+    assert "{{GITHUB_OWNER}} or {{GITHUB_REPO}}" in str(err.value)
