@@ -481,11 +481,14 @@ def uses_placeholders(spec: RuleSpec) -> bool:
 
 
 def _filled_rule(spec: RuleSpec, values: Mapping[str, str], origin: Origin) -> Rule | None:
+    """The rule with its placeholders filled. A path without values drops out; a rule
+    whose host, or every one of whose paths, dropped out is None (never widened to
+    every path)."""
     host = fill(spec.host, values)
-    paths = [fill(p, values) for p in spec.allowed_paths]
-    if host is None or any(p is None for p in paths):
+    paths = [p for p in (fill(p, values) for p in spec.allowed_paths) if p is not None]
+    if host is None or (spec.allowed_paths and not paths):
         return None
-    return make_rule(host, [p for p in paths if p is not None], spec.methods, origin)
+    return make_rule(host, paths, spec.methods, origin)
 
 
 def user_rules(

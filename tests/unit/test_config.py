@@ -257,6 +257,12 @@ def test_placeholders_are_filled_and_rules_without_values_drop_out() -> None:
     ]
     without = compile_policy(config, "f.json", values=placeholder_values(None, None))
     assert [e.text for r in without.rules for e in r.allowed_paths] == ["/user"]
+    # Only the paths without values drop out; a rule left with none never widens.
+    partial = built_in_rules(
+        [{"host": "a.test", "allowed_paths": ["/x", "/r/{{GITHUB_REPO}}"]}], values={}
+    )
+    assert [e.text for e in partial[0].allowed_paths] == ["/x"]
+    assert built_in_rules([{"host": "a.test", "allowed_paths": ["/r/{{GITHUB_REPO}}"]}]) == ()
     built = built_in_rules([{"host": "{{GITHUB_OWNER}}.github.io"}], values=values)
     assert [r.host for r in built] == ["octo-org.github.io"]
     assert built_in_rules([{"host": "{{GITHUB_OWNER}}.github.io"}]) == ()
