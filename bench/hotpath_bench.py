@@ -43,7 +43,9 @@ from mitmproxy import http  # noqa: E402
 from mitmproxy.proxy.mode_specs import ProxyMode  # noqa: E402
 from mitmproxy.test import tflow  # noqa: E402
 
-from runtime.container.interceptor import PolicyGate, TrafficLogger, UpstreamPinning  # noqa: E402
+from runtime.container.interceptor.gate import PolicyGate, UpstreamPinning  # noqa: E402
+from runtime.container.interceptor.logger import TrafficLogger  # noqa: E402
+from runtime.container.interceptor.policystore import PolicyStore  # noqa: E402
 from runtime.core.policy import Mode, Origin, Policy, Request, make_rule  # noqa: E402
 from runtime.trafficlog import TrafficLogWriter, encode_line, make_record  # noqa: E402
 
@@ -117,9 +119,10 @@ def make_flow(url: str, sni: str) -> http.HTTPFlow:
 
 
 def chain(policy: Policy, writer: TrafficLogWriter | None) -> Callable[[http.HTTPFlow], None]:
-    gate = PolicyGate(policy)
+    gate = PolicyGate(PolicyStore(policy))
     pin = UpstreamPinning()
-    log = TrafficLogger(gate, writer)
+    log = TrafficLogger()
+    log.writer = writer
 
     def one(flow: http.HTTPFlow) -> None:
         response = flow.response

@@ -7,7 +7,7 @@ import asyncio
 from mitmproxy import http
 from mitmproxy.test import tflow
 
-from runtime.container.interceptor import BlockSink
+from runtime.container.interceptor.blocksink import BlockSink
 
 
 async def _exchange(sink: BlockSink, raw: bytes) -> bytes:
