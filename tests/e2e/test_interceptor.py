@@ -958,7 +958,9 @@ def test_zz_every_log_line_valid_and_clean(env: Env):
     lines = text.splitlines()
     assert len(lines) > 30
     for line in lines:
-        jsonschema.validate(json.loads(line), schema)
+        record = json.loads(line)
+        jsonschema.validate(record, schema)
+        assert (record["kind"], record["v"]) == ("http", 1)
     assert SECRET not in text
     assert "?" not in text
     # User-Agent and other header values of the clients above

@@ -47,8 +47,9 @@ from runtime.container.interceptor.policystore import NO_POLICY, PolicyStore
 from runtime.container.interceptor.readiness import Readiness
 from runtime.core.explain import explain
 from runtime.core.policy import Mode, Origin, Policy, make_rule
+from runtime.core.record import HTTP_FIELDS
 from runtime.resolve import write_policy
-from runtime.trafficlog import FIELDS, read_lines, schema_path
+from runtime.trafficlog import read_lines, schema_path
 
 CONFIG = "/work/.copilot_here/network.json"
 USER = Origin("user", CONFIG)
@@ -185,7 +186,7 @@ def test_allowed_request_is_pinned_to_the_judged_name(addons, tmp_log):
     assert flow.request.headers["Host"] == "api.github.com"
     [line] = lines(tmp_log)
     validate(line)
-    assert list(line) == list(FIELDS)
+    assert list(line) == list(HTTP_FIELDS)
     assert line["action"] == "ALLOW" and line["reason"] == "rule_match"
     assert line["path"] == "/repos/a/b" and line["bytes_in"] == 1234
     assert line["host"] == "api.github.com" and line["port"] == 443

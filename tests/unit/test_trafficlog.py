@@ -1,4 +1,4 @@
-"""The traffic log: schema in step with the writer, timestamps, whole lines under concurrency."""
+"""The traffic log: schema in step with the records, timestamps, whole lines under concurrency."""
 
 from __future__ import annotations
 
@@ -10,20 +10,26 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from runtime.trafficlog import (
-    FIELDS,
-    TrafficLogWriter,
-    encode_line,
+from runtime.core.record import (
+    DNS_FIELDS,
+    HTTP_FIELDS,
+    SCHEMA_VERSION,
+    DnsRecord,
+    HttpRecord,
     format_ts,
-    make_record,
-    read_lines,
-    schema_path,
+    to_dict,
 )
+from runtime.trafficlog import TrafficLogWriter, encode_line, read_lines, schema_path
 
 
 def sample(**over) -> dict:
+    """A line's object, as written (see `record` for the dataclass)."""
+    return to_dict(record(**over))
+
+
+def record(**over) -> HttpRecord:
     values = dict(
-        ts=1795852800.1234,
+        ts=format_ts(1795852800.1234),
         action="ALLOW",
         violation=False,
         mode="enforce",
@@ -42,7 +48,27 @@ def sample(**over) -> dict:
         bytes_in=512,
     )
     values.update(over)
-    return make_record(**values)
+    return HttpRecord(**values)
+
+
+def dns_record(**over) -> DnsRecord:
+    values = dict(
+        ts=format_ts(1795852800.5),
+        action="BLOCK",
+        violation=False,
+        mode="enforce",
+        reason="host_not_allowed",
+        rule=None,
+        rule_source=None,
+        host="c2vjcmv0.evil.test",
+        qtype="A",
+        transport="udp",
+        rcode="NXDOMAIN",
+        answers=0,
+        duration_ms=0.25,
+    )
+    values.update(over)
+    return DnsRecord(**values)
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +76,41 @@ def schema() -> dict:
     return json.loads(schema_path().read_text())
 
 
-def test_schema_and_writer_name_the_same_fields(schema):
-    assert tuple(schema["required"]) == FIELDS
-    assert set(schema["properties"]) == set(FIELDS)
-    assert schema["additionalProperties"] is False
-    assert tuple(sample()) == FIELDS
+@pytest.mark.parametrize(
+    ("kind", "names", "make"),
+    [("http", HTTP_FIELDS, record), ("dns", DNS_FIELDS, dns_record)],
+)
+def test_schema_and_records_name_the_same_fields(schema, kind, names, make):
+    branch = schema["$defs"][kind]
+    assert tuple(branch["required"]) == names
+    assert set(branch["properties"]) == set(names)
+    assert branch["additionalProperties"] is False
+    assert branch["properties"]["kind"] == {"const": kind}
+    assert branch["properties"]["v"] == {"const": SCHEMA_VERSION}
+    assert schema["properties"]["v"]["const"] == SCHEMA_VERSION
+    line = to_dict(make())
+    assert tuple(line) == names and names[:2] == ("kind", "v")
+    assert (line["kind"], line["v"]) == (kind, SCHEMA_VERSION)
+    jsonschema.validate(line, schema)
+
+
+def test_each_kind_is_held_to_its_own_fields(schema):
+    http_line, dns_line = sample(), to_dict(dns_record())
+    for line, other in ((http_line, dns_line), (dns_line, http_line)):
+        for kind in ("http", "dns", "other"):
+            if kind == line["kind"]:
+                continue
+            with pytest.raises(jsonschema.ValidationError):
+                jsonschema.validate({**line, "kind": kind}, schema)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**line, **{k: other[k] for k in other if k not in line}}, schema)
+    for bad in ({"v": 2}, {"v": None}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**http_line, **bad}, schema)
+    without_version = dict(dns_line)
+    del without_version["v"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(without_version, schema)
 
 
 def test_sample_records_validate(schema):
@@ -137,22 +193,24 @@ def test_query_never_reaches_the_line():
 
 
 def test_line_is_compact_ascii_json_with_one_newline():
-    line = encode_line(sample(host="xn--bcher-kva.example"))
+    line = encode_line(record(host="xn--bcher-kva.example"))
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert json.loads(line) == sample(host="xn--bcher-kva.example")
     assert b": " not in line
+    dns = encode_line(dns_record())
+    assert json.loads(dns) == to_dict(dns_record()) and dns.startswith(b'{"kind":"dns","v":1,')
 
 
 def test_writer_appends_creates_0644_and_reopens_replaced_file(tmp_path):
     path = tmp_path / "traffic.jsonl"
     writer = TrafficLogWriter(path, recheck_seconds=0)
     assert not path.exists()  # lazily opened
-    assert writer.write(sample())
+    assert writer.write(record())
     umask = os.umask(0o022)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644 & ~umask
     path.rename(tmp_path / "rotated.jsonl")
-    assert writer.write(sample(status=404))
+    assert writer.write(record(status=404))
     assert [r["status"] for r in read_lines(path)] == [404]
     assert [r["status"] for r in read_lines(tmp_path / "rotated.jsonl")] == [200]
     writer.close()
@@ -160,13 +218,13 @@ def test_writer_appends_creates_0644_and_reopens_replaced_file(tmp_path):
 
 def test_write_failure_is_reported_not_raised(tmp_path):
     writer = TrafficLogWriter(tmp_path / "missing-dir" / "traffic.jsonl")
-    assert writer.write(sample()) is False
+    assert writer.write(record()) is False
 
 
 def _hammer(path: str, worker: int, count: int) -> None:
     writer = TrafficLogWriter(path)
     for i in range(count):
-        writer.write(sample(path=f"/w{worker}/{i}/" + "x" * (i % 700), bytes_in=worker))
+        writer.write(record(path=f"/w{worker}/{i}/" + "x" * (i % 700), bytes_in=worker))
     writer.close()
 
 
@@ -189,3 +247,12 @@ def test_lines_never_interleave_across_processes(tmp_path):
 def test_read_lines_of_empty_file(tmp_path: Path):
     (tmp_path / "t.jsonl").write_text("")
     assert read_lines(tmp_path / "t.jsonl") == []
+
+
+def test_readme_examples_are_valid_lines(schema):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Traffic log schema", 1)[1].split("\n## ", 1)[0]
+    examples = [line for line in section.splitlines() if line.startswith('{"kind":')]
+    assert {json.loads(line)["kind"] for line in examples} == {"http", "dns"}
+    for line in examples:
+        jsonschema.validate(json.loads(line), schema)

@@ -12,7 +12,8 @@ from mitmproxy import ctx, http
 from runtime import paths
 from runtime.container.interceptor.gate import scheme_of, verdict_of
 from runtime.core.policy import Policy, Reason
-from runtime.trafficlog import TrafficLogWriter, make_record
+from runtime.core.record import HttpRecord, format_ts
+from runtime.trafficlog import TrafficLogWriter
 
 
 class TrafficLogger:
@@ -98,8 +99,8 @@ class TrafficLogger:
         if response is not None and response.raw_content:
             bytes_in += len(response.raw_content)
         bytes_out = verdict.sent_out.total + len(request.raw_content or b"")
-        record = make_record(
-            ts=verdict.started,
+        record = HttpRecord(
+            ts=format_ts(verdict.started),
             action=decision.log_action,
             violation=decision.violation,
             mode=decision.mode.value,
@@ -125,8 +126,8 @@ class TrafficLogger:
         """The line for a connection closed before any HTTP request: nothing left the box."""
         if not policy.log_to_file or self.writer is None:
             return
-        record = make_record(
-            ts=started,
+        record = HttpRecord(
+            ts=format_ts(started),
             action="BLOCK",
             violation=False,
             mode=policy.mode.value,
