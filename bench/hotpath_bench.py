@@ -181,6 +181,8 @@ def bench_chain(quick: bool, logdir: Path) -> dict[str, Any]:
     decision = policy.decide(request)
     now = time.time()
     fields = {
+        "phase": "end",
+        "id": "0f5e4a6c-1d2b-4a8e-9c3f-7b6a5d4c3b2a",
         "action": decision.log_action,
         "violation": False,
         "mode": "enforce",

@@ -21,15 +21,28 @@ from typing import Any
 #: meaning) takes the next number.
 SCHEMA_VERSION = 1
 
+#: HttpRecord.phase: judged, nothing forwarded yet / the request is over.
+START = "start"
+END = "end"
+
 
 @dataclass(slots=True, kw_only=True)
 class HttpRecord:
     """An HTTP request (each request of a keep-alive connection, every HTTP/2 stream,
     WebSocket upgrades), or a connection closed because it was not HTTP: then
-    `method`, `path` and `http_version` are None, nothing of a request was seen."""
+    `method`, `path` and `http_version` are None, nothing of a request was seen.
+
+    A request has two lines with the same `id`: `phase` "start", written once it is
+    judged and before any of it is forwarded (no status, duration or byte counts
+    yet), and "end" when the response completed or the request failed. A request
+    that reached the upstream therefore has its start line even if the interceptor
+    died before the end. A connection closed as not HTTP has one "end" line.
+    """
 
     kind: str = field(default="http", init=False)
     v: int = field(default=SCHEMA_VERSION, init=False)
+    phase: str  # START / END
+    id: str  # the same in a request's start and end lines
     ts: str  # format_ts() of when the request started
     action: str  # ALLOW / BLOCK
     violation: bool
@@ -44,18 +57,21 @@ class HttpRecord:
     path: str | None
     status: int | None
     http_version: str | None
-    duration_ms: float
-    bytes_out: int
-    bytes_in: int
+    duration_ms: float | None  # None on a start line, as the byte counts
+    bytes_out: int | None
+    bytes_in: int | None
 
     def __post_init__(self) -> None:
         # The path is already normalised by the core; drop a query defensively.
         self.path = strip_query(self.path)
         self.violation = bool(self.violation)
         self.port = int(self.port)
-        self.duration_ms = milliseconds(self.duration_ms)
-        self.bytes_out = max(int(self.bytes_out), 0)
-        self.bytes_in = max(int(self.bytes_in), 0)
+        if self.duration_ms is not None:
+            self.duration_ms = milliseconds(self.duration_ms)
+        if self.bytes_out is not None:
+            self.bytes_out = max(int(self.bytes_out), 0)
+        if self.bytes_in is not None:
+            self.bytes_in = max(int(self.bytes_in), 0)
 
 
 @dataclass(slots=True, kw_only=True)

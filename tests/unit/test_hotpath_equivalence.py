@@ -156,6 +156,8 @@ def test_format_ts_across_a_second_boundary() -> None:
 
 def test_encode_line_same_as_json_dumps() -> None:
     record = log_record.HttpRecord(
+        phase=log_record.END,
+        id="7d0c3a52-4f5e-4b8a-9a0e-2c1d3e4f5a6b",
         ts=log_record.format_ts(1795855303.25),
         action="ALLOW",
         violation=False,

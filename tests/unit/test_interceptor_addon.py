@@ -129,8 +129,13 @@ def run(addons, flow: http.HTTPFlow, status: int = 200, body: bytes = b"hello") 
     log.response(flow)
 
 
-def lines(path: Path) -> list[dict]:
+def all_lines(path: Path) -> list[dict]:
     return read_lines(path) if path.exists() else []
+
+
+def lines(path: Path) -> list[dict]:
+    """The end lines: one per request (and per connection closed as not HTTP)."""
+    return [line for line in all_lines(path) if line["phase"] == "end"]
 
 
 def validate(record: dict) -> None:
@@ -348,6 +353,96 @@ def test_request_body_bytes_counted_when_streamed(addons, tmp_log):
     flow = make_flow("https://api.github.com/repos/x", method="POST", body=b"a" * 777)
     run(addons, flow)
     assert lines(tmp_log)[0]["bytes_out"] == 777
+
+
+def test_start_line_is_written_before_the_request_goes_on(addons, tmp_log):
+    _tctx, gate, pin, log, _ = addons
+    flow = make_flow("https://api.github.com/repos/x?token=s3cret", method="PUT")
+    gate.requestheaders(flow)
+    pin.requestheaders(flow)
+    log.requestheaders(flow)
+    # Nothing has been forwarded yet, and the request is in the log already.
+    [start] = all_lines(tmp_log)
+    validate(start)
+    assert (start["phase"], start["id"], start["method"]) == ("start", flow.id, "PUT")
+    assert (start["host"], start["path"], start["action"]) == (
+        "api.github.com",
+        "/repos/x",
+        "ALLOW",
+    )
+    assert start["status"] is start["duration_ms"] is start["bytes_in"] is None
+    flow.response = http.Response.make(204, b"")
+    log.responseheaders(flow)
+    log.response(flow)
+    first, end = all_lines(tmp_log)
+    assert first == start
+    assert (end["phase"], end["id"], end["status"]) == ("end", flow.id, 204)
+    validate(end)
+
+
+@pytest.mark.parametrize(("mode", "log_to_file"), [(Mode.ENFORCE, True), (Mode.MONITOR, False)])
+def test_unwritable_log_refuses_requests_with_503_until_it_works(
+    addons, tmp_path, mode, log_to_file
+):
+    """The policy logs every request and the log cannot be written: nothing goes out."""
+    tctx, _gate, _pin, log, store = addons
+    store.policy = policy(mode, log_to_file)
+    missing = tmp_path / "gone" / "traffic.jsonl"
+    tctx.configure(log, secure_proxy_traffic_log=str(missing))
+    flow = make_flow("https://api.github.com/repos/x")
+    run(addons, flow)
+    assert flow.response.status_code == 503
+    assert flow.response.headers[DECISION_HEADER] == "block; reason=log_unavailable"
+    assert flow.response.headers["Retry-After"] == "5"
+    text = flow.response.text
+    assert text.startswith("BLOCKED: GET https://api.github.com/repos/x\n")
+    assert "reason: log_unavailable" in text and "fix: free space" in text
+    assert flow.request.stream is False  # the upstream connection is never opened
+    # A request the policy blocks anyway keeps its own answer.
+    blocked = make_flow("https://evil.test/x", sni="evil.test")
+    run(addons, blocked)
+    assert blocked.response.status_code == (403 if mode is Mode.ENFORCE else 503)
+    # Writable again: the next request goes through, logged.
+    missing.parent.mkdir()
+    flow = make_flow("https://api.github.com/repos/y")
+    run(addons, flow)
+    assert flow.response.status_code == 200
+    assert [(x["phase"], x["path"]) for x in all_lines(missing)] == [
+        ("start", "/repos/y"),
+        ("end", "/repos/y"),
+    ]
+
+
+def test_unwritable_log_refuses_a_large_upload_without_forwarding_it(addons, tmp_path):
+    tctx, gate, pin, log, _ = addons
+    tctx.configure(log, secure_proxy_traffic_log=str(tmp_path / "gone" / "t.jsonl"))
+    flow = make_flow("https://api.github.com/repos/upload", method="POST")
+    flow.request.headers["Content-Length"] = str(5 * 1024 * 1024)
+    gate.requestheaders(flow)
+    pin.requestheaders(flow)
+    log.requestheaders(flow)
+    # No block sink in this test: the connection is closed, nothing is sent.
+    assert flow.error is not None and flow.error.msg == flow.error.KILLED_MESSAGE
+    assert verdict_of(flow).decision.reason.value == "log_unavailable"
+
+
+def test_allow_all_without_a_log_never_refuses(addons, tmp_path):
+    tctx, _gate, _pin, log, store = addons
+    store.policy = Policy.build(Mode.ALLOW_ALL, False, (), "built-in defaults")
+    tctx.configure(log, secure_proxy_traffic_log=str(tmp_path / "gone" / "t.jsonl"))
+    flow = make_flow("https://evil.test/x", sni="evil.test")
+    run(addons, flow)
+    assert flow.response.status_code == 200
+
+
+def test_a_request_the_gate_never_judged_is_not_forwarded(addons):
+    """An addon error in the gate leaves no verdict: the request is closed, not sent on."""
+    _tctx, _gate, pin, log, _ = addons
+    flow = make_flow("https://evil.test/x", sni="evil.test")
+    pin.requestheaders(flow)
+    log.requestheaders(flow)
+    assert flow.error is not None and flow.error.msg == flow.error.KILLED_MESSAGE
+    assert flow.request.host == DIALLED
 
 
 def test_websocket_upgrade_is_judged_and_logged(addons, tmp_log):

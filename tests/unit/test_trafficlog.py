@@ -10,6 +10,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from runtime.core.explain import REASON_TEXT
+from runtime.core.policy import Reason
 from runtime.core.record import (
     DNS_FIELDS,
     HTTP_FIELDS,
@@ -29,6 +31,8 @@ def sample(**over) -> dict:
 
 def record(**over) -> HttpRecord:
     values = dict(
+        phase="end",
+        id="0f5e4a6c-1d2b-4a8e-9c3f-7b6a5d4c3b2a",
         ts=format_ts(1795852800.1234),
         action="ALLOW",
         violation=False,
@@ -90,6 +94,7 @@ def test_schema_and_records_name_the_same_fields(schema, kind, names, make):
     assert schema["properties"]["v"]["const"] == SCHEMA_VERSION
     line = to_dict(make())
     assert tuple(line) == names and names[:2] == ("kind", "v")
+    assert line["v"] == 1
     assert (line["kind"], line["v"]) == (kind, SCHEMA_VERSION)
     jsonschema.validate(line, schema)
 
@@ -174,6 +179,56 @@ def test_schema_rejects_inconsistent_not_http_lines(schema, bad):
     record.update(bad)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(record, schema)
+
+
+START = dict(phase="start", status=None, duration_ms=None, bytes_out=None, bytes_in=None)
+
+
+def test_start_line_has_the_request_but_no_outcome(schema):
+    jsonschema.validate(sample(**START), schema)
+    jsonschema.validate(sample(**START, action="BLOCK", reason="path_not_allowed"), schema)
+    assert sample(**START)["duration_ms"] is None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"status": 200},  # the outcome is the end line's
+        {"duration_ms": 1.0},
+        {"bytes_out": 0},
+        {"bytes_in": 0},
+        {"method": None, "path": None, "http_version": None, "reason": "not_http"},
+    ],
+)
+def test_schema_rejects_start_lines_with_an_outcome(schema, bad):
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**sample(**START), **bad}, schema)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"phase": "middle"},
+        {"id": ""},
+        {"duration_ms": None},  # an end line has its outcome
+        {"bytes_in": None},
+        {"reason": "log_unavailable", "action": "ALLOW"},  # always a block
+        {"reason": "log_unavailable", "violation": True},
+    ],
+)
+def test_schema_rejects_bad_end_lines(schema, bad):
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**sample(), **bad}, schema)
+
+
+def test_every_reason_is_in_the_schema_and_explained(schema):
+    assert set(schema["$defs"]["http"]["properties"]["reason"]["enum"]) == {r.value for r in Reason}
+    assert set(REASON_TEXT) == set(Reason)
+
+
+def test_log_unavailable_is_a_valid_refusal(schema):
+    line = sample(action="BLOCK", reason="log_unavailable", status=503, rule=None)
+    jsonschema.validate(line, schema)
 
 
 def test_schema_rejects_extra_fields(schema):

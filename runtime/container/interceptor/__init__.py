@@ -21,8 +21,10 @@ Small addons, one concern each, in the order mitmproxy calls them:
   and answers blocked requests with a 403.
 - UpstreamPinning (gate.py): sends allowed requests to the judged name,
   resolved by the proxy, never to the IP the client dialled.
-- TrafficLogger (logger.py): one JSON line per request, from the Verdict on the
-  flow, when the response completes or the request fails.
+- TrafficLogger (logger.py): two JSON lines per request, from the Verdict on
+  the flow: "start" before anything is forwarded -- when the policy logs and it
+  cannot be written, the request is refused (503, `log_unavailable`) -- and
+  "end" when the response completes or the request fails.
 - Readiness (readiness.py): publishes the CA certificate, then the readiness
   marker, once mitmproxy is listening.
 
@@ -47,7 +49,7 @@ def make_addons() -> list[Any]:
     store = PolicyStore()
     sink = BlockSink()
     gate = PolicyGate(store, sink)
-    traffic = TrafficLogger()
+    traffic = TrafficLogger(sink)
     return [
         store,  # first: its `configure` loads the policy every other addon reads
         sink,  # listening before Readiness announces us

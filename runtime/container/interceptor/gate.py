@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from loguru import logger
 from mitmproxy import http
 from mitmproxy.proxy.mode_specs import TransparentMode
 
@@ -33,6 +34,8 @@ METADATA_KEY = "secure_proxy"
 DECISION_HEADER = "X-Secure-Proxy-Decision"
 STREAM_LARGE_BODIES = "1m"
 STREAM_LARGE_BODY_BYTES = 1024 * 1024
+#: Seconds a client refused for log_unavailable is told to wait.
+LOG_RETRY_AFTER = 5
 
 
 class Counter:
@@ -114,24 +117,31 @@ def not_http_decision(policy: Policy, host: str, path: str | None) -> Decision:
     return Decision(Action.BLOCK, Reason.NOT_HTTP, policy.mode, host, path or "/")
 
 
+def log_unavailable_decision(policy: Policy, decision: Decision) -> Decision:
+    """A block in every mode: the policy logs every request and the log cannot be written."""
+    return Decision(Action.BLOCK, Reason.LOG_UNAVAILABLE, policy.mode, decision.host, decision.path)
+
+
 def block_response(
     decision: Decision, method: str, scheme: str, port: int, source: str
 ) -> http.Response:
-    """403 with the explanation an agent can act on (the same text as `--network-check`)."""
+    """403 with the explanation an agent can act on (the same text as `--network-check`);
+    503 when the request was refused because the traffic log cannot be written."""
     host = f"[{decision.host}]" if ":" in decision.host else decision.host
     default = {"http": 80, "https": 443}.get(scheme)
     authority = host if port == default else f"{host}:{port}"
     url = f"{scheme}://{authority}{decision.path}"
     body = explain(decision, method, url, source).encode("utf-8")
-    return http.Response.make(
-        403,
-        body,
-        {
-            "Content-Type": "text/plain; charset=utf-8",
-            DECISION_HEADER: f"block; reason={decision.reason.value}",
-            "Cache-Control": "no-store",
-        },
-    )
+    headers = {
+        "Content-Type": "text/plain; charset=utf-8",
+        DECISION_HEADER: f"block; reason={decision.reason.value}",
+        "Cache-Control": "no-store",
+    }
+    if decision.reason is Reason.LOG_UNAVAILABLE:
+        # Not the request's fault, and over once the log can be written again.
+        headers["Retry-After"] = str(LOG_RETRY_AFTER)
+        return http.Response.make(503, body, headers)
+    return http.Response.make(403, body, headers)
 
 
 def body_may_stream(flow: http.HTTPFlow) -> bool:
@@ -219,8 +229,14 @@ class UpstreamPinning:
     """
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or flow.error is not None:
+            return
         verdict = verdict_of(flow)
-        if verdict is None or flow.response is not None or flow.error is not None:
+        if verdict is None:
+            # The gate failed (mitmproxy logs an addon's exception and goes on):
+            # a request nobody judged is closed, never sent to the address dialled.
+            logger.error("no verdict for {} {}: closed unjudged", flow.request.method, flow.id)
+            flow.kill()
             return
         if verdict.decision.blocked:
             return  # answered by the gate, or diverted to the block sink

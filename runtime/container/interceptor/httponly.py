@@ -147,6 +147,7 @@ class HttpOnly:
         if self.traffic is not None:
             self.traffic.write_not_http(
                 policy=self.store.policy,
+                conn_id=client.id,
                 started=client.timestamp_start or time.time(),
                 scheme=scheme,
                 host=name,

@@ -1,26 +1,47 @@
-"""The traffic log: one JSON line per request, and per connection closed as not HTTP."""
+"""The traffic log: a start and an end line per request, one line per connection closed
+as not HTTP. The log never fails open: a request that must be logged and whose
+start line cannot be written is refused (503, `log_unavailable`), never forwarded."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 from mitmproxy import ctx, http
 
 from runtime import paths
-from runtime.container.interceptor.gate import scheme_of, verdict_of
+from runtime.container.interceptor.gate import (
+    Verdict,
+    answer,
+    block_response,
+    log_unavailable_decision,
+    scheme_of,
+    verdict_of,
+)
 from runtime.core.policy import Policy, Reason
-from runtime.core.record import HttpRecord, format_ts
+from runtime.core.record import END, START, HttpRecord, format_ts
 from runtime.trafficlog import TrafficLogWriter
+
+if TYPE_CHECKING:
+    from runtime.container.interceptor.blocksink import BlockSink
 
 
 class TrafficLogger:
-    """One JSON line per request, exactly once: at the response, or at the error."""
+    """Logs each request twice, under one id (`flow.id`):
 
-    def __init__(self) -> None:
+    - start, at `requestheaders`, after the gate's verdict and before anything of
+      the request can go upstream: a request that reached the upstream is in the
+      log even if the interceptor is killed while it is in flight. When the
+      policy logs (monitor, or log_to_file) and this line cannot be written, the
+      request is answered 503 `log_unavailable` instead of being forwarded.
+    - end, exactly once: at the response, or at the error (status, duration, bytes).
+    """
+
+    def __init__(self, sink: BlockSink | None = None) -> None:
         self.writer: TrafficLogWriter | None = None  # opened by `configure`
+        self.sink = sink  # answers refused requests whose body streams
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -39,13 +60,33 @@ class TrafficLogger:
                 self.writer = TrafficLogWriter(path)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        verdict = verdict_of(flow)
+        if verdict is None:
+            return  # the gate runs first; without its verdict nothing is logged
+        if not self._log(flow, verdict, START, None):
+            self._refuse(flow, verdict)
+        if flow.response is not None or flow.error is not None:
+            return
         # Count body bytes as they pass. Streaming every allowed body also keeps
         # no body in memory; bodies are never inspected here.
-        verdict = verdict_of(flow)
-        if verdict is None or flow.response is not None or flow.error is not None:
-            return
         if not callable(flow.request.stream):
             flow.request.stream = verdict.sent_out
+
+    def _refuse(self, flow: http.HTTPFlow, verdict: Verdict) -> None:
+        """The start line is not in the log: nothing of this request may go out."""
+        if verdict.decision.blocked or verdict.invalid:
+            return  # refused already
+        if flow.error is not None or flow.response is not None:
+            return  # refused already
+        verdict.decision = log_unavailable_decision(verdict.policy, verdict.decision)
+        response = block_response(
+            verdict.decision,
+            flow.request.method,
+            scheme_of(flow),
+            verdict.port,
+            verdict.policy.source,
+        )
+        answer(flow, response, self.sink)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         verdict = verdict_of(flow)
@@ -56,10 +97,10 @@ class TrafficLogger:
 
     def response(self, flow: http.HTTPFlow) -> None:
         assert flow.response is not None
-        self._write(flow, flow.response.status_code)
+        self._end(flow, flow.response.status_code)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._write(flow, self._status_after_error(flow))
+        self._end(flow, self._status_after_error(flow))
 
     @staticmethod
     def _status_after_error(flow: http.HTTPFlow) -> int | None:
@@ -78,7 +119,7 @@ class TrafficLogger:
             return None
         return 502  # mitmproxy answers upstream failures with 502 Bad Gateway
 
-    def _write(self, flow: http.HTTPFlow, status: int | None) -> None:
+    def _end(self, flow: http.HTTPFlow, status: int | None) -> None:
         if flow.request is None:
             return
         verdict = verdict_of(flow)
@@ -89,17 +130,29 @@ class TrafficLogger:
         if verdict.logged:
             return
         verdict.logged = True
-        if not verdict.policy.log_to_file or self.writer is None:
-            return
+        self._log(flow, verdict, END, status)
+
+    def _log(self, flow: http.HTTPFlow, verdict: Verdict, phase: str, status: int | None) -> bool:
+        """Write one of the request's lines; False only when the policy logs and it failed."""
+        if not verdict.policy.log_to_file:
+            return True
+        if self.writer is None:
+            return False  # no log configured while the policy wants one: fail closed
         decision = verdict.decision
         rule = decision.rule
         request = flow.request
-        response = flow.response
-        bytes_in = verdict.sent_in.total
-        if response is not None and response.raw_content:
-            bytes_in += len(response.raw_content)
-        bytes_out = verdict.sent_out.total + len(request.raw_content or b"")
+        duration: float | None = None
+        bytes_out: int | None = None
+        bytes_in: int | None = None
+        if phase == END:
+            duration = (time.time() - verdict.started) * 1000.0
+            bytes_out = verdict.sent_out.total + len(request.raw_content or b"")
+            bytes_in = verdict.sent_in.total
+            if flow.response is not None and flow.response.raw_content:
+                bytes_in += len(flow.response.raw_content)
         record = HttpRecord(
+            phase=phase,
+            id=flow.id,
             ts=format_ts(verdict.started),
             action=decision.log_action,
             violation=decision.violation,
@@ -114,19 +167,21 @@ class TrafficLogger:
             path=decision.path,
             status=status,
             http_version=request.http_version,
-            duration_ms=(time.time() - verdict.started) * 1000.0,
+            duration_ms=duration,
             bytes_out=bytes_out,
             bytes_in=bytes_in,
         )
-        self.writer.write(record)
+        return self.writer.write(record)
 
     def write_not_http(
-        self, *, policy: Policy, started: float, scheme: str, host: str, port: int
+        self, *, policy: Policy, conn_id: str, started: float, scheme: str, host: str, port: int
     ) -> None:
         """The line for a connection closed before any HTTP request: nothing left the box."""
         if not policy.log_to_file or self.writer is None:
             return
         record = HttpRecord(
+            phase=END,
+            id=conn_id,
             ts=format_ts(started),
             action="BLOCK",
             violation=False,
