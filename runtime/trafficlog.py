@@ -12,6 +12,7 @@ interleave or break.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import time
@@ -44,7 +45,15 @@ class TrafficLogWriter:
 
     If the file is replaced or removed (log rotation, the log guard repairing
     tampering), the next write after `recheck_seconds` notices and reopens it.
-    Write errors are reported and never raised: logging must not break traffic.
+    Write errors are reported and never raised: `write` says whether the line is
+    in the file, and the caller decides what a lost line means (the interceptor
+    refuses requests that must be logged).
+
+    A line is written whole or not at all: a short write (the disk filled in the
+    middle of it) is cut off again, so the file ends with a complete line and
+    the next line starts clean. If it cannot be cut off (another process wrote
+    after it), or the file was found ending in a fragment, the next line starts
+    with a newline of its own: a fragment never runs into a good line.
     """
 
     def __init__(self, path: Path | str | None = None, recheck_seconds: float = 1.0) -> None:
@@ -54,10 +63,18 @@ class TrafficLogWriter:
         self._inode: tuple[int, int] | None = None
         self._checked = 0.0
         self._failing = False
+        self._torn = False  # the file ends in a fragment: start the next line on a new one
 
     def _open(self) -> int:
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        st = os.fstat(fd)
+        # Read access too: to see how the file ends (only its last byte is ever read).
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        fd = os.open(self.path, flags, 0o644)
+        try:
+            st = os.fstat(fd)
+            self._torn = st.st_size > 0 and os.pread(fd, 1, st.st_size - 1) != b"\n"
+        except OSError:
+            os.close(fd)
+            raise
         self._fd, self._inode = fd, (st.st_dev, st.st_ino)
         self._checked = time.monotonic()
         return fd
@@ -79,22 +96,44 @@ class TrafficLogWriter:
         return self._fd
 
     def write(self, record: Record) -> bool:
+        """Append one line; True once all of it is in the file."""
         data = encode_line(record)
         try:
             fd = self._current_fd()
+            if self._torn:
+                data = b"\n" + data
             written = os.write(fd, data)
-            if written != len(data):  # only on a full disk; the rest would break the line
-                raise OSError(f"short write ({written} of {len(data)} bytes)")
+            if written != len(data):  # the disk filled in the middle of the line
+                self._take_back(fd, written)
+                raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
         except OSError as exc:
             if not self._failing:
-                logger.error("traffic log {}: cannot write ({}); lines are lost", self.path, exc)
+                logger.error(
+                    "traffic log {}: cannot write ({}); requests that must be logged are "
+                    "refused until it can",
+                    self.path,
+                    exc,
+                )
             self._failing = True
             self.close()
             return False
+        self._torn = False
         if self._failing:
             logger.info("traffic log {}: writing again", self.path)
             self._failing = False
         return True
+
+    def _take_back(self, fd: int, written: int) -> None:
+        """Cut a partly written line off the end of the file again."""
+        end = os.lseek(fd, 0, os.SEEK_CUR)  # O_APPEND: just past what this write added
+        try:
+            # Only when nothing was appended after it (no one can on a full disk).
+            if os.fstat(fd).st_size == end:
+                os.ftruncate(fd, end - written)
+                return
+        except OSError as exc:
+            logger.warning("traffic log {}: cannot cut off a partial line ({})", self.path, exc)
+        self._torn = True
 
     def close(self) -> None:
         if self._fd is not None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import resource
+import signal
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
@@ -297,6 +300,66 @@ def test_lines_never_interleave_across_processes(tmp_path):
     for worker in range(6):
         mine = [int(r["path"].split("/")[2]) for r in records if r["bytes_in"] == worker]
         assert mine == list(range(400))
+
+
+def _fill_up(path: str, take_back_fails: bool, results: Any) -> None:
+    """In a child: a file size limit (RLIMIT_FSIZE) makes write() short, as a full disk does."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if take_back_fails:
+
+        def refuse(fd: int, length: int) -> None:
+            raise PermissionError("ftruncate refused")
+
+        os.ftruncate = refuse  # this child only
+    writer = TrafficLogWriter(path)
+    first = writer.write(record(path="/first"))
+    size = os.path.getsize(path)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, hard))
+    second = writer.write(record(path="/second"))  # about 400 bytes, 100 fit
+    third = writer.write(record(path="/third"))  # the limit is reached: nothing fits
+    after = os.path.getsize(path)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+    fourth = writer.write(record(path="/fourth"))  # space again
+    writer.close()
+    results.send((first, second, third, fourth, size, after))
+
+
+@pytest.mark.parametrize("take_back_fails", [False, True])
+def test_a_short_write_never_breaks_the_next_line(tmp_path: Path, take_back_fails: bool):
+    path = tmp_path / "traffic.jsonl"
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_fill_up, args=(str(path), take_back_fails, send))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    first, second, third, fourth, size, after = receive.recv()
+    assert (first, second, third, fourth) == (True, False, False, True)
+    text = path.read_text()
+    if not take_back_fails:
+        # The partial line was cut off again: the file is whole lines only.
+        assert after == size
+        assert [r["path"] for r in read_lines(path)] == ["/first", "/fourth"]
+    else:
+        # It could not be: it stays a fragment of its own, the next line starts clean.
+        first_line, fragment, last = text.splitlines()
+        assert json.loads(first_line)["path"] == "/first"
+        assert json.loads(last)["path"] == "/fourth"
+        assert len(fragment) == 100 and not fragment.endswith("}")
+    assert text.endswith("\n")
+
+
+def test_a_file_ending_in_a_fragment_gets_a_newline_first(tmp_path: Path):
+    path = tmp_path / "traffic.jsonl"
+    path.write_bytes(encode_line(record(path="/old")) + b'{"kind":"http","v":1,"pha')
+    writer = TrafficLogWriter(path)
+    assert writer.write(record(path="/new"))
+    assert writer.write(record(path="/newer"))
+    writer.close()
+    old, fragment, new, newer = path.read_text().splitlines()
+    assert fragment == '{"kind":"http","v":1,"pha'
+    assert [json.loads(x)["path"] for x in (old, new, newer)] == ["/old", "/new", "/newer"]
 
 
 def test_read_lines_of_empty_file(tmp_path: Path):
