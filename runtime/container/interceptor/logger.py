@@ -74,9 +74,8 @@ class TrafficLogger:
 
     def _refuse(self, flow: http.HTTPFlow, verdict: Verdict) -> None:
         """The start line is not in the log: nothing of this request may go out."""
-        if verdict.decision.blocked or verdict.invalid:
-            return  # refused already
-        if flow.error is not None or flow.response is not None:
+        answered = flow.error is not None or flow.response is not None
+        if verdict.decision.blocked or verdict.invalid or answered:
             return  # refused already
         verdict.decision = log_unavailable_decision(verdict.policy, verdict.decision)
         response = block_response(
