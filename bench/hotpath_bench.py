@@ -10,7 +10,7 @@ In-process, no network, no root needed:
 - the addon chain mitmproxy runs for one allowed request (PolicyGate,
   UpstreamPinning, TrafficLogger: requestheaders, responseheaders, response),
   with the traffic log on (a real file) and off, on mitmproxy's own test flows;
-  and its parts: decide, make_record, encode_line, the log write;
+  and its parts: decide, HttpRecord, encode_line, the log write;
 - start-up imports: `import runtime.container.interceptor` in a fresh interpreter against
   importing the mitmproxy modules it needs.
 
@@ -43,9 +43,12 @@ from mitmproxy import http  # noqa: E402
 from mitmproxy.proxy.mode_specs import ProxyMode  # noqa: E402
 from mitmproxy.test import tflow  # noqa: E402
 
-from runtime.container.interceptor import PolicyGate, TrafficLogger, UpstreamPinning  # noqa: E402
+from runtime.container.interceptor.gate import PolicyGate, UpstreamPinning  # noqa: E402
+from runtime.container.interceptor.logger import TrafficLogger  # noqa: E402
+from runtime.container.interceptor.policystore import PolicyStore  # noqa: E402
 from runtime.core.policy import Mode, Origin, Policy, Request, make_rule  # noqa: E402
-from runtime.trafficlog import TrafficLogWriter, encode_line, make_record  # noqa: E402
+from runtime.core.record import HttpRecord, format_ts  # noqa: E402
+from runtime.trafficlog import TrafficLogWriter, encode_line  # noqa: E402
 
 USER = Origin("user", "/work/.copilot_here/network.json")
 DIALLED = "198.18.0.1"
@@ -117,9 +120,10 @@ def make_flow(url: str, sni: str) -> http.HTTPFlow:
 
 
 def chain(policy: Policy, writer: TrafficLogWriter | None) -> Callable[[http.HTTPFlow], None]:
-    gate = PolicyGate(policy)
+    gate = PolicyGate(PolicyStore(policy))
     pin = UpstreamPinning()
-    log = TrafficLogger(gate, writer)
+    log = TrafficLogger()
+    log.writer = writer
 
     def one(flow: http.HTTPFlow) -> None:
         response = flow.response
@@ -175,8 +179,10 @@ def bench_chain(quick: bool, logdir: Path) -> dict[str, Any]:
     policy = Policy.build(Mode.ENFORCE, True, rules(1000), "bench")
     request = requests()["exact host, path allowed"]
     decision = policy.decide(request)
+    now = time.time()
     fields = {
-        "ts": time.time(),
+        "phase": "end",
+        "id": "0f5e4a6c-1d2b-4a8e-9c3f-7b6a5d4c3b2a",
         "action": decision.log_action,
         "violation": False,
         "mode": "enforce",
@@ -194,12 +200,12 @@ def bench_chain(quick: bool, logdir: Path) -> dict[str, Any]:
         "bytes_out": 0,
         "bytes_in": 12,
     }
-    record = make_record(**fields)
+    record = HttpRecord(ts=format_ts(now), **fields)
     writer = TrafficLogWriter(logdir / "parts.jsonl")
     number = 2000 if quick else 20000
     parts = {
         "decide": best_us(lambda: policy.decide(request), number),
-        "make_record": best_us(lambda: make_record(**fields), number),
+        "HttpRecord + format_ts": best_us(lambda: HttpRecord(ts=format_ts(now), **fields), number),
         "encode_line": best_us(lambda: encode_line(record), number),
         "writer.write (encode + os.write)": best_us(lambda: writer.write(record), number),
     }

@@ -1,12 +1,8 @@
-"""The traffic log: /logs/traffic.jsonl, one JSON object per request.
+"""The traffic log's writer: /logs/traffic.jsonl, one JSON object per line.
 
-The schema lives here (FIELDS, make_record) and in config/traffic-log.schema.json;
-a unit test keeps the two in step. What is never written: query strings,
-header values, bodies, credentials. Only the values named in FIELDS go in,
-and `path` is the policy core's normalised path (no query, no fragment).
-
-A connection closed because it was not HTTP (reason `not_http`, no request to
-speak of) has null `method`, `path` and `http_version`: they were never seen.
+What a line holds is runtime.core.record's (one dataclass per kind: HttpRecord
+for the interceptor, DnsRecord for the DNS guard); config/traffic-log.schema.json
+describes it for readers, and a unit test keeps the two in step.
 
 Every line is written with one os.write() on an O_APPEND descriptor: the
 kernel appends it whole, so lines of several writer processes never
@@ -16,56 +12,17 @@ interleave or break.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import time
-from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
 from runtime import paths
-
-#: Every field of a log line, in the order written. All are always present.
-FIELDS: tuple[str, ...] = (
-    "ts",
-    "action",
-    "violation",
-    "mode",
-    "reason",
-    "rule",
-    "rule_source",
-    "method",
-    "scheme",
-    "host",
-    "port",
-    "path",
-    "status",
-    "http_version",
-    "duration_ms",
-    "bytes_out",
-    "bytes_in",
-)
-
-#: A DNS guard record (`kind: "dns"`): one per query, in the order written.
-DNS_FIELDS: tuple[str, ...] = (
-    "kind",
-    "ts",
-    "action",
-    "violation",
-    "mode",
-    "reason",
-    "rule",
-    "rule_source",
-    "host",
-    "qtype",
-    "transport",
-    "rcode",
-    "answers",
-    "duration_ms",
-)
+from runtime.core.record import Record, to_dict
 
 SCHEMA_FILE = "traffic-log.schema.json"
 
@@ -74,109 +31,13 @@ def schema_path() -> Path:
     return paths.share_dir() / SCHEMA_FILE
 
 
-#: The last second formatted: lines come many per second, strftime is the slow part.
-_last_second: tuple[datetime | None, str] = (None, "")
-
-
-def format_ts(epoch: float) -> str:
-    """UTC, RFC 3339 with milliseconds: 2026-11-28T08:00:00.123Z."""
-    global _last_second
-    moment = datetime.fromtimestamp(epoch, UTC)
-    second = moment.replace(microsecond=0)
-    cached, prefix = _last_second
-    if cached != second:
-        prefix = second.strftime("%Y-%m-%dT%H:%M:%S.")
-        _last_second = (second, prefix)
-    return prefix + f"{moment.microsecond // 1000:03d}Z"
-
-
-def make_record(
-    *,
-    ts: float,
-    action: str,
-    violation: bool,
-    mode: str,
-    reason: str,
-    rule: str | None,
-    rule_source: str | None,
-    method: str | None,
-    scheme: str,
-    host: str,
-    port: int,
-    path: str | None,
-    status: int | None,
-    http_version: str | None,
-    duration_ms: float,
-    bytes_out: int,
-    bytes_in: int,
-) -> dict[str, Any]:
-    """One log line's object. Keyword-only, so a new field is a change here and in the schema."""
-    return {
-        "ts": format_ts(ts),
-        "action": action,
-        "violation": bool(violation),
-        "mode": mode,
-        "reason": reason,
-        "rule": rule,
-        "rule_source": rule_source,
-        "method": method,
-        "scheme": scheme,
-        "host": host,
-        # The path is already normalised by the core; drop a query defensively.
-        "port": int(port),
-        "path": None if path is None else path.split("?", 1)[0].split("#", 1)[0] or "/",
-        "status": status,
-        "http_version": http_version,
-        "duration_ms": round(max(duration_ms, 0.0), 3),
-        "bytes_out": max(int(bytes_out), 0),
-        "bytes_in": max(int(bytes_in), 0),
-    }
-
-
-def make_dns_record(
-    *,
-    ts: float,
-    action: str,
-    violation: bool,
-    mode: str,
-    reason: str,
-    rule: str | None,
-    rule_source: str | None,
-    host: str,
-    qtype: str,
-    transport: str,
-    rcode: str,
-    answers: int,
-    duration_ms: float,
-) -> dict[str, Any]:
-    """One DNS guard line's object (see DNS_FIELDS)."""
-    return {
-        "kind": "dns",
-        "ts": format_ts(ts),
-        "action": action,
-        "violation": bool(violation),
-        "mode": mode,
-        "reason": reason,
-        "rule": rule,
-        "rule_source": rule_source,
-        "host": host,
-        "qtype": qtype,
-        "transport": transport,
-        "rcode": rcode,
-        "answers": max(int(answers), 0),
-        "duration_ms": round(max(duration_ms, 0.0), 3),
-    }
-
-
 #: json.dumps with separators builds a new encoder per call; this one is built once.
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
-def encode_line(record: Mapping[str, Any]) -> bytes:
+def encode_line(record: Record) -> bytes:
     """The bytes of one line: compact ASCII JSON and a newline, so one line is one write."""
-    fields = DNS_FIELDS if record.get("kind") == "dns" else FIELDS
-    text = _ENCODER.encode({key: record[key] for key in fields})
-    return text.encode("ascii") + b"\n"
+    return _ENCODER.encode(to_dict(record)).encode("ascii") + b"\n"
 
 
 class TrafficLogWriter:
@@ -184,7 +45,15 @@ class TrafficLogWriter:
 
     If the file is replaced or removed (log rotation, the log guard repairing
     tampering), the next write after `recheck_seconds` notices and reopens it.
-    Write errors are reported and never raised: logging must not break traffic.
+    Write errors are reported and never raised: `write` says whether the line is
+    in the file, and the caller decides what a lost line means (the interceptor
+    refuses requests that must be logged).
+
+    A line is written whole or not at all: a short write (the disk filled in the
+    middle of it) is cut off again, so the file ends with a complete line and
+    the next line starts clean. If it cannot be cut off (another process wrote
+    after it), or the file was found ending in a fragment, the next line starts
+    with a newline of its own: a fragment never runs into a good line.
     """
 
     def __init__(self, path: Path | str | None = None, recheck_seconds: float = 1.0) -> None:
@@ -194,10 +63,18 @@ class TrafficLogWriter:
         self._inode: tuple[int, int] | None = None
         self._checked = 0.0
         self._failing = False
+        self._torn = False  # the file ends in a fragment: start the next line on a new one
 
     def _open(self) -> int:
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        st = os.fstat(fd)
+        # Read access too: to see how the file ends (only its last byte is ever read).
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        fd = os.open(self.path, flags, 0o644)
+        try:
+            st = os.fstat(fd)
+            self._torn = st.st_size > 0 and os.pread(fd, 1, st.st_size - 1) != b"\n"
+        except OSError:
+            os.close(fd)
+            raise
         self._fd, self._inode = fd, (st.st_dev, st.st_ino)
         self._checked = time.monotonic()
         return fd
@@ -218,23 +95,45 @@ class TrafficLogWriter:
                 return self._open()
         return self._fd
 
-    def write(self, record: Mapping[str, Any]) -> bool:
+    def write(self, record: Record) -> bool:
+        """Append one line; True once all of it is in the file."""
         data = encode_line(record)
         try:
             fd = self._current_fd()
+            if self._torn:
+                data = b"\n" + data
             written = os.write(fd, data)
-            if written != len(data):  # only on a full disk; the rest would break the line
-                raise OSError(f"short write ({written} of {len(data)} bytes)")
+            if written != len(data):  # the disk filled in the middle of the line
+                self._take_back(fd, written)
+                raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
         except OSError as exc:
             if not self._failing:
-                logger.error("traffic log {}: cannot write ({}); lines are lost", self.path, exc)
+                logger.error(
+                    "traffic log {}: cannot write ({}); requests that must be logged are "
+                    "refused until it can",
+                    self.path,
+                    exc,
+                )
             self._failing = True
             self.close()
             return False
+        self._torn = False
         if self._failing:
             logger.info("traffic log {}: writing again", self.path)
             self._failing = False
         return True
+
+    def _take_back(self, fd: int, written: int) -> None:
+        """Cut a partly written line off the end of the file again."""
+        end = os.lseek(fd, 0, os.SEEK_CUR)  # O_APPEND: just past what this write added
+        try:
+            # Only when nothing was appended after it (no one can on a full disk).
+            if os.fstat(fd).st_size == end:
+                os.ftruncate(fd, end - written)
+                return
+        except OSError as exc:
+            logger.warning("traffic log {}: cannot cut off a partial line ({})", self.path, exc)
+        self._torn = True
 
     def close(self) -> None:
         if self._fd is not None:

@@ -32,7 +32,7 @@ from dnslib import QTYPE, RCODE, DNSError, DNSRecord
 from loguru import logger
 
 from runtime.core.policy import Action, Decision, HostError, Mode, Policy, Reason, normalize_host
-from runtime.trafficlog import make_dns_record
+from runtime.core.record import DnsRecord, format_ts
 
 #: How long one upstream resolver gets before the next is tried.
 UPSTREAM_TIMEOUT = 2.0
@@ -141,7 +141,7 @@ def _recv_exact(sock: socket.socket, count: int) -> bytes:
     return out
 
 
-Recorder = Callable[[dict[str, Any]], None]
+Recorder = Callable[[DnsRecord], object]
 
 
 class Guard:
@@ -170,8 +170,8 @@ class Guard:
         if policy.log_to_file:
             rule = decision.rule
             self.record(
-                make_dns_record(
-                    ts=started,
+                DnsRecord(
+                    ts=format_ts(started),
                     action=decision.log_action,
                     violation=decision.violation,
                     mode=decision.mode.value,

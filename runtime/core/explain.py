@@ -21,6 +21,8 @@ REASON_TEXT = {
     "(domain fronting)",
     Reason.NOT_HTTP: "only HTTP requests and WebSockets can be judged; switching this "
     "connection to another protocol is refused in every mode",
+    Reason.LOG_UNAVAILABLE: "the traffic log cannot be written (disk full or I/O error) and "
+    "this policy logs every request, so nothing is sent unlogged",
 }
 
 
@@ -50,6 +52,12 @@ def explain(decision: Decision, method: str, url: str, config_source: str) -> st
         elif decision.reason is Reason.NOT_HTTP:
             # No rule can help: the proxy has nothing to judge once the protocol changes.
             lines.append("fix: none in the config; use plain HTTP(S) or a WebSocket")
+        elif decision.reason is Reason.LOG_UNAVAILABLE:
+            lines.append(
+                "fix: free space where the traffic log is written (/logs in the container: "
+                "the logs directory on the host), then retry; requests work again as soon "
+                "as a line can be written"
+            )
         else:
             rule = json.dumps(suggested_rule(decision))
             lines.append(f'fix: add this rule to "allowed_rules" in {config_source}: {rule}')

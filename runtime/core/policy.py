@@ -47,6 +47,9 @@ class Reason(StrEnum):
     #: Set by the interceptor, never by `decide`: the connection was not HTTP (or asked to
     #: switch to a protocol other than WebSocket), so it cannot be judged and is closed.
     NOT_HTTP = "not_http"
+    #: Set by the interceptor, never by `decide`: the policy requires every request to be
+    #: logged and the traffic log cannot be written, so nothing may go out unlogged.
+    LOG_UNAVAILABLE = "log_unavailable"
 
 
 BUILT_IN = "built-in"

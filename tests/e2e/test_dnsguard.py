@@ -18,10 +18,12 @@ import threading
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from runtime import paths
 from runtime.core.policy import Mode, Policy, make_rule
+from runtime.trafficlog import schema_path
 from tests.harness import python_bin
 
 pytestmark = pytest.mark.e2e
@@ -200,6 +202,10 @@ def test_every_query_is_a_log_record(guarded):
     ]
     assert records[0]["answers"] == 1 and records[1]["rcode"] == "NXDOMAIN"
     assert records[1]["transport"] == "tcp"
+    schema = json.loads(schema_path().read_text())
+    for line in guarded.log_lines():  # the same schema as the interceptor's lines
+        jsonschema.validate(line, schema)
+        assert (line["kind"], line["v"]) == ("dns", 1)
     guarded.names_upstream()
 
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from subprocess import CompletedProcess, Popen
+from subprocess import CompletedProcess
 from typing import Any
 
 import jsonschema
@@ -30,6 +30,7 @@ from runtime.core.policy import Mode, Origin, Policy, make_rule
 from runtime.resolve import write_policy
 from runtime.trafficlog import schema_path
 from tests.harness import Topology, python_bin
+from tests.harness.interceptor import Interceptor
 from tests.harness.upstream import (
     UpstreamCA,
     build_git_repo,
@@ -84,7 +85,7 @@ class Env:
     proxy_ca: Path  # the interceptor's published CA, as clients see it
     policy_file: Path
     log_file: Path
-    interceptor: Popen[Any]
+    interceptor: Interceptor
     interceptor_err: Path
     other_ip: str
     source: str
@@ -108,10 +109,14 @@ class Env:
 
     # -- the traffic log -----------------------------------------------------
 
-    def log_lines(self) -> list[dict[str, Any]]:
+    def all_lines(self) -> list[dict[str, Any]]:
         if not self.log_file.exists():
             return []
         return [json.loads(line) for line in self.log_file.read_text().splitlines()]
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """The end lines: one per request (and per connection closed as not HTTP)."""
+        return [line for line in self.all_lines() if line["phase"] == "end"]
 
     def new_lines(self, before: int, expected: int, timeout: float = 5.0) -> list[dict]:
         """Exactly `expected` lines appended since `before` (waits for late writes)."""
@@ -211,24 +216,18 @@ def env(module_topology: Topology, staged_source: str) -> Iterator[Env]:
     proxy_ca = work / "ca" / "ca.pem"
     log_file = work / "logs" / "traffic.jsonl"
     err_path = work / "interceptor.err"
-    err = err_path.open("w")
-    interceptor = topo.box_popen(
-        [
-            *(python_bin(), "-m", "runtime.container.interceptor"),
-            *("--policy", str(policy_file), "--confdir", str(work / "confdir")),
-            *("--traffic-log", str(log_file), "--ca-cert", str(proxy_ca)),
-            *("--ready-marker", str(marker), "--verbosity", "info"),
-        ],
-        user=PROXY_UID,
-        env={"PYTHONPATH": staged_source, "SECURE_PROXY_UPSTREAM_CA": str(ca.ca_cert)},
-        stdout=err,
-        stderr=err,
-    )
-    deadline = time.monotonic() + 30
-    while not (marker.exists() and marker.read_text().startswith("{")):
-        if interceptor.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"interceptor did not start: {err_path.read_text()}")
-        time.sleep(0.1)
+    interceptor = Interceptor(
+        topo,
+        uid=PROXY_UID,
+        source=staged_source,
+        policy_file=policy_file,
+        log_file=log_file,
+        confdir=work / "confdir",
+        proxy_ca=proxy_ca,
+        marker=marker,
+        err_path=err_path,
+        upstream_ca=ca.ca_cert,
+    ).start()
     yield Env(
         topo=topo,
         work=work,
@@ -243,9 +242,8 @@ def env(module_topology: Topology, staged_source: str) -> Iterator[Env]:
         records=records,
         raw_targets=raw_targets,
     )
-    topo.stop(interceptor)
+    interceptor.stop()
     topo.stop(server)
-    err.close()
     server_log.close()
     assert not marker.exists(), "readiness marker left behind at shutdown"
     shutil.rmtree(work, ignore_errors=True)
@@ -957,8 +955,20 @@ def test_zz_every_log_line_valid_and_clean(env: Env):
     text = env.log_file.read_text()
     lines = text.splitlines()
     assert len(lines) > 30
-    for line in lines:
-        jsonschema.validate(json.loads(line), schema)
+    records = [json.loads(line) for line in lines]
+    for record in records:
+        jsonschema.validate(record, schema)
+        assert (record["kind"], record["v"]) == ("http", 1)
+    # Every request has its start line, before its end line, with the same request.
+    starts = {r["id"]: (i, r) for i, r in enumerate(records) if r["phase"] == "start"}
+    assert len(starts) == sum(r["phase"] == "start" for r in records)  # one per id
+    same = ("ts", "method", "scheme", "host", "port", "path", "http_version")
+    for i, end in enumerate(records):
+        if end["phase"] != "end" or end["method"] is None:
+            continue  # a start line, or a connection closed before any request (no start)
+        where, start = starts.pop(end["id"])
+        assert where < i and [start[k] for k in same] == [end[k] for k in same], (start, end)
+    assert not starts, starts  # and an end line for each: nothing was in flight
     assert SECRET not in text
     assert "?" not in text
     # User-Agent and other header values of the clients above

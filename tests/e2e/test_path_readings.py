@@ -126,9 +126,11 @@ class Env:
         path = self.work / "logs" / "traffic.jsonl"
         deadline = time.monotonic() + 5
         while True:
-            lines = path.read_text().splitlines() if path.exists() else []
+            text = path.read_text() if path.exists() else ""
+            # One end line per request (its start line was written before it went on).
+            lines = [x for x in map(json.loads, text.splitlines()) if x["phase"] == "end"]
             if len(lines) >= wait_for or time.monotonic() > deadline:
-                return [json.loads(line) for line in lines]
+                return lines
             time.sleep(0.05)
 
     @staticmethod

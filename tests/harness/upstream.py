@@ -17,7 +17,9 @@ stream (what a hostile server would do to turn the connection into a tunnel).
 
 With `--record FILE` the server appends one JSON line per connection when it is
 accepted (`"ev": "open"`) and one when it ends (`"ev": "data"`, with every byte
-received on it, after TLS): the upstream's own account of what reached it.
+received on it, after TLS), and one per request as soon as its head is read
+(`"ev": "request"`, method and raw path): the upstream's own account of what
+reached it. `/slow/<ms>[/...]` answers only after that many milliseconds.
 """
 
 from __future__ import annotations
@@ -335,6 +337,8 @@ class Handler(BaseHTTPRequestHandler):
         return target if target.is_file() else None
 
     def _handle(self) -> None:
+        local = self.connection.getsockname()[0]
+        self.recorder.write(ev="request", local=local, method=self.command, path=self.path)
         body = self._body()
         upgrade = self.headers.get("Upgrade", "")
         if upgrade.lower() == "websocket":
@@ -348,6 +352,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.path.split("?", 1)[0].startswith("/bytes/"):
             size = int(self.path.split("?", 1)[0].rsplit("/", 1)[1])
             return self._send(200, b"x" * size, "application/octet-stream")
+        if self.path.split("?", 1)[0].startswith("/slow/"):
+            time.sleep(int(self.path.split("?", 1)[0].split("/")[2]) / 1000)
+            return self._send(200, b"slow\n", "text/plain")
         if self.path.split("?", 1)[0].startswith("/status/"):
             status = int(self.path.split("?", 1)[0].rsplit("/", 1)[1])
             return self._send(status, b"status\n", "text/plain")

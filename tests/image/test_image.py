@@ -234,9 +234,13 @@ def test_enforce_allows_blocks_and_logs_on_the_host(
         assert f"BLOCKED: GET {url}" in body, body
     assert "Rules ENABLED (mode: enforce)" in result.stderr
 
-    # The log on the host (the CLI's default logs dir, in the XDG state dir), one
-    # line per request.
+    # The log on the host (the CLI's default logs dir, in the XDG state dir): a
+    # start and an end line per request.
     lines = traffic_lines(default_logs_dir(project, Path(env["HOME"]), env))
+    assert {line["id"] for line in lines if line["phase"] == "start"} == {
+        line["id"] for line in lines if line["phase"] == "end"
+    }, lines
+    lines = [line for line in lines if line["phase"] == "end"]
     seen_lines = {
         (line["scheme"], line["host"], line["path"], str(line["action"]).lower(), line["status"])
         for line in lines

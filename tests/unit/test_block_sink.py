@@ -7,7 +7,7 @@ import asyncio
 from mitmproxy import http
 from mitmproxy.test import tflow
 
-from runtime.container.interceptor import BlockSink
+from runtime.container.interceptor.blocksink import BlockSink
 
 
 async def _exchange(sink: BlockSink, raw: bytes) -> bytes:
@@ -32,11 +32,12 @@ def test_diverted_request_gets_its_403_once_whatever_the_framing() -> None:
             assert (flow.request.host, flow.request.port) == ("127.0.0.1", sink.port)
             token = flow.request.headers[BlockSink.TOKEN_HEADER]
             body = b"x" * 300_000
+            # mitmproxy sends HTTP/1.1 with a Host header (mandatory, RFC 9112 3.2).
             if framing == "length":
-                head = f"POST /u HTTP/1.1\r\nContent-Length: {len(body)}\r\n"
+                head = f"POST /u HTTP/1.1\r\nHost: evil.test\r\nContent-Length: {len(body)}\r\n"
                 payload = body
             else:
-                head = "POST /u HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+                head = "POST /u HTTP/1.1\r\nHost: evil.test\r\nTransfer-Encoding: chunked\r\n"
                 payload = (
                     b"".join(
                         b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:1000], body[1000:])
@@ -62,3 +63,27 @@ def test_without_a_running_sink_nothing_is_diverted() -> None:
     flow = tflow.tflow()
     assert BlockSink().divert(flow, http.Response.make(403)) is False
     assert flow.request.host != "127.0.0.1"
+
+
+def test_expect_100_continue_gets_its_interim_answer_first() -> None:
+    async def scenario() -> tuple[bytes, bytes]:
+        sink = BlockSink()
+        await sink.running()
+        flow = tflow.tflow()
+        assert sink.divert(flow, http.Response.make(403, b"no\n"))
+        token = flow.request.headers[BlockSink.TOKEN_HEADER]
+        reader, writer = await asyncio.open_connection("127.0.0.1", sink.port)
+        writer.write(
+            b"PUT /u HTTP/1.1\r\nHost: evil.test\r\nContent-Length: 3\r\n"
+            b"Expect: 100-continue\r\n" + f"{BlockSink.TOKEN_HEADER}: {token}\r\n\r\n".encode()
+        )
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.write(b"abc")
+        final = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        await sink.done()
+        return interim, final
+
+    interim, final = asyncio.run(scenario())
+    assert interim.startswith(b"HTTP/1.1 100 ")
+    assert final.startswith(b"HTTP/1.1 403 Forbidden\r\n") and final.endswith(b"\r\n\r\nno\n")

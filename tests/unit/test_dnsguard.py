@@ -14,6 +14,7 @@ from dnslib import QTYPE, RCODE, DNSRecord
 
 from runtime.container.dnsguard import Guard, Upstream, judge_name, parse_query
 from runtime.core.policy import Action, Mode, Policy, Reason, make_rule
+from runtime.core.record import DnsRecord
 from tests.harness.dns import DnsServer, build_query
 
 
@@ -96,7 +97,7 @@ def _ask(guard: Guard, name: str, tcp: bool = False) -> bytes | None:
 @pytest.mark.parametrize("tcp", [False, True])
 def test_enforce_forwards_allowed_and_answers_nxdomain_for_the_rest(upstream, tcp) -> None:
     server, up = upstream
-    records: list[dict] = []
+    records: list[DnsRecord] = []
     guard = Guard(ENFORCE, up, records.append)
     allowed = DNSRecord.parse(_ask(guard, "api.github.com", tcp))
     assert [str(rr.rdata) for rr in allowed.rr] == ["198.18.0.7"]
@@ -104,27 +105,27 @@ def test_enforce_forwards_allowed_and_answers_nxdomain_for_the_rest(upstream, tc
     assert denied.header.rcode == RCODE.NXDOMAIN and not denied.rr
     # The upstream saw the allowed name only: the secret never left.
     assert [q["name"] for q in server.queries] == ["api.github.com"]
-    assert [(r["host"], r["action"], r["reason"], r["answers"]) for r in records] == [
+    assert [(r.host, r.action, r.reason, r.answers) for r in records] == [
         ("api.github.com", "ALLOW", "rule_match", 1),
         ("c2vjcmv0.evil.test", "BLOCK", "host_not_allowed", 0),
     ]
-    assert {r["kind"] for r in records} == {"dns"}
-    assert records[1]["rcode"] == "NXDOMAIN" and records[0]["qtype"] == "A"
+    assert {r.kind for r in records} == {"dns"}
+    assert records[1].rcode == "NXDOMAIN" and records[0].qtype == "A"
 
 
 def test_monitor_forwards_and_flags(upstream) -> None:
     server, up = upstream
-    records: list[dict] = []
+    records: list[DnsRecord] = []
     guard = Guard(policy(Mode.MONITOR, "api.github.com"), up, records.append)
     answer = DNSRecord.parse(_ask(guard, "evil.test"))
     assert [str(rr.rdata) for rr in answer.rr] == ["198.18.0.66"]
     assert [q["name"] for q in server.queries] == ["evil.test"]
-    assert records[0]["violation"] is True and records[0]["action"] == "ALLOW"
+    assert records[0].violation is True and records[0].action == "ALLOW"
 
 
 def test_nothing_recorded_when_the_policy_does_not_log(upstream) -> None:
     _, up = upstream
-    records: list[dict] = []
+    records: list[DnsRecord] = []
     guard = Guard(policy(Mode.ENFORCE, "api.github.com", log=False), up, records.append)
     _ask(guard, "evil.test")
     assert records == []

@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from mitmproxy import connection, http
+from mitmproxy import connection, exceptions, http
 from mitmproxy.addons.next_layer import NextLayer
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy import commands, events, layer
@@ -26,24 +28,28 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
 
 from runtime.container import interceptor
-from runtime.container.interceptor import (
+from runtime.container.interceptor import main as interceptor_main
+from runtime.container.interceptor.gate import (
     DECISION_HEADER,
+    PolicyGate,
+    UpstreamPinning,
+    verdict_of,
+)
+from runtime.container.interceptor.httponly import (
     MAX_REQUEST_LINE,
     Closed,
     HttpOnly,
-    PolicyGate,
-    PolicyReloader,
-    Readiness,
-    TrafficLogger,
     UpgradeGuard,
-    UpstreamPinning,
     starts_like_http,
-    verdict_of,
 )
+from runtime.container.interceptor.logger import TrafficLogger
+from runtime.container.interceptor.policystore import NO_POLICY, PolicyStore
+from runtime.container.interceptor.readiness import Readiness
 from runtime.core.explain import explain
 from runtime.core.policy import Mode, Origin, Policy, make_rule
+from runtime.core.record import HTTP_FIELDS
 from runtime.resolve import write_policy
-from runtime.trafficlog import FIELDS, read_lines, schema_path
+from runtime.trafficlog import read_lines, schema_path
 
 CONFIG = "/work/.copilot_here/network.json"
 USER = Origin("user", CONFIG)
@@ -94,13 +100,13 @@ def tmp_log(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def addons(tmp_log: Path):
-    gate = PolicyGate(policy())
+    store = PolicyStore(policy())
+    gate = PolicyGate(store)
     pin = UpstreamPinning()
-    log = TrafficLogger(gate)
-    reloader = PolicyReloader(gate)
-    with taddons.context(gate, pin, log, reloader) as tctx:
+    log = TrafficLogger()
+    with taddons.context(store, gate, pin, log) as tctx:
         tctx.configure(log, secure_proxy_traffic_log=str(tmp_log))
-        yield tctx, gate, pin, log, reloader
+        yield tctx, gate, pin, log, store
 
 
 def run(addons, flow: http.HTTPFlow, status: int = 200, body: bytes = b"hello") -> None:
@@ -123,8 +129,13 @@ def run(addons, flow: http.HTTPFlow, status: int = 200, body: bytes = b"hello") 
     log.response(flow)
 
 
-def lines(path: Path) -> list[dict]:
+def all_lines(path: Path) -> list[dict]:
     return read_lines(path) if path.exists() else []
+
+
+def lines(path: Path) -> list[dict]:
+    """The end lines: one per request (and per connection closed as not HTTP)."""
+    return [line for line in all_lines(path) if line["phase"] == "end"]
 
 
 def validate(record: dict) -> None:
@@ -180,7 +191,7 @@ def test_allowed_request_is_pinned_to_the_judged_name(addons, tmp_log):
     assert flow.request.headers["Host"] == "api.github.com"
     [line] = lines(tmp_log)
     validate(line)
-    assert list(line) == list(FIELDS)
+    assert list(line) == list(HTTP_FIELDS)
     assert line["action"] == "ALLOW" and line["reason"] == "rule_match"
     assert line["path"] == "/repos/a/b" and line["bytes_in"] == 1234
     assert line["host"] == "api.github.com" and line["port"] == 443
@@ -246,7 +257,7 @@ def test_keep_alive_second_request_is_judged_on_its_own(addons, tmp_log):
 
 def test_monitor_lets_violations_through_and_logs_them(addons, tmp_log):
     _tctx, gate, *_ = addons
-    gate.policy = policy(Mode.MONITOR, False)
+    gate.store.policy = policy(Mode.MONITOR, False)
     flow = make_flow("https://evil.test/x", sni="evil.test")
     run(addons, flow)
     assert flow.response.status_code == 200
@@ -260,7 +271,7 @@ def test_monitor_lets_violations_through_and_logs_them(addons, tmp_log):
 @pytest.mark.parametrize("log_to_file", [False, True])
 def test_allow_all_logs_only_with_log_to_file(addons, tmp_log, log_to_file):
     _tctx, gate, *_ = addons
-    gate.policy = Policy.build(Mode.ALLOW_ALL, log_to_file, (), "built-in defaults")
+    gate.store.policy = Policy.build(Mode.ALLOW_ALL, log_to_file, (), "built-in defaults")
     flow = make_flow("https://evil.test/x", sni="evil.test")
     run(addons, flow)
     assert flow.response.status_code == 200
@@ -271,7 +282,7 @@ def test_allow_all_logs_only_with_log_to_file(addons, tmp_log, log_to_file):
 
 
 def test_no_policy_fails_closed():
-    gate = PolicyGate(None)
+    gate = PolicyGate(PolicyStore())
     flow = make_flow("https://api.github.com/repos/x")
     gate.requestheaders(flow)
     assert flow.response.status_code == 403
@@ -344,6 +355,96 @@ def test_request_body_bytes_counted_when_streamed(addons, tmp_log):
     assert lines(tmp_log)[0]["bytes_out"] == 777
 
 
+def test_start_line_is_written_before_the_request_goes_on(addons, tmp_log):
+    _tctx, gate, pin, log, _ = addons
+    flow = make_flow("https://api.github.com/repos/x?token=s3cret", method="PUT")
+    gate.requestheaders(flow)
+    pin.requestheaders(flow)
+    log.requestheaders(flow)
+    # Nothing has been forwarded yet, and the request is in the log already.
+    [start] = all_lines(tmp_log)
+    validate(start)
+    assert (start["phase"], start["id"], start["method"]) == ("start", flow.id, "PUT")
+    assert (start["host"], start["path"], start["action"]) == (
+        "api.github.com",
+        "/repos/x",
+        "ALLOW",
+    )
+    assert start["status"] is start["duration_ms"] is start["bytes_in"] is None
+    flow.response = http.Response.make(204, b"")
+    log.responseheaders(flow)
+    log.response(flow)
+    first, end = all_lines(tmp_log)
+    assert first == start
+    assert (end["phase"], end["id"], end["status"]) == ("end", flow.id, 204)
+    validate(end)
+
+
+@pytest.mark.parametrize(("mode", "log_to_file"), [(Mode.ENFORCE, True), (Mode.MONITOR, False)])
+def test_unwritable_log_refuses_requests_with_503_until_it_works(
+    addons, tmp_path, mode, log_to_file
+):
+    """The policy logs every request and the log cannot be written: nothing goes out."""
+    tctx, _gate, _pin, log, store = addons
+    store.policy = policy(mode, log_to_file)
+    missing = tmp_path / "gone" / "traffic.jsonl"
+    tctx.configure(log, secure_proxy_traffic_log=str(missing))
+    flow = make_flow("https://api.github.com/repos/x")
+    run(addons, flow)
+    assert flow.response.status_code == 503
+    assert flow.response.headers[DECISION_HEADER] == "block; reason=log_unavailable"
+    assert flow.response.headers["Retry-After"] == "5"
+    text = flow.response.text
+    assert text.startswith("BLOCKED: GET https://api.github.com/repos/x\n")
+    assert "reason: log_unavailable" in text and "fix: free space" in text
+    assert flow.request.stream is False  # the upstream connection is never opened
+    # A request the policy blocks anyway keeps its own answer.
+    blocked = make_flow("https://evil.test/x", sni="evil.test")
+    run(addons, blocked)
+    assert blocked.response.status_code == (403 if mode is Mode.ENFORCE else 503)
+    # Writable again: the next request goes through, logged.
+    missing.parent.mkdir()
+    flow = make_flow("https://api.github.com/repos/y")
+    run(addons, flow)
+    assert flow.response.status_code == 200
+    assert [(x["phase"], x["path"]) for x in all_lines(missing)] == [
+        ("start", "/repos/y"),
+        ("end", "/repos/y"),
+    ]
+
+
+def test_unwritable_log_refuses_a_large_upload_without_forwarding_it(addons, tmp_path):
+    tctx, gate, pin, log, _ = addons
+    tctx.configure(log, secure_proxy_traffic_log=str(tmp_path / "gone" / "t.jsonl"))
+    flow = make_flow("https://api.github.com/repos/upload", method="POST")
+    flow.request.headers["Content-Length"] = str(5 * 1024 * 1024)
+    gate.requestheaders(flow)
+    pin.requestheaders(flow)
+    log.requestheaders(flow)
+    # No block sink in this test: the connection is closed, nothing is sent.
+    assert flow.error is not None and flow.error.msg == flow.error.KILLED_MESSAGE
+    assert verdict_of(flow).decision.reason.value == "log_unavailable"
+
+
+def test_allow_all_without_a_log_never_refuses(addons, tmp_path):
+    tctx, _gate, _pin, log, store = addons
+    store.policy = Policy.build(Mode.ALLOW_ALL, False, (), "built-in defaults")
+    tctx.configure(log, secure_proxy_traffic_log=str(tmp_path / "gone" / "t.jsonl"))
+    flow = make_flow("https://evil.test/x", sni="evil.test")
+    run(addons, flow)
+    assert flow.response.status_code == 200
+
+
+def test_a_request_the_gate_never_judged_is_not_forwarded(addons):
+    """An addon error in the gate leaves no verdict: the request is closed, not sent on."""
+    _tctx, _gate, pin, log, _ = addons
+    flow = make_flow("https://evil.test/x", sni="evil.test")
+    pin.requestheaders(flow)
+    log.requestheaders(flow)
+    assert flow.error is not None and flow.error.msg == flow.error.KILLED_MESSAGE
+    assert flow.request.host == DIALLED
+
+
 def test_websocket_upgrade_is_judged_and_logged(addons, tmp_log):
     flow = make_flow("https://evil.test/socket", sni="evil.test")
     flow.request.headers["Upgrade"] = "websocket"
@@ -360,9 +461,10 @@ def test_websocket_upgrade_is_judged_and_logged(addons, tmp_log):
 
 
 def test_sighup_reload_swaps_policy_for_the_next_request(addons, tmp_path):
-    tctx, gate, _pin, _log, reloader = addons
+    tctx, _gate, _pin, _log, store = addons
     policy_file = tmp_path / "policy.json"
-    tctx.configure(reloader, secure_proxy_policy=str(policy_file))
+    write_policy(policy(), policy_file)
+    tctx.configure(store, secure_proxy_policy=str(policy_file))
     client = make_flow("https://evil.test/", sni="evil.test").client_conn
 
     def request() -> int:
@@ -373,43 +475,61 @@ def test_sighup_reload_swaps_policy_for_the_next_request(addons, tmp_path):
 
     assert request() == 403
     write_policy(policy(Mode.ENFORCE, True, make_rule("evil.test")), policy_file)
-    old = gate.policy
-    assert reloader.reload() is True
-    assert gate.policy is not old
+    old = store.policy
+    assert store.reload() is True
+    assert store.policy is not old
     assert request() == 200
 
     # Broken and missing files keep the policy in force.
-    current = gate.policy
+    current = store.policy
     policy_file.write_text("{ not json")
-    assert reloader.reload() is False
-    assert gate.policy is current
+    assert store.reload() is False
+    assert store.policy is current
     policy_file.write_text(json.dumps({"version": 99}))
-    assert reloader.reload() is False
+    assert store.reload() is False
     policy_file.unlink()
-    assert reloader.reload() is False
-    assert gate.policy is current
+    assert store.reload() is False
+    assert store.policy is current
     assert request() == 200
 
 
-def test_sighup_handler_installed_on_running_loop(tmp_path):
-    gate = PolicyGate(policy())
-    reloader = PolicyReloader(gate)
+@pytest.mark.parametrize("content", [None, "{ not json", '{"version": 99}'])
+def test_policy_option_that_cannot_be_loaded_is_an_options_error(tmp_path, content):
+    """The option loads the policy at once: a missing or broken file refuses the option
+    (mitmproxy then does not start), and nothing is allowed meanwhile."""
     policy_file = tmp_path / "policy.json"
-    write_policy(policy(Mode.MONITOR, True), policy_file)
+    if content is not None:
+        policy_file.write_text(content)
+    store = PolicyStore()
+    with taddons.context(store) as tctx:
+        with pytest.raises(exceptions.OptionsError, match=str(policy_file)):
+            tctx.configure(store, secure_proxy_policy=str(policy_file))
+        assert store.policy is NO_POLICY
+        write_policy(policy(Mode.MONITOR, True), policy_file)
+        tctx.configure(store, secure_proxy_policy=str(policy_file))
+        assert store.policy.mode is Mode.MONITOR
+
+
+def test_sighup_handler_installed_on_running_loop(tmp_path):
+    store = PolicyStore()
+    policy_file = tmp_path / "policy.json"
+    write_policy(policy(), policy_file)
 
     async def scenario() -> Mode:
-        with taddons.context(gate, reloader) as tctx:
-            tctx.configure(reloader, secure_proxy_policy=str(policy_file))
-            reloader.running()
+        with taddons.context(store) as tctx:
+            tctx.configure(store, secure_proxy_policy=str(policy_file))
+            assert store.policy.mode is Mode.ENFORCE
+            write_policy(policy(Mode.MONITOR, True), policy_file)
+            store.running()
             try:
                 os.kill(os.getpid(), signal.SIGHUP)
                 for _ in range(200):
-                    if gate.policy.mode is Mode.MONITOR:
+                    if store.policy.mode is Mode.MONITOR:
                         break
                     await asyncio.sleep(0.01)
-                return gate.policy.mode
+                return store.policy.mode
             finally:
-                reloader.done()
+                store.done()
 
     assert asyncio.run(scenario()) is Mode.MONITOR
 
@@ -447,33 +567,68 @@ def test_upstream_bundle_combines_system_store_and_extra(tmp_path):
     system.write_text("SYSTEM\n")
     extra = tmp_path / "extra.pem"
     extra.write_text("EXTRA")
-    bundle = interceptor.build_upstream_bundle(tmp_path, str(extra), system)
+    bundle = interceptor_main.build_upstream_bundle(tmp_path, str(extra), system)
     assert bundle.read_text() == "SYSTEM\nEXTRA\n"
     with pytest.raises(FileNotFoundError):
-        interceptor.build_upstream_bundle(tmp_path, str(tmp_path / "nope"), system)
+        interceptor_main.build_upstream_bundle(tmp_path, str(tmp_path / "nope"), system)
 
 
-def test_options_are_the_ones_the_issue_asks_for(tmp_path):
-    opts = interceptor.mitmproxy_options(
-        confdir=tmp_path,
-        listen_host="",
-        listen_port=58080,
-        upstream_bundle=tmp_path / "b.pem",
-        policy_file=tmp_path / "p.json",
-        traffic_log=tmp_path / "t.jsonl",
-        ca_cert=tmp_path / "ca.pem",
-        ready_marker=tmp_path / "ready",
-        verbosity="warn",
-    )
+def test_command_line_sets_the_declared_options(tmp_path, monkeypatch):
+    monkeypatch.delenv("SECURE_PROXY_UPSTREAM_CA", raising=False)
+    monkeypatch.setenv("SECURE_PROXY_MITM_VERBOSITY", "error")
+    extra = tmp_path / "extra.pem"
+    extra.write_text("EXTRA\n")
+    argv = [
+        *("--confdir", str(tmp_path / "confdir"), "--policy", str(tmp_path / "p.json")),
+        *("--traffic-log", str(tmp_path / "t.jsonl"), "--ca-cert", str(tmp_path / "ca.pem")),
+        *("--ready-marker", str(tmp_path / "ready"), "--upstream-ca", str(extra)),
+    ]
+
+    async def scenario() -> dict[str, Any]:
+        master = interceptor_main.make_master()
+        args = interceptor_main.parse_args(master.options, argv)
+        return interceptor_main.mitmproxy_options(args)
+
+    opts = asyncio.run(scenario())
     assert opts["mode"] == ["transparent@127.0.0.1:58080", "transparent@::1:58080"]
-    assert opts["listen_port"] == 58080
+    assert opts["listen_port"] == 58080 and opts["termlog_verbosity"] == "error"
+    assert opts["confdir"] == str(tmp_path / "confdir")
+    assert (tmp_path / "confdir").stat().st_mode & 0o777 == 0o700
+    assert opts["secure_proxy_policy"] == str(tmp_path / "p.json")
+    assert opts["secure_proxy_traffic_log"] == str(tmp_path / "t.jsonl")
+    assert opts["secure_proxy_ca_cert"] == str(tmp_path / "ca.pem")
+    assert opts["secure_proxy_ready_marker"] == str(tmp_path / "ready")
+    bundle = Path(opts["ssl_verify_upstream_trusted_ca"])
+    assert bundle.parent == tmp_path / "confdir" and bundle.read_text().endswith("EXTRA\n")
     assert opts["connection_strategy"] == "lazy" and opts["onboarding"] is False
     assert opts["flow_detail"] == 0 and opts["stream_large_bodies"] == "1m"
-    assert opts["ssl_verify_upstream_trusted_ca"] == str(tmp_path / "b.pem")
     # Nothing is ever relayed unjudged: no raw TCP, no pass-through hosts.
     assert opts["rawtcp"] is False and opts["websocket"] is True
     assert opts["tcp_hosts"] == opts["udp_hosts"] == []
     assert opts["ignore_hosts"] == opts["allow_hosts"] == []
+
+
+def test_interceptor_does_not_start_without_its_policy(tmp_path):
+    """`python -m runtime.container.interceptor` with a policy that is not there: exit 2,
+    the reason on stderr, nothing listening, no readiness marker."""
+    missing = tmp_path / "run" / "policy.json"
+    marker = tmp_path / "ready"
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "runtime.container.interceptor"),
+            *("--policy", str(missing), "--confdir", str(tmp_path / "confdir")),
+            *("--ready-marker", str(marker), "--ca-cert", str(tmp_path / "ca.pem")),
+            *("--traffic-log", str(tmp_path / "t.jsonl"), "--port", "0"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"cannot load the policy {missing}" in result.stderr
+    assert "fail closed" in result.stderr
+    assert not marker.exists()
 
 
 # --------------------------------------------------------------------------- not HTTP
@@ -549,9 +704,9 @@ def send(conn: Conn, data: bytes, hooks: Sequence[Any]) -> Conn:
 def layers_ctx(request, tmp_log: Path):
     """mitmproxy's own NextLayer addon, then ours, as DumpMaster orders them. With
     rawtcp on too: HttpOnly must hold by itself."""
-    gate = PolicyGate(policy())
-    traffic = TrafficLogger(gate)
-    guard = HttpOnly(gate, traffic)
+    gate = PolicyGate(PolicyStore(policy()))
+    traffic = TrafficLogger()
+    guard = HttpOnly(gate.store, traffic)
     mitm = NextLayer()
     # Proxyserver only for its options: the HTTP layer, once chosen, reads them.
     with taddons.context(Proxyserver(), mitm, guard, traffic) as tctx:
@@ -685,7 +840,7 @@ def test_dns_and_udp_layers_are_closed(layers_ctx):
 @pytest.mark.parametrize(("mode", "log"), [(Mode.MONITOR, False), (Mode.ALLOW_ALL, True)])
 def test_not_http_is_closed_in_monitor_and_allow_all_too(layers_ctx, tmp_log, mode, log):
     tctx, gate, hooks = layers_ctx
-    gate.policy = Policy.build(mode, log, (), CONFIG)
+    gate.store.policy = Policy.build(mode, log, (), CONFIG)
     conn = send(connection_to(tctx, ("2001:db8::20", 80)), b"\x00\x01\x02\n", hooks)
     assert isinstance(conn.chosen, Closed)
     [line] = lines(tmp_log)
@@ -696,7 +851,7 @@ def test_not_http_is_closed_in_monitor_and_allow_all_too(layers_ctx, tmp_log, mo
 
 def test_allow_all_without_log_closes_silently(layers_ctx, tmp_log):
     tctx, gate, hooks = layers_ctx
-    gate.policy = Policy.build(Mode.ALLOW_ALL, False, (), CONFIG)
+    gate.store.policy = Policy.build(Mode.ALLOW_ALL, False, (), CONFIG)
     conn = send(connection_to(tctx), b"\x00\x01\x02\n", hooks)
     assert isinstance(conn.chosen, Closed)
     assert lines(tmp_log) == []
@@ -713,7 +868,7 @@ def test_closed_layer_closes_once_and_relays_nothing():
 
 
 def test_tls_passthrough_asked_by_an_addon_is_refused():
-    guard = HttpOnly(PolicyGate(policy()))
+    guard = HttpOnly(PolicyStore(policy()))
     data = SimpleNamespace(ignore_connection=True)
     guard.tls_clienthello(data)
     assert data.ignore_connection is False
@@ -746,10 +901,10 @@ def test_starts_like_http(data, expected):
 
 @pytest.fixture
 def upgrades(tmp_log: Path):
-    gate = PolicyGate(policy())
+    gate = PolicyGate(PolicyStore(policy()))
     guard = UpgradeGuard(gate)
     pin = UpstreamPinning()
-    log = TrafficLogger(gate)
+    log = TrafficLogger()
     with taddons.context(guard, gate, pin, log) as tctx:
         tctx.configure(log, secure_proxy_traffic_log=str(tmp_log))
         yield tctx, guard, gate, pin, log
@@ -772,7 +927,7 @@ def request_hooks(upgrades, flow: http.HTTPFlow) -> None:
 @pytest.mark.parametrize("protocol", ["x-tunnel", "websocket, x", "TLS/1.2", "h2c, x"])
 def test_upgrade_to_another_protocol_gets_403_in_every_mode(upgrades, tmp_log, mode, protocol):
     _tctx, _guard, gate, _pin, log = upgrades
-    gate.policy = policy(mode, True)
+    gate.store.policy = policy(mode, True)
     flow = upgrade_flow(protocol)
     request_hooks(upgrades, flow)
     assert flow.response.status_code == 403
@@ -861,6 +1016,6 @@ def test_websocket_101_goes_through(upgrades, tmp_log):
 
 
 def test_addon_order_puts_the_guards_first():
-    names = [type(a).__name__ for a in interceptor.make_addons(policy())]
+    names = [type(a).__name__ for a in interceptor.make_addons()]
     assert names.index("HttpOnly") < names.index("PolicyGate")
     assert names.index("UpgradeGuard") < names.index("PolicyGate")

@@ -1,0 +1,254 @@
+"""Start-up: the command line becomes mitmproxy options, then DumpMaster runs our addons.
+
+Every option is declared once, by the addon that reads it (`load`) or by
+mitmproxy itself; the command line (CLI below) only names which option a flag
+sets, and takes the help text, type and choices from that declaration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+from runtime import paths
+from runtime.container.interceptor import make_addons
+from runtime.container.interceptor.gate import STREAM_LARGE_BODIES
+from runtime.container.interceptor.readiness import write_atomic
+
+if TYPE_CHECKING:
+    from mitmproxy.options import Options
+    from mitmproxy.tools.dump import DumpMaster
+
+UPSTREAM_BUNDLE_NAME = "upstream-trust.pem"
+SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+#: mitmproxy options that are the same on every run (not on the command line).
+FIXED_OPTIONS: dict[str, Any] = {
+    "listen_host": "",  # each mode names its own address
+    "connection_strategy": "lazy",
+    "onboarding": False,
+    "flow_detail": 0,
+    "stream_large_bodies": STREAM_LARGE_BODIES,
+    # Clients reach us only through the box's REDIRECT rules (we listen on
+    # loopback); their source may be a global IPv6 address, which
+    # block_global would refuse.
+    "block_global": False,
+    "ssl_insecure": False,
+    # Never relay what is not HTTP: with rawtcp on, mitmproxy passes unknown bytes
+    # (and whatever follows a non-WebSocket 101) to the dialled address as raw TCP,
+    # with no request hook called. No host is passed through or handled as TCP/UDP.
+    # HttpOnly refuses such layers too.
+    "rawtcp": False,
+    "tcp_hosts": [],
+    "udp_hosts": [],
+    "ignore_hosts": [],
+    "allow_hosts": [],
+    "websocket": True,
+}
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag.
+
+    `option`: the mitmproxy option it sets (help, type and choices come from the
+    option's declaration); None for an input the options are derived from.
+    `env`: an environment variable that replaces the default. `default`: ours,
+    where it differs from the option's own.
+    """
+
+    flag: str
+    option: str | None
+    env: str | None = None
+    default: Callable[[], Any] | None = None
+    help: str = ""
+
+    @property
+    def dest(self) -> str:
+        return self.option or self.flag.lstrip("-").replace("-", "_")
+
+
+CLI: tuple[Flag, ...] = (
+    Flag(
+        "--listen-host",
+        None,
+        "SECURE_PROXY_LISTEN_HOST",
+        lambda: "loopback",
+        "address to listen on (default: loopback, i.e. 127.0.0.1 and ::1)",
+    ),
+    Flag("--port", "listen_port", default=lambda: paths.INTERCEPTOR_PORT),
+    # supervisord sets no HOME, so never ~/.mitmproxy.
+    Flag("--confdir", "confdir", default=lambda: str(paths.confdir())),
+    Flag("--policy", "secure_proxy_policy", default=lambda: str(paths.policy_file())),
+    Flag("--traffic-log", "secure_proxy_traffic_log"),
+    Flag("--ca-cert", "secure_proxy_ca_cert"),
+    Flag("--ready-marker", "secure_proxy_ready_marker"),
+    Flag(
+        "--upstream-ca",
+        None,
+        "SECURE_PROXY_UPSTREAM_CA",
+        help="extra CA bundle trusted for upstream servers, besides the system store",
+    ),
+    Flag("--verbosity", "termlog_verbosity", "SECURE_PROXY_MITM_VERBOSITY", lambda: "warn"),
+)
+
+
+def parse_args(options: Options, argv: list[str] | None) -> argparse.Namespace:
+    """The command line, against the options our addons and mitmproxy declared."""
+    ap = argparse.ArgumentParser(
+        prog="secure-proxy-interceptor",
+        description="mitmproxy in transparent mode, enforcing /run/secure-proxy/policy.json.",
+    )
+    for flag in CLI:
+        help_text, choices, default = flag.help, None, None
+        if flag.option is not None:
+            # mitmproxy's own make_parser reads the declaration the same way.
+            declared = options._options[flag.option]
+            help_text = " ".join(declared.help.split())
+            choices, default = declared.choices, declared.default
+        if flag.default is not None:
+            default = flag.default()
+        if flag.env and os.environ.get(flag.env):
+            default = os.environ[flag.env]
+        kind = int if isinstance(default, int) else str
+        ap.add_argument(
+            flag.flag,
+            dest=flag.dest,
+            type=kind,
+            default=None if default is None else kind(default),
+            choices=choices,
+            help=help_text,
+        )
+    return ap.parse_args(argv)
+
+
+def prepare_confdir(confdir: Path) -> None:
+    """The confdir holds the CA key the init made there: private to us."""
+    confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(PermissionError):
+        os.chmod(confdir, 0o700)
+
+
+def build_upstream_bundle(
+    confdir: Path, extra: str | None, system: Path = SYSTEM_CA_BUNDLE
+) -> Path | None:
+    """System trust store + the optional extra CA bundle, as one file for mitmproxy.
+
+    mitmproxy verifies upstream against certifi unless told otherwise; corporate
+    CAs live in the system store. None: no system store and no extra (certifi stays).
+    """
+    parts: list[bytes] = []
+    if system.is_file():
+        parts.append(system.read_bytes())
+    if extra:
+        extra_path = Path(extra)
+        if not extra_path.is_file():
+            raise FileNotFoundError(f"upstream CA bundle {extra_path} does not exist")
+        parts.append(extra_path.read_bytes())
+    if not parts:
+        return None
+    if not system.is_file():
+        import certifi  # a mitmproxy dependency
+
+        parts.insert(0, Path(certifi.where()).read_bytes())
+    target = confdir / UPSTREAM_BUNDLE_NAME
+    data = b"".join(p.rstrip(b"\n") + b"\n" for p in parts)
+    write_atomic(target, data, 0o644)
+    return target
+
+
+def _can_bind(family: socket.AddressFamily, host: str) -> bool:
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+    except OSError:
+        return False
+    return True
+
+
+def transparent_modes(listen_host: str, port: int) -> list[str]:
+    """Where to listen. By default loopback only, IPv4 and IPv6: the REDIRECT of
+    locally generated traffic lands on 127.0.0.1 / ::1, and nothing outside the
+    box must be able to use us as an open proxy. ::1 is skipped where IPv6 is
+    disabled (Docker's default), since there is then no IPv6 traffic to catch."""
+    if listen_host not in ("", "loopback"):
+        return [f"transparent@{listen_host}:{port}"]
+    modes = [f"transparent@127.0.0.1:{port}"]
+    if _can_bind(socket.AF_INET6, "::1"):
+        modes.append(f"transparent@::1:{port}")
+    return modes
+
+
+def mitmproxy_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options for one run: the flags' options, the fixed ones and what derives from
+    the listen address and the upstream CA. Prepares the confdir (raises OSError)."""
+    opts = {flag.option: getattr(args, flag.dest) for flag in CLI if flag.option is not None}
+    confdir = Path(opts["confdir"])
+    prepare_confdir(confdir)
+    bundle = build_upstream_bundle(confdir, args.upstream_ca)
+    opts.update(FIXED_OPTIONS)
+    opts["mode"] = transparent_modes(args.listen_host, opts["listen_port"])
+    if bundle is not None:
+        opts["ssl_verify_upstream_trusted_ca"] = str(bundle)
+    return opts
+
+
+def make_master() -> DumpMaster:
+    """DumpMaster with our addons: every option is declared once this returns."""
+    from mitmproxy.options import Options
+    from mitmproxy.tools.dump import DumpMaster
+
+    master = DumpMaster(Options(), with_termlog=True, with_dumper=True)
+    master.addons.add(*make_addons())
+    return master
+
+
+async def serve(master: DumpMaster, options: dict[str, Any]) -> int:
+    """Apply the options (the policy loads here, or nothing starts) and run until signalled."""
+    from mitmproxy.exceptions import OptionsError
+
+    try:
+        master.options.update(**options)
+    except OptionsError as exc:
+        logger.error("{}", exc)
+        return 2
+    logger.info(
+        "interceptor starting: policy {}, confdir {}, modes {}",
+        master.options.secure_proxy_policy,
+        master.options.confdir,
+        master.options.mode,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, master.shutdown)
+    await master.run()
+    return 0
+
+
+async def _run(argv: list[str] | None) -> int:
+    master = make_master()
+    args = parse_args(master.options, argv)
+    try:
+        options = mitmproxy_options(args)
+    except OSError as exc:
+        logger.error("not starting: {} (confdir {}, --upstream-ca)", exc, args.confdir)
+        return 2
+    return await serve(master, options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script `secure-proxy-interceptor`."""
+    logger.remove()
+    logger.add(sys.stderr, level=os.environ.get("SECURE_PROXY_LOG_LEVEL", "INFO"))
+    return asyncio.run(_run(argv))
