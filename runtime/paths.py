@@ -23,7 +23,7 @@ def share_dir() -> Path:
     override = os.environ.get("SECURE_PROXY_SHARE")
     if override:
         return Path(override)
-    installed = Path("/opt/secure-proxy")
+    installed = prefix_dir()
     if (installed / "defaults.json").is_file():
         return installed
     package = Path(__file__).resolve().parent
@@ -73,6 +73,11 @@ def ca_cert() -> Path:
     return _path("SECURE_PROXY_CA_CERT", "/ca/certs/ca.pem")
 
 
+def ca_dir() -> Path:
+    """Where the interceptor publishes its CA certificate (owned by proxy-user)."""
+    return ca_cert().parent
+
+
 def container_project_dir() -> Path:
     return _path("SECURE_PROXY_WORK_DIR", "/work")
 
@@ -80,7 +85,7 @@ def container_project_dir() -> Path:
 REPO_CONFIG_RELATIVE = Path(".copilot_here") / "network.json"
 
 
-# --- container runtime (init, supervisord, reloader, logguard, installer) ---
+# --- the install layout (runtime.install lays it; the container runtime reads it) ---
 
 
 def prefix_dir() -> Path:
@@ -90,6 +95,22 @@ def prefix_dir() -> Path:
 
 def venv_dir() -> Path:
     return prefix_dir() / "venv"
+
+
+def wrapper_bin_dir() -> Path:
+    """Where the installer puts the `secure-proxy-init` and `supervisorctl` wrappers."""
+    return Path("/usr/local/bin")
+
+
+def source_root() -> Path:
+    """The directory holding this `runtime` package: a source checkout (with config/,
+    supervisor.d/, pyproject.toml beside it) or an installation's site-packages."""
+    return Path(__file__).resolve().parent.parent
+
+
+def sandbox_venv() -> Path:
+    """The venv whose interpreter and dependencies the sandbox engine reuses."""
+    return _path("SP_VENV", "/opt/sp-venv")
 
 
 def supervisor_dir() -> Path:
