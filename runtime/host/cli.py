@@ -1,260 +1,31 @@
 """`copilot_here`: the host CLI.
 
-Network configuration commands (init, show, enable/disable, check) work on the
-same files and through the same core the container uses. Exit codes: 0
-success, 1 config error, 2 usage error.
+Network configuration commands (init, show, enable/disable, check: runtime.host.netcmds)
+work on the same files and through the same core the container uses; anything else
+runs the container (runtime.host.run). Exit codes: 0 success, 1 config error,
+2 usage error.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
 
-from runtime import fsutil, paths
-from runtime.core.config import ConfigError, parse_config, validate_config
-from runtime.core.explain import explain
-from runtime.core.policy import Mode, Request
-from runtime.host import hostlogs, hoststate, run, trust
-from runtime.resolve import (
-    GLOBAL,
-    REPO,
-    Resolved,
-    find_config,
-    global_config_path,
-    repo_config_path,
-    resolve,
+from runtime.core.config import ConfigError
+from runtime.host import hoststate, run, trust
+from runtime.host.netcmds import (
+    EXIT_CONFIG,
+    EXIT_USAGE,
+    UsageError,
+    cmd_check,
+    cmd_init,
+    cmd_set_enabled,
+    cmd_show,
+    cmd_trust,
 )
-
-EXIT_OK, EXIT_CONFIG, EXIT_USAGE = 0, 1, 2
-
-TEMPLATE: dict[str, Any] = {
-    "enabled": False,
-    "inherit_defaults": True,
-    "mode": "monitor",
-    "log_to_file": False,
-    "allowed_rules": [],
-}
-NO_INHERIT_RULES = [
-    {"host": "github.com"},
-    {"host": "api.github.com"},
-    {"host": "copilot-proxy.githubusercontent.com"},
-]
-
-
-def template(no_inherit: bool) -> dict[str, Any]:
-    data = dict(TEMPLATE)
-    if no_inherit:
-        data["inherit_defaults"] = False
-        data["allowed_rules"] = [dict(rule) for rule in NO_INHERIT_RULES]
-    return data
-
-
-class UsageError(Exception):
-    pass
-
-
-# ---------------------------------------------------------------------------
-# Files
-
-
-def dump(data: dict[str, Any]) -> str:
-    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Replace the config atomically, keeping the file's mode."""
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fsutil.atomic_write(path, text, mode)
-
-
-def config_kind(path: Path, home: Path) -> str:
-    return GLOBAL if path == global_config_path(home) else REPO
-
-
-def write_config(path: Path, text: str, state: Path, home: Path, out) -> None:
-    """Write a config through the CLI and approve what was written: the user chose
-    it. Not when the file was untrusted before (an edit of a cloned repo's config
-    would otherwise approve the rest of it unseen): that still needs a review."""
-    before = trust.check(state, config_kind(path, home), path)
-    atomic_write(path, text)
-    if before.trusted:
-        trust.approve(state, path, text.encode("utf-8"))
-    else:
-        print(
-            f"Note: {before.name} was not trusted before this change ({before.state}); "
-            f"runs refuse it until you review and approve it: {trust.TRUST_COMMAND}",
-            file=out,
-        )
-
-
-def load_ordered(path: Path) -> dict[str, Any]:
-    """The file as written (key order kept), validated so we never write a broken config."""
-    text = path.read_text(encoding="utf-8")
-    parse_config(text, str(path))  # raises ConfigError naming the file, field and fix
-    return json.loads(text)
-
-
-# ---------------------------------------------------------------------------
-# Commands
-
-
-def cmd_init(target: Path, no_inherit: bool, force: bool, state: Path, home: Path, out) -> int:
-    if target.exists() and not force:
-        print(
-            f"A network config already exists at {target}; it was left unchanged "
-            "(use --force to replace it).",
-            file=out,
-        )
-        return EXIT_OK
-    if config_kind(target, home) == REPO:
-        trust.config_dir_check(target)
-    text = dump(template(no_inherit))
-    atomic_write(target, text)
-    # The whole file comes from the CLI: approved, whatever was there before.
-    trust.approve(state, target, text.encode("utf-8"))
-    print(f"Created {target}", file=out)
-    return EXIT_OK
-
-
-def cmd_set_enabled(target: Path, enabled: bool, state: Path, home: Path, out) -> int:
-    if target.exists():
-        data = load_ordered(target)
-        created = False
-    else:
-        data = template(no_inherit=False)
-        created = True
-    data["enabled"] = enabled
-    validate_config(data, str(target))
-    write_config(target, dump(data), state, home, out)
-    state = "enabled" if enabled else "disabled"
-    print(f"Secure proxy {state} in {target}{' (created)' if created else ''}", file=out)
-    return EXIT_OK
-
-
-def describe_rules(resolved: Resolved) -> list[str]:
-    lines = []
-    for rule in resolved.policy.rules:
-        paths_text = ", ".join(e.text for e in rule.allowed_paths) or "all paths"
-        methods = ", ".join(sorted(rule.methods)) if rule.methods else "all methods"
-        lines.append(f"  {rule.host:<40} {paths_text:<24} {methods:<14} [{rule.origin.label}]")
-    return lines
-
-
-def trust_lines(state: Path, project: Path, home: Path) -> list[str]:
-    lines = []
-    for c in trust.in_use(state, project, home):
-        if c.state == trust.ABSENT:
-            continue
-        if c.trusted:
-            how = (
-                f"approved {c.approval.approved_at}, sha256 {c.approval.sha256[:12]}"
-                if c.approval
-                else "your global config; it needs no approval until a writable run changes it"
-            )
-            lines.append(f"Trust: {c.path} is trusted ({how})")
-        else:
-            lines.append(
-                f"Trust: NOT TRUSTED: {c.headline()}. Runs refuse to start until you review "
-                f"and approve it: {trust.TRUST_COMMAND}"
-            )
-    return lines
-
-
-def cmd_show(
-    project: Path,
-    home: Path,
-    config_write: bool,
-    state: Path,
-    out,
-    logs_dir: Path | None = None,
-) -> int:
-    resolved = resolve(project, home)
-    policy = resolved.policy
-    print(f"Config source: {resolved.source} ({resolved.kind_label})", file=out)
-    for line in trust_lines(state, project, home):
-        print(line, file=out)
-    if policy.mode is Mode.ALLOW_ALL:
-        print("Rules: DISABLED (allow-all mode: every request goes through)", file=out)
-    else:
-        print(f"Rules: ENABLED (mode: {policy.mode.value})", file=out)
-    print(f"Traffic log: {resolved.logging} ({paths.traffic_log()} in the container)", file=out)
-    host_logs = hostlogs.logs_source(project, home, logs_dir)
-    print(f"Traffic log on the host: {host_logs / paths.traffic_log().name}", file=out)
-    print(
-        f"Inherit built-in defaults: {'yes' if resolved.config.inherit_defaults else 'no'}",
-        file=out,
-    )
-    if resolved.path is not None:
-        mount = (
-            "writable (--network-config-write)"
-            if config_write
-            else ("read-only (pass --network-config-write to edit rules live)")
-        )
-        print(f"Config mount in a run: {mount}", file=out)
-    if policy.mode is not Mode.ALLOW_ALL:
-        print(f"Allowed rules ({len(policy.rules)}):", file=out)
-        lines = describe_rules(resolved)
-        print("\n".join(lines) if lines else "  (none: every request is a violation)", file=out)
-    return EXIT_OK
-
-
-def cmd_trust(project: Path, home: Path, state: Path, out) -> int:
-    """Show what changed since the last approval, then approve it."""
-    checks = trust.pending(state, project, home)
-    if not checks:
-        kind, path = find_config(project, home)
-        what = f"the {trust.NAMES[kind]} {path}" if path else "no config file (built-in defaults)"
-        print(f"Nothing to approve: {what} is trusted.", file=out)
-        return EXIT_OK
-    for c in checks:
-        print(f"{c.headline()[0].upper()}{c.headline()[1:]}.", file=out)
-        print(c.body(), end="", file=out)
-        if c.current is not None:
-            # A broken config cannot take effect: fix it first (the error names the fix).
-            parse_config(c.text, str(c.path))
-    for c in checks:  # the bytes shown, not a re-read
-        trust.approve(state, c.path, c.current)
-        if c.current is None:
-            print(f"Approved: {c.path} stays removed.", file=out)
-        else:
-            print(f"Approved {c.path} (sha256 {trust.sha256(c.current)[:12]}).", file=out)
-    return EXIT_OK
-
-
-def request_for_url(url: str, method: str) -> Request:
-    parts = urlsplit(url if "://" in url else "https://" + url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"--network-check needs an http(s) URL, not {url!r}")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError as exc:
-        raise UsageError(f"bad port in {url!r}: {exc}") from None
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
-    host = parts.hostname
-    return Request(
-        method=method,
-        path=path,
-        scheme=parts.scheme,
-        port=port,
-        sni=host if parts.scheme == "https" else None,
-        host_header=host,
-    )
-
-
-def cmd_check(project: Path, home: Path, url: str, method: str, out) -> int:
-    resolved = resolve(project, home)
-    request = request_for_url(url, method.upper())
-    decision = resolved.policy.decide(request)
-    print(explain(decision, request.method, url, resolved.source), end="", file=out)
-    return EXIT_OK
-
+from runtime.resolve import find_config, global_config_path, repo_config_path
 
 # ---------------------------------------------------------------------------
 # Argument parsing

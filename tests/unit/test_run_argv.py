@@ -1,4 +1,5 @@
-"""The docker/podman argv and the sandbox spec built by `copilot_here` (runtime.host.run)."""
+"""The docker/podman argv and the sandbox spec built by `copilot_here` (runtime.host.plan,
+engines, run, writable)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.host import run
+from runtime.host import engines, run, writable
+from runtime.host import plan as planning
 from runtime.host.cli import build_parser
 from runtime.host.hoststate import path_key
 
@@ -29,7 +31,7 @@ def make_plan(tmp_path: Path, **kw):
         gid=20,
     )
     defaults.update(kw)
-    return project, home, run.plan(project, home, **defaults)
+    return project, home, planning.plan(project, home, **defaults)
 
 
 def config(base: Path) -> Path:
@@ -45,7 +47,7 @@ def empty(home: Path) -> Path:
 
 def test_docker_without_config(tmp_path):
     project, home, p = make_plan(tmp_path, command=["--", "echo", "hi"])
-    argv = run.engine_argv("docker", "img:1", p)
+    argv = engines.engine_argv("docker", "img:1", p)
     logs = home / ".local/state/copilot_here/logs" / path_key(project)  # out of the project
     assert argv == [
         *("docker", "run", "--rm", "-i", "--cap-add=NET_ADMIN"),
@@ -60,7 +62,7 @@ def test_docker_without_config(tmp_path):
 
 def test_tty_gives_it_and_term(tmp_path):
     _, _, p = make_plan(tmp_path, tty=True, environ={"TERM": "xterm-256color"})
-    argv = run.engine_argv("docker", "img", p)
+    argv = engines.engine_argv("docker", "img", p)
     assert "-it" in argv and "-i" not in argv
     assert "TERM=xterm-256color" in argv
 
@@ -69,10 +71,10 @@ def test_repo_config_directory_read_only_unless_write(tmp_path):
     project = tmp_path / "proj"
     cfg = config(project)
     _, _, p = make_plan(tmp_path)
-    argv = run.engine_argv("docker", "img", p)
+    argv = engines.engine_argv("docker", "img", p)
     assert f"{cfg.parent}:/work/.copilot_here:ro" in argv
     _, _, p = make_plan(tmp_path, config_write=True)
-    argv = run.engine_argv("docker", "img", p)
+    argv = engines.engine_argv("docker", "img", p)
     assert f"{cfg.parent}:/work/.copilot_here" in argv
     # the directory, never the file
     assert not any(a.startswith(str(cfg)) for a in argv)
@@ -81,7 +83,7 @@ def test_repo_config_directory_read_only_unless_write(tmp_path):
 def test_global_config_when_no_repo_config(tmp_path):
     cfg = config(tmp_path / "home")
     _, home, p = make_plan(tmp_path)
-    argv = run.engine_argv("docker", "img", p)
+    argv = engines.engine_argv("docker", "img", p)
     assert f"{cfg.parent}:/home/appuser/.copilot_here:ro" in argv
     assert [a for a in argv if ":/work/.copilot_here" in a] == [
         f"{empty(home)}:/work/.copilot_here:ro"
@@ -110,17 +112,17 @@ def test_empty_dir_follows_xdg_state_home_or_is_given(tmp_path):
 def test_config_mountpoint_is_made_by_the_user_and_never_a_symlink(tmp_path):
     project = tmp_path / "proj"
     project.mkdir()
-    run.prepare_config_mountpoint(project)
+    planning.prepare_config_mountpoint(project)
     assert (project / ".copilot_here").is_dir()
-    run.prepare_config_mountpoint(project)  # again: fine
+    planning.prepare_config_mountpoint(project)  # again: fine
     (project / ".copilot_here").rmdir()
     (project / ".copilot_here").symlink_to(tmp_path)
-    with pytest.raises(run.RunError, match="symlink"):
-        run.prepare_config_mountpoint(project)
+    with pytest.raises(planning.RunError, match="symlink"):
+        planning.prepare_config_mountpoint(project)
     (project / ".copilot_here").unlink()
     (project / ".copilot_here").write_text("x")
-    with pytest.raises(run.RunError, match="not a directory"):
-        run.prepare_config_mountpoint(project)
+    with pytest.raises(planning.RunError, match="not a directory"):
+        planning.prepare_config_mountpoint(project)
 
 
 def test_repo_config_wins_and_global_is_not_mounted(tmp_path):
@@ -134,7 +136,7 @@ def test_repo_config_wins_and_global_is_not_mounted(tmp_path):
 
 def test_podman_adds_net_raw(tmp_path):
     _, _, p = make_plan(tmp_path)
-    argv = run.engine_argv("podman", "img", p)
+    argv = engines.engine_argv("podman", "img", p)
     assert argv[:2] == ["podman", "run"]
     assert "--cap-add=NET_ADMIN" in argv and "--cap-add=NET_RAW" in argv
 
@@ -142,7 +144,7 @@ def test_podman_adds_net_raw(tmp_path):
 def test_cap_drop_replaces_the_add(tmp_path):
     _, _, p = make_plan(tmp_path)
     p.cap_drop = ["net_admin"]
-    argv = run.engine_argv("docker", "img", p)
+    argv = engines.engine_argv("docker", "img", p)
     assert "--cap-add=NET_ADMIN" not in argv
     assert "--cap-drop=NET_ADMIN" in argv
 
@@ -157,7 +159,7 @@ def test_logs_dir_add_host_and_upstream_ca(tmp_path):
         add_hosts=["api.github.com:198.18.0.1", "v6.test:2001:db8::1"],
         environ={"SECURE_PROXY_UPSTREAM_CA": str(ca)},
     )
-    argv = run.engine_argv("docker", "img", p, ["--network=ns:/run/netns/x"])
+    argv = engines.engine_argv("docker", "img", p, ["--network=ns:/run/netns/x"])
     assert f"{logs}:/logs" in argv
     assert f"{ca}:/ca/upstream-ca.pem:ro" in argv
     assert "SECURE_PROXY_UPSTREAM_CA=/ca/upstream-ca.pem" in argv
@@ -172,12 +174,12 @@ def test_logs_dir_add_host_and_upstream_ca(tmp_path):
 
 
 def test_missing_upstream_ca_is_an_error(tmp_path):
-    with pytest.raises(run.RunError, match="no such file"):
+    with pytest.raises(planning.RunError, match="no such file"):
         make_plan(tmp_path, environ={"SECURE_PROXY_UPSTREAM_CA": str(tmp_path / "nope.pem")})
 
 
 def test_bad_add_host(tmp_path):
-    with pytest.raises(run.RunError, match="NAME:IP"):
+    with pytest.raises(planning.RunError, match="NAME:IP"):
         make_plan(tmp_path, add_hosts=["justaname"])
 
 
@@ -222,21 +224,21 @@ def test_parser_keeps_command_after_double_dash():
 
 
 def test_engine_choice_docker_then_podman_with_image_then_sandbox():
-    assert run.choose_engine(docker_ok=True, podman_ok=True) == "docker"
-    assert run.choose_engine(docker_ok=False, podman_ok=True) == "podman"
-    assert run.choose_engine(docker_ok=False, podman_ok=False) == "sandbox"
+    assert engines.choose_engine(docker_ok=True, podman_ok=True) == "docker"
+    assert engines.choose_engine(docker_ok=False, podman_ok=True) == "podman"
+    assert engines.choose_engine(docker_ok=False, podman_ok=False) == "sandbox"
 
 
 def test_podman_without_the_image_is_not_chosen():
-    assert run.podman_has("localhost/no-such-image-" + os.urandom(4).hex()) is False
+    assert engines.podman_has("localhost/no-such-image-" + os.urandom(4).hex()) is False
 
 
 # --------------------------------------------------------------------------- waiting for the engine
 
 
 def test_wait_for_returns_the_code_and_the_signal_as_exec_would():
-    assert run.wait_for(["sh", "-c", "exit 3"]) == 3
-    assert run.wait_for(["sh", "-c", "kill -KILL $$"]) == 128 + 9
+    assert writable.wait_for(["sh", "-c", "exit 3"]) == 3
+    assert writable.wait_for(["sh", "-c", "kill -KILL $$"]) == 128 + 9
 
 
 def test_wait_for_forwards_sigterm_and_survives_sigint():
@@ -247,16 +249,16 @@ def test_wait_for_forwards_sigterm_and_survives_sigint():
     before = signal.getsignal(signal.SIGINT)
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
-    assert run.wait_for(["sh", "-c", script]) == 7
+    assert writable.wait_for(["sh", "-c", script]) == 7
     timer.join()
     # Ctrl-C meant for the engine does not end the CLI before it can report.
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
-    assert run.wait_for(["sh", "-c", "sleep 1; exit 4"]) == 4
+    assert writable.wait_for(["sh", "-c", "sleep 1; exit 4"]) == 4
     timer.join()
     assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_wait_for_a_missing_engine_is_a_run_error():
-    with pytest.raises(run.RunError, match="cannot start"):
-        run.wait_for(["/nonexistent/engine"])
+    with pytest.raises(planning.RunError, match="cannot start"):
+        writable.wait_for(["/nonexistent/engine"])
