@@ -34,6 +34,9 @@ class Resolved:
     path: Path | None
     config: NetworkConfig
     policy: Policy
+    #: package_registries of defaults.json whose hosts were not recorded here (a host
+    #: install): the built-in rules then lack them, and the CLI says so.
+    unlisted_registries: tuple[str, ...] = ()
 
     @property
     def source(self) -> str:
@@ -85,13 +88,21 @@ def read_config(path: Path) -> NetworkConfig:
 
 
 def load_built_in(share: Path | None = None) -> tuple[Rule, ...]:
+    return _built_in(share)[0]
+
+
+def _built_in(share: Path | None = None) -> tuple[tuple[Rule, ...], tuple[str, ...]]:
+    """The built-in rules, and the package registries whose hosts are not recorded."""
     share = share or paths.share_dir()
     defaults = json.loads((share / "defaults.json").read_text())
     specs = list(defaults.get("allowed_rules", []))
+    registries = [str(name) for name in defaults.get("package_registries", [])]
     hosts = registry_hosts(share)
-    for name in defaults.get("package_registries", []):
+    if hosts is None:
+        return built_in_rules(specs), tuple(registries)
+    for name in registries:
         specs += [{"host": host} for host in hosts.get(name, [])]
-    return built_in_rules(specs)
+    return built_in_rules(specs), ()
 
 
 def resolve(project_dir: Path, home: Path, share: Path | None = None) -> Resolved:
@@ -104,8 +115,11 @@ def compile_resolved(
     kind: str, path: Path | None, config: NetworkConfig, share: Path | None = None
 ) -> Resolved:
     source = str(path) if path else BUILT_IN_SOURCE
-    built_in = load_built_in(share) if config.enabled and config.inherit_defaults else ()
-    return Resolved(kind, path, config, compile_policy(config, source, built_in))
+    built_in: tuple[Rule, ...] = ()
+    unlisted: tuple[str, ...] = ()
+    if config.enabled and config.inherit_defaults:
+        built_in, unlisted = _built_in(share)
+    return Resolved(kind, path, config, compile_policy(config, source, built_in), unlisted)
 
 
 def write_policy(policy: Policy, target: Path | None = None) -> Path:

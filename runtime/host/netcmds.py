@@ -13,6 +13,7 @@ from runtime.core.config import parse_config, validate_config
 from runtime.core.explain import explain
 from runtime.core.policy import Mode, Request
 from runtime.host import hostlogs, trust
+from runtime.registries import REGISTRIES_FILE
 from runtime.resolve import (
     GLOBAL,
     REPO,
@@ -128,6 +129,19 @@ def cmd_set_enabled(target: Path, enabled: bool, state: Path, home: Path, out) -
     return EXIT_OK
 
 
+def unlisted_registries_note(resolved: Resolved) -> str | None:
+    """Where the installer recorded no registry hosts (a host install), the built-in
+    package-registry rules are the image's: say so rather than guess them here."""
+    if not resolved.unlisted_registries:
+        return None
+    names = ", ".join(resolved.unlisted_registries)
+    return (
+        f"Package registries ({names}): the built-in rules also allow the registry hosts "
+        "recorded in the image at install time; they are not listed here (this host has "
+        f"no record of them: {paths.share_dir() / REGISTRIES_FILE})"
+    )
+
+
 def describe_rules(resolved: Resolved) -> list[str]:
     lines = []
     for rule in resolved.policy.rules:
@@ -192,6 +206,9 @@ def cmd_show(
         print(f"Allowed rules ({len(policy.rules)}):", file=out)
         lines = describe_rules(resolved)
         print("\n".join(lines) if lines else "  (none: every request is a violation)", file=out)
+        note = unlisted_registries_note(resolved)
+        if note:
+            print(note, file=out)
     return EXIT_OK
 
 
@@ -245,4 +262,7 @@ def cmd_check(project: Path, home: Path, url: str, method: str, out) -> int:
     request = request_for_url(url, method.upper())
     decision = resolved.policy.decide(request)
     print(explain(decision, request.method, url, resolved.source), end="", file=out)
+    note = unlisted_registries_note(resolved)
+    if note and (decision.blocked or decision.violation):
+        print(f"note: {note}", file=out)
     return EXIT_OK

@@ -19,14 +19,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class CLI:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, registries: bool = True) -> None:
         self.project = tmp / "project"
         self.home = tmp / "home"
         self.project.mkdir()
         self.home.mkdir()
         share = tmp / "share"
         shutil.copytree(ROOT / "config", share)
-        (share / "registries.json").write_text('{"npm": ["npm.test"], "pypi": ["pypi.test"]}')
+        if registries:  # as the installer records them in an image
+            (share / "registries.json").write_text('{"npm": ["npm.test"], "pypi": ["pypi.test"]}')
         self.env = {
             **os.environ,
             "HOME": str(self.home),
@@ -175,6 +176,35 @@ def test_check_uses_the_core(cli: CLI) -> None:
     assert r.stdout.startswith("ALLOWED: POST") and "rule: api.github.com" in r.stdout
     r = cli("--network-check", "http://evil.test/")
     assert "host_not_allowed" in r.stdout and '"host": "evil.test"' in r.stdout
+
+
+TOOL = """#!/bin/sh
+echo "$0 $*" >> {marker}
+echo https://tool-answer.test/
+"""
+
+
+def test_a_host_install_lists_no_registry_hosts_and_runs_no_tool(tmp_path: Path) -> None:
+    """No registries.json (a host install): npm and pip are never asked; the CLI says
+    the registry hosts are the image's, recorded at install time."""
+    cli = CLI(tmp_path, registries=False)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    marker = tmp_path / "tools-ran"
+    for tool in ("npm", "pip", "pip3"):
+        (bin_dir / tool).write_text(TOOL.format(marker=marker))
+        (bin_dir / tool).chmod(0o755)
+    cli.env["PATH"] = f"{bin_dir}:{cli.env['PATH']}"
+    cli.repo_file.parent.mkdir()
+    cli.repo_file.write_text('{"enabled": true, "mode": "enforce"}')
+    show = cli("--network-show")
+    check = cli("--network-check", "https://pkg.registry.test/x")
+    assert show.returncode == 0 and check.returncode == 0, (show.stderr, check.stderr)
+    for out in (show.stdout, check.stdout):
+        assert "recorded in the image at install time" in out, out
+        assert "npm, pypi" in out and "tool-answer.test" not in out
+    assert "github.com" in show.stdout  # the other built-in rules are listed
+    assert not marker.exists(), marker.read_text()
 
 
 @pytest.mark.parametrize(
