@@ -20,6 +20,7 @@ second). Both produce the same layout, so the image layout is written once
 from __future__ import annotations
 
 import argparse
+import configparser
 import json
 import os
 import shutil
@@ -58,9 +59,39 @@ def _ignore(_dir: str, names: list[str]) -> set[str]:
     return {n for n in names if n == "__pycache__" or n.endswith((".pyc", ".pyo"))}
 
 
+DIST_NAME = "copilot_here_secure_proxy"  # the distribution's name, as in its dist-info
+
+
+def is_checkout(source: Path) -> bool:
+    """A source checkout (config/, supervisor.d/, pyproject.toml beside the packages), or
+    else an installation's site-packages, where the same files ship inside the package
+    (runtime/_config, runtime/_supervisor) and the scripts are in the dist-info."""
+    return (source / "pyproject.toml").is_file()
+
+
+def share_file(source: Path, name: str) -> Path:
+    return source / ("config" if is_checkout(source) else "runtime/_config") / name
+
+
+def supervisor_confs(source: Path) -> list[Path]:
+    directory = source / ("supervisor.d" if is_checkout(source) else "runtime/_supervisor")
+    confs = sorted(directory.glob("*.conf"))
+    if not confs:
+        raise InstallError(f"no supervisor configuration (*.conf) in {directory}")
+    return confs
+
+
 def console_scripts(source: Path) -> dict[str, str]:
-    data = tomllib.loads((source / "pyproject.toml").read_text())
-    return dict(data["project"]["scripts"])
+    if is_checkout(source):
+        data = tomllib.loads((source / "pyproject.toml").read_text())
+        return dict(data["project"]["scripts"])
+    found = sorted(source.glob(f"{DIST_NAME}-*.dist-info/entry_points.txt"))
+    if not found:
+        raise InstallError(f"neither pyproject.toml nor {DIST_NAME}-*.dist-info in {source}")
+    entry_points = configparser.ConfigParser(interpolation=None)
+    entry_points.optionxform = str  # type: ignore[assignment,method-assign]  # keep case
+    entry_points.read(found[-1], encoding="utf-8")
+    return dict(entry_points["console_scripts"])
 
 
 def _lookup_id(root: Path, db: str, name: str) -> int | None:
@@ -139,7 +170,10 @@ def install_venv_reusing(root: Path, source: Path, reuse: Path) -> Path:
     base = _base_python(reuse)
     subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True)
     site = _site_packages(venv)
-    (site / "secure-proxy-deps.pth").write_text(f"{_site_packages(reuse)}\n")
+    # A site dir, not a plain path: the reused venv's own .pth files are read too, so
+    # the thin venv sees what the reused one sees (packages some .pth adds included).
+    reused = _site_packages(reuse)
+    (site / "secure-proxy-deps.pth").write_text(f"import site; site.addsitedir({str(reused)!r})\n")
     for pkg in PACKAGES:
         shutil.copytree(source / pkg, site / pkg, ignore=_ignore)
     python = paths.venv_dir() / "bin" / "python"
@@ -181,7 +215,7 @@ def install(
     prefix = _under(root, paths.prefix_dir())
     _mkdir(prefix, 0o755)
     for name in SHARE_FILES:
-        shutil.copyfile(source / "config" / name, prefix / name)
+        shutil.copyfile(share_file(source, name), prefix / name)
         os.chmod(prefix / name, 0o644)
     hosts = registries.record(prefix)
     os.chmod(prefix / registries.REGISTRIES_FILE, 0o644)
@@ -193,7 +227,7 @@ def install(
 
     sup = _under(root, paths.supervisor_dir())
     (sup / "conf.d").mkdir(parents=True, exist_ok=True)
-    for conf in sorted((source / "supervisor.d").glob("*.conf")):
+    for conf in supervisor_confs(source):
         target = sup / conf.name if conf.name == "supervisord.conf" else sup / "conf.d" / conf.name
         shutil.copyfile(conf, target)
         os.chmod(target, 0o644)

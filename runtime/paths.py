@@ -7,6 +7,7 @@ engine can run the same code against a scratch root.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 INTERCEPTOR_PORT = int(os.environ.get("SECURE_PROXY_PORT", "58080"))
@@ -109,8 +110,9 @@ def source_root() -> Path:
 
 
 def sandbox_venv() -> Path:
-    """The venv whose interpreter and dependencies the sandbox engine reuses."""
-    return _path("SP_VENV", "/opt/sp-venv")
+    """The venv whose interpreter and dependencies the sandbox engine reuses: the one
+    this code runs from (a wheel install as well as a checkout's dev venv)."""
+    return Path(sys.prefix)
 
 
 def supervisor_dir() -> Path:

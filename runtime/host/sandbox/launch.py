@@ -28,7 +28,10 @@ def _inner_pid(outer: int) -> int | None:
 
 
 def preflight() -> None:
-    if os.geteuid() != 0:
+    geteuid = getattr(os, "geteuid", None)
+    if geteuid is None:
+        raise SandboxError("the sandbox engine needs Linux (namespaces); use --engine docker")
+    if geteuid() != 0:
         raise SandboxError(
             "the sandbox engine needs root (it creates namespaces); run as root, or use "
             "--engine docker / --engine podman"
@@ -38,9 +41,20 @@ def preflight() -> None:
             raise SandboxError(f"the sandbox engine needs `{tool}` (util-linux / iproute2)")
 
 
+def check_venv(venv: Path) -> None:
+    """The sandbox reuses the interpreter and packages copilot_here runs from: a venv."""
+    if not (venv / "pyvenv.cfg").is_file() or not (venv / "bin" / "python").exists():
+        raise SandboxError(
+            f"the sandbox engine reuses the Python environment copilot_here runs from, and "
+            f"{venv} is not a virtual environment. Fix: install copilot_here into one "
+            "(python3 -m venv DIR && DIR/bin/pip install ...) and run DIR/bin/copilot_here"
+        )
+
+
 def run(spec: Spec) -> int:
     """Run the sandbox to completion; the return value is the command's exit code."""
     preflight()
+    check_venv(Path(spec.reuse_venv))
     cleanup_leftovers()
     spec.run_id = spec.run_id or secrets.token_hex(3)
     net = Network(spec.run_id, spec.netns)
