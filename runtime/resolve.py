@@ -77,14 +77,42 @@ def find_config(project_dir: Path, home: Path) -> tuple[str, Path | None]:
 
 
 def read_config(path: Path) -> NetworkConfig:
+    """Read and validate one config file. A UTF-8 byte-order mark is accepted (editors
+    on Windows write one); anything that is not UTF-8 is a ConfigError naming the fix."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(path), [_unreadable(exc)]) from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
         raise ConfigError(
             str(path),
-            [Problem("", f"cannot read the file ({exc})", "make it a readable UTF-8 JSON file")],
+            [
+                Problem(
+                    "",
+                    f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})",
+                    "save the file as UTF-8",
+                )
+            ],
         ) from None
     return parse_config(text, str(path))
+
+
+def _unreadable(exc: OSError) -> Problem:
+    if isinstance(exc, IsADirectoryError):
+        return Problem("", "is a directory, not a file", "move the directory away")
+    if isinstance(exc, PermissionError):
+        return Problem("", "permission denied", "make the file readable by you (chmod u+r)")
+    if isinstance(exc, FileNotFoundError):
+        return Problem(
+            "", "does not exist (a symlink to a missing file?)", "restore it, or remove the link"
+        )
+    if isinstance(exc, NotADirectoryError):
+        return Problem("", "a component of its path is a file", "make its directory a directory")
+    return Problem(
+        "", f"cannot read the file ({exc.strerror or exc})", "make it a readable JSON file"
+    )
 
 
 def load_built_in(share: Path | None = None) -> tuple[Rule, ...]:
