@@ -22,6 +22,7 @@ from pathlib import Path
 
 from runtime import paths
 from runtime.host import hostlogs, hoststate, trust
+from runtime.host.fileproblems import FileProblem, problem
 from runtime.resolve import GLOBAL, REPO, find_config
 
 CONTAINER_CONFIG_REPO = "/work/.copilot_here"
@@ -35,9 +36,6 @@ class Mount:
     target: str
     read_only: bool = False
 
-    def docker(self) -> str:
-        return f"{self.source}:{self.target}" + (":ro" if self.read_only else "")
-
 
 @dataclass
 class Plan:
@@ -48,6 +46,8 @@ class Plan:
     tty: bool
     extra_args: list[str] = field(default_factory=list)
     cap_drop: list[str] = field(default_factory=list)
+    project: str = ""  # the host path mounted at /work (names and labels the container)
+    active: bool = True  # the guard starts (a config in force, or mounted writable)
 
 
 class RunError(Exception):
@@ -73,6 +73,7 @@ def plan(
     uid: int | None = None,
     gid: int | None = None,
     empty_dir: Path | None = None,
+    active: bool = True,
 ) -> Plan:
     environ = dict(os.environ if environ is None else environ)
     project = project.resolve()
@@ -80,9 +81,11 @@ def plan(
     mounts += config_mounts(project, home, config_write, environ, empty_dir)
     logs = hostlogs.logs_source(project, home, logs_dir, environ)
     mounts.append(Mount(str(logs), CONTAINER_LOGS))
+    if uid is None or gid is None:
+        uid, gid = hoststate.user_ids()
     env = {
-        "PUID": str(os.getuid() if uid is None else uid),
-        "PGID": str(os.getgid() if gid is None else gid),
+        "PUID": str(uid),
+        "PGID": str(gid),
         "SECURE_PROXY_HOST_LOG_DIR": str(logs),  # for the init's banner only
     }
     if environ.get("SECURE_PROXY_TRACE"):
@@ -99,7 +102,8 @@ def plan(
     tty = os.isatty(0) if tty is None else tty
     if tty and environ.get("TERM"):
         env["TERM"] = environ["TERM"]
-    return Plan(mounts, env, [parse_add_host(h) for h in add_hosts], list(command), tty)
+    hosts = [parse_add_host(h) for h in add_hosts]
+    return Plan(mounts, env, hosts, list(command), tty, project=str(project), active=active)
 
 
 def config_mounts(
@@ -119,8 +123,33 @@ def config_mounts(
     empty = empty_dir or hoststate.state_root(home, environ) / trust.EMPTY
     mounts = [Mount(str(empty), CONTAINER_CONFIG_REPO, True)]
     if kind == GLOBAL and path is not None:
-        mounts.append(Mount(str(path.parent.resolve()), CONTAINER_CONFIG_GLOBAL, not config_write))
+        mounts.append(
+            Mount(str(global_mount_source(path)), CONTAINER_CONFIG_GLOBAL, not config_write)
+        )
     return mounts
+
+
+def global_mount_source(path: Path) -> Path:
+    """The directory mounted for the global config: the one holding the file itself,
+    through any symlink (dotfiles). The container looks for network.json there, and
+    sees everything in it: a linked file must be network.json, alone in its directory."""
+    target = path.resolve()
+    if not os.path.islink(path):
+        return target.parent
+    if target.name != paths.REPO_CONFIG_RELATIVE.name:
+        raise FileProblem(
+            f"{path} links to {target}; the container reads network.json from the linked "
+            f"file's directory. Fix: name the file network.json (or link the directory "
+            f"{path.parent} instead)"
+        )
+    others = sorted(e.name for e in os.scandir(target.parent) if e.name != target.name)
+    if others:
+        raise FileProblem(
+            f"{path} links into {target.parent}, which the container would see whole "
+            f"(also {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}). Fix: keep "
+            "network.json in a directory of its own and link to it there"
+        )
+    return target.parent
 
 
 def prepare_config_mountpoint(project: Path) -> None:
@@ -130,14 +159,20 @@ def prepare_config_mountpoint(project: Path) -> None:
     would resolve it inside the container and mount somewhere else."""
     mountpoint = project / paths.REPO_CONFIG_RELATIVE.parent
     if mountpoint.is_symlink():
-        raise RunError(
+        raise FileProblem(
             f"{mountpoint} is a symlink; a container resolves it inside itself. Fix: make it "
             "a real directory in the project (or remove it)"
         )
     if not os.path.lexists(mountpoint):
-        mountpoint.mkdir(mode=0o755)
+        try:
+            mountpoint.mkdir(mode=0o755)
+        except OSError as exc:
+            raise problem(mountpoint, exc, "create") from None
     elif not mountpoint.is_dir():
-        raise RunError(f"{mountpoint} is not a directory; move it away")
+        raise FileProblem(
+            f"{mountpoint} is a file, but the config directory belongs there (it is the "
+            f"mountpoint of /work/.copilot_here). Fix: move {mountpoint} away"
+        )
 
 
 def _logs_source(p: Plan) -> str:

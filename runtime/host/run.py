@@ -18,10 +18,20 @@ import shutil
 import sys
 from pathlib import Path
 
+from runtime.core.config import ConfigError
+from runtime.core.policy import Mode
 from runtime.host import hoststate, trust
-from runtime.host.engines import default_engine, engine_argv
+from runtime.host.engines import (
+    default_engine,
+    engine_argv,
+    free_name,
+    podman_rootless,
+    refuse_engine_args,
+)
+from runtime.host.fileproblems import FileProblem
 from runtime.host.plan import Plan, RunError, plan, prepare_config_mountpoint, prepare_logs
 from runtime.host.writable import report_config_changes, wait_for, watch_writable_config
+from runtime.resolve import resolve
 
 DEFAULT_IMAGE = os.environ.get("COPILOT_HERE_IMAGE", "copilot_here-secure:latest")
 ENGINES = ("docker", "podman", "sandbox")
@@ -70,6 +80,21 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="drop a capability from the container (as docker run --cap-drop; e.g. NET_ADMIN "
         "to see the firewall fail closed)",
     )
+    pull = group.add_mutually_exclusive_group()
+    pull.add_argument(
+        "--pull",
+        dest="pull",
+        action="store_const",
+        const="always",
+        help="docker/podman: pull the image before the run (default: only when missing)",
+    )
+    pull.add_argument(
+        "--no-pull",
+        dest="pull",
+        action="store_const",
+        const="never",
+        help="docker/podman: never pull; a missing image is an error",
+    )
     group.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND... to run")
 
 
@@ -86,6 +111,17 @@ def sandbox_spec(p: Plan, netns: str | None):  # -> runtime.host.sandbox.Spec
     )
 
 
+def guard_active(project: Path, home: Path, config_write: bool) -> bool:
+    """Whether the guard starts in this run (so the container needs NET_ADMIN): the
+    config in force is enabled or logs, or it is mounted writable (it may be switched
+    on during the run). The same resolution as the init's; ConfigError if broken."""
+    resolved = resolve(project, home)
+    policy = resolved.policy
+    if policy.mode is not Mode.ALLOW_ALL or policy.log_to_file:
+        return True
+    return config_write and resolved.path is not None
+
+
 def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
     state = hoststate.state_root(home)
     project = project.resolve()
@@ -95,7 +131,12 @@ def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
         interactive = not args.dry_run and sys.stdin.isatty() and sys.stderr.isatty()
         if not trust.gate(state, project, home, interactive):
             return 1
+        refuse_engine_args(args.engine_arg)
         engine = args.engine or default_engine(args.image)
+        if args.sandbox_netns and engine != "sandbox":
+            raise RunError("--sandbox-netns goes with --engine sandbox")
+        if args.pull and engine == "sandbox":
+            raise RunError("--pull/--no-pull go with --engine docker or podman")
         empty = state / trust.EMPTY if args.dry_run else trust.empty_dir(state)
         p = plan(
             project,
@@ -105,27 +146,20 @@ def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
             args.add_host,
             list(args.command or []),
             empty_dir=empty,
+            active=guard_active(project, home, args.network_config_write),
         )
         p.cap_drop = list(args.cap_drop)
-        if args.sandbox_netns and engine != "sandbox":
-            raise RunError("--sandbox-netns goes with --engine sandbox")
         if engine == "sandbox":
-            from runtime.host import sandbox
-
-            spec = sandbox_spec(p, args.sandbox_netns)
-            if args.dry_run:
-                print(f"sandbox {spec.to_json()}")
-                return 0
-            prepare_config_mountpoint(project)
-            prepare_logs(p, args.logs_dir is not None, home)
-            watched = watch_writable_config(state, project, home, args.network_config_write)
-            try:
-                return sandbox.run(spec)
-            except sandbox.SandboxError as exc:
-                raise RunError(str(exc)) from None
-            finally:
-                report_config_changes(state, watched)
-        argv = engine_argv(engine, args.image, p, args.engine_arg)
+            return run_sandbox(args, p, state, project, home)
+        argv = engine_argv(
+            engine,
+            args.image,
+            p,
+            args.engine_arg,
+            rootless=engine == "podman" and podman_rootless(),
+            name=free_name(engine, p.project),
+            pull=args.pull or "missing",
+        )
         if args.dry_run:
             print(shlex.join(argv))
             return 0
@@ -145,6 +179,28 @@ def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
     except RunError as exc:
         print(f"copilot_here: {exc}", file=sys.stderr)
         return 2
-    except (trust.TrustError, hoststate.StateError) as exc:
+    except ConfigError as exc:
+        head = "" if len(exc.problems) == 1 else "invalid network config\n"
+        print(f"copilot_here: {head}{exc}", file=sys.stderr)
+        return 1
+    except (trust.TrustError, hoststate.StateError, FileProblem) as exc:
         print(f"copilot_here: {exc}", file=sys.stderr)
         return 1
+
+
+def run_sandbox(args: argparse.Namespace, p: Plan, state: Path, project: Path, home: Path) -> int:
+    from runtime.host import sandbox
+
+    spec = sandbox_spec(p, args.sandbox_netns)
+    if args.dry_run:
+        print(f"sandbox {spec.to_json()}")
+        return 0
+    prepare_config_mountpoint(project)
+    prepare_logs(p, args.logs_dir is not None, home)
+    watched = watch_writable_config(state, project, home, args.network_config_write)
+    try:
+        return sandbox.run(spec)
+    except sandbox.SandboxError as exc:
+        raise RunError(str(exc)) from None
+    finally:
+        report_config_changes(state, watched)
