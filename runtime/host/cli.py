@@ -2,19 +2,24 @@
 
 Network configuration commands (init, show, enable/disable, check: runtime.host.netcmds)
 work on the same files and through the same core the container uses; anything else
-runs the container (runtime.host.run). Exit codes: 0 success, 1 config error,
-2 usage error.
+runs the container (runtime.host.run). Exit codes: 0 success, 1 a config or file
+problem (one line naming the file and the fix), 2 usage error, 3 `--network-check`:
+blocked (or, in monitor mode, would be); a run exits with the container's code.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from runtime.core.config import ConfigError
 from runtime.host import hoststate, run, trust
+from runtime.host.fileproblems import FileProblem
+from runtime.host.fileproblems import describe as describe_os_error
 from runtime.host.netcmds import (
     EXIT_CONFIG,
     EXIT_USAGE,
@@ -25,6 +30,7 @@ from runtime.host.netcmds import (
     cmd_show,
     cmd_trust,
 )
+from runtime.host.project import ProjectError, check_project, find_project
 from runtime.resolve import find_config, global_config_path, repo_config_path
 
 # ---------------------------------------------------------------------------
@@ -35,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="copilot_here",
         description="Run coding agents in a container whose outbound network is guarded.",
+        epilog="Exit codes: 0 success (--network-check: allowed), 1 config or file problem, "
+        "2 usage error, 3 --network-check: blocked (or would be, in monitor mode); a run "
+        "exits with the container's code.",
+        allow_abbrev=False,  # --network-sh is an error, never --network-show
     )
     net = parser.add_argument_group("network configuration")
     actions = net.add_mutually_exclusive_group()
@@ -75,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="explain how the effective policy treats a request to URL",
     )
-    net.add_argument("--method", default="GET", help="HTTP method for --network-check")
+    net.add_argument("--method", help="HTTP method for --network-check (default GET)")
     net.add_argument(
         "--no-inherit",
         action="store_true",
@@ -93,47 +103,134 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    project = Path.cwd()
-    home = Path(os.environ.get("HOME") or Path.home())
-    state = hoststate.state_root(home)
-    out = sys.stdout
-    try:
-        if (args.no_inherit or args.force) and not (args.network_init or args.network_init_global):
+# ---------------------------------------------------------------------------
+# Options that are not options
+
+
+def _options(parser: argparse.ArgumentParser) -> dict[str, bool]:
+    """Every option string -> whether it takes a value."""
+    return {opt: action.nargs != 0 for action in parser._actions for opt in action.option_strings}
+
+
+def _did_you_mean(word: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, [o for o in options if o.startswith("--")], 1, 0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def precheck(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """Before argparse: an unknown option gets its did-you-mean, and a bare word that is
+    a misspelt option (`network-show`) is not taken for the command to run (argparse
+    would start a container running `network-show`). Stops where the command starts."""
+    options = _options(parser)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return
+        if arg.startswith("-") and arg != "-":
+            name = arg.partition("=")[0]
+            if name not in options:
+                raise UsageError(
+                    f"unknown option {name}{_did_you_mean(name, list(options))} "
+                    "(copilot_here --help lists them; options for docker/podman go in "
+                    "--engine-arg=...)"
+                )
+            i += 2 if options[name] and "=" not in arg else 1
+            continue
+        # The first word of the command (everything from here on is its own).
+        as_option = "--" + arg.lstrip("-")
+        looks = arg.startswith("network") or difflib.get_close_matches(
+            as_option, [o for o in options if o.startswith("--")], 1, 0.85
+        )
+        if looks:
+            hint = _did_you_mean(as_option, list(options)) or "; options start with --"
             raise UsageError(
-                "--no-inherit and --force go with --network-init or --network-init-global"
+                f"{arg!r} looks like an option, not a command{hint} (to run a command named "
+                f"{arg}, put it after --: copilot_here -- {arg})"
             )
-        if args.network_init:
-            target = repo_config_path(project)
-            return cmd_init(target, args.no_inherit, args.force, state, home, out)
-        if args.network_init_global:
-            target = global_config_path(home)
-            return cmd_init(target, args.no_inherit, args.force, state, home, out)
-        if args.network_show:
-            return cmd_show(project, home, args.network_config_write, state, out, args.logs_dir)
-        if args.network_trust:
-            return cmd_trust(project, home, state, out)
-        if args.network_enable or args.network_disable:
-            _, path = find_config(project, home)
-            target = path if path is not None else repo_config_path(project)
-            return cmd_set_enabled(target, args.network_enable, state, home, out)
-        if args.network_enable_global or args.network_disable_global:
-            target = global_config_path(home)
-            return cmd_set_enabled(target, args.network_enable_global, state, home, out)
-        if args.network_check:
-            return cmd_check(project, home, args.network_check, args.method, out)
-        return run.run_from_args(args, project, home)
+        return
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        precheck(parser, argv)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"copilot_here: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
+    try:
+        return dispatch(args)
     except UsageError as exc:
         print(f"copilot_here: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ProjectError as exc:
+        print(f"copilot_here: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except ConfigError as exc:
-        print(f"copilot_here: invalid network config\n{exc}", file=sys.stderr)
+        if len(exc.problems) == 1:
+            print(f"copilot_here: {exc}", file=sys.stderr)
+        else:
+            print(f"copilot_here: invalid network config\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except (trust.TrustError, hoststate.StateError) as exc:
+    except (trust.TrustError, hoststate.StateError, FileProblem) as exc:
         print(f"copilot_here: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except OSError as exc:  # a file problem no check above named: still one line
+        print(f"copilot_here: {describe_os_error(exc.filename, exc)}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def home_dir() -> Path:
+    home = os.environ.get("HOME")
+    if home and os.path.isabs(home):
+        return Path(home)
+    try:
+        return Path.home()
+    except (RuntimeError, KeyError):
+        raise UsageError("no home directory: set HOME to an absolute path") from None
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    hoststate.user_ids()  # before anything is written: a clear line on Windows
+    home = home_dir()
+    state = hoststate.state_root(home)
+    out = sys.stdout
+    if (args.no_inherit or args.force) and not (args.network_init or args.network_init_global):
+        raise UsageError("--no-inherit and --force go with --network-init or --network-init-global")
+    if args.method is not None and args.network_check is None:
+        raise UsageError("--method goes with --network-check")
+    if args.network_init_global:
+        target = global_config_path(home)
+        return cmd_init(target, args.no_inherit, args.force, state, home, out)
+    if args.network_enable_global or args.network_disable_global:
+        target = global_config_path(home)
+        return cmd_set_enabled(target, args.network_enable_global, state, home, out)
+    # Everything else works on a project (the git repository's root, or this directory).
+    try:
+        cwd = Path.cwd()
+    except OSError as exc:
+        raise FileProblem(
+            f"the current directory is gone ({exc.strerror}). Fix: cd into the project again"
+        ) from None
+    project = check_project(find_project(cwd, home), home)
+    if args.network_init:
+        target = repo_config_path(project)
+        return cmd_init(target, args.no_inherit, args.force, state, home, out)
+    if args.network_show:
+        return cmd_show(project, home, args.network_config_write, state, out, args.logs_dir)
+    if args.network_trust:
+        return cmd_trust(project, home, state, out)
+    if args.network_enable or args.network_disable:
+        _, path = find_config(project, home)
+        target = path if path is not None else repo_config_path(project)
+        return cmd_set_enabled(target, args.network_enable, state, home, out)
+    if args.network_check is not None:
+        method = "GET" if args.method is None else args.method
+        return cmd_check(project, home, args.network_check, method, out)
+    return run.run_from_args(args, project, home)
 
 
 if __name__ == "__main__":

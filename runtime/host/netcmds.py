@@ -4,6 +4,8 @@ through the same core, as the container (runtime.resolve, runtime.core)."""
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -11,8 +13,9 @@ from urllib.parse import urlsplit
 from runtime import fsutil, paths
 from runtime.core.config import parse_config, validate_config
 from runtime.core.explain import explain
-from runtime.core.policy import Mode, Request
+from runtime.core.policy import HostError, Mode, Request, normalize_host
 from runtime.host import hostlogs, trust
+from runtime.host.fileproblems import FileProblem, problem
 from runtime.registries import REGISTRIES_FILE
 from runtime.resolve import (
     GLOBAL,
@@ -23,7 +26,7 @@ from runtime.resolve import (
     resolve,
 )
 
-EXIT_OK, EXIT_CONFIG, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_BLOCKED = 0, 1, 2, 3
 
 TEMPLATE: dict[str, Any] = {
     "enabled": False,
@@ -59,22 +62,48 @@ def dump(data: dict[str, Any]) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Replace the config atomically, keeping the file's mode."""
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fsutil.atomic_write(path, text, mode)
+def atomic_write(path: Path, text: str, follow: bool = False) -> None:
+    """Replace the config atomically, keeping the file's mode. With `follow` (the global
+    config) a symlink is written through: the file it points to is replaced in its own
+    directory and the link stays (dotfiles), never replaced by a plain file."""
+    target = Path(os.path.realpath(path)) if follow and os.path.islink(path) else path
+    try:
+        if target.is_dir():
+            raise FileProblem(f"{target} is a directory, not a file. Fix: move it away")
+        mode = target.stat().st_mode & 0o777 if target.exists() else 0o644
+        fsutil.atomic_write(target, text, mode)
+    except OSError as exc:
+        raise problem(target, exc, "write") from None
 
 
 def config_kind(path: Path, home: Path) -> str:
     return GLOBAL if path == global_config_path(home) else REPO
 
 
+def read_text(path: Path) -> str:
+    """A config's text: UTF-8, a byte-order mark accepted (and dropped when the CLI
+    writes the file back). One line naming the file and the fix otherwise."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise problem(path, exc) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise FileProblem(
+            f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}). "
+            "Fix: save it as UTF-8"
+        ) from None
+
+
 def write_config(path: Path, text: str, state: Path, home: Path, out) -> None:
     """Write a config through the CLI and approve what was written: the user chose
     it. Not when the file was untrusted before (an edit of a cloned repo's config
     would otherwise approve the rest of it unseen): that still needs a review."""
-    before = trust.check(state, config_kind(path, home), path)
-    atomic_write(path, text)
+    kind = config_kind(path, home)
+    before = trust.check(state, kind, path)
+    trust.ready(state)  # the approval must be recordable before the file changes
+    atomic_write(path, text, follow=kind == GLOBAL)
     if before.trusted:
         trust.approve(state, path, text.encode("utf-8"))
     else:
@@ -87,7 +116,7 @@ def write_config(path: Path, text: str, state: Path, home: Path, out) -> None:
 
 def load_ordered(path: Path) -> dict[str, Any]:
     """The file as written (key order kept), validated so we never write a broken config."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     parse_config(text, str(path))  # raises ConfigError naming the file, field and fix
     return json.loads(text)
 
@@ -97,6 +126,8 @@ def load_ordered(path: Path) -> dict[str, Any]:
 
 
 def cmd_init(target: Path, no_inherit: bool, force: bool, state: Path, home: Path, out) -> int:
+    if target.is_dir():
+        raise FileProblem(f"{target} is a directory, not a file. Fix: move that directory away")
     if target.exists() and not force:
         print(
             f"A network config already exists at {target}; it was left unchanged "
@@ -104,10 +135,12 @@ def cmd_init(target: Path, no_inherit: bool, force: bool, state: Path, home: Pat
             file=out,
         )
         return EXIT_OK
-    if config_kind(target, home) == REPO:
+    kind = config_kind(target, home)
+    if kind == REPO:
         trust.config_dir_check(target)
     text = dump(template(no_inherit))
-    atomic_write(target, text)
+    trust.ready(state)  # the approval must be recordable before the file changes
+    atomic_write(target, text, follow=kind == GLOBAL)
     # The whole file comes from the CLI: approved, whatever was there before.
     trust.approve(state, target, text.encode("utf-8"))
     print(f"Created {target}", file=out)
@@ -124,8 +157,26 @@ def cmd_set_enabled(target: Path, enabled: bool, state: Path, home: Path, out) -
     data["enabled"] = enabled
     validate_config(data, str(target))
     write_config(target, dump(data), state, home, out)
-    state = "enabled" if enabled else "disabled"
-    print(f"Secure proxy {state} in {target}{' (created)' if created else ''}", file=out)
+    created_text = " (created)" if created else ""
+    if not enabled:
+        log = " (the traffic log stays on: log_to_file)" if data.get("log_to_file") else ""
+        print(
+            f"Secure proxy disabled in {target}{created_text}: allow-all, every request goes "
+            f"through{log}.",
+            file=out,
+        )
+        return EXIT_OK
+    mode = data.get("mode", "monitor")
+    print(f"Secure proxy enabled in {target}{created_text}. Mode now in force: {mode}", file=out)
+    if mode == "enforce":
+        print("  enforce: requests the rules do not allow are blocked (403).", file=out)
+    else:
+        print(
+            "  monitor: every request is judged and logged, nothing is blocked; the traffic log\n"
+            '  marks what enforce mode would block ("violation": true). To block it, set\n'
+            f'  "mode": "enforce" in {target}',
+            file=out,
+        )
     return EXIT_OK
 
 
@@ -225,7 +276,7 @@ def cmd_trust(project: Path, home: Path, state: Path, out) -> int:
         print(c.body(), end="", file=out)
         if c.current is not None:
             # A broken config cannot take effect: fix it first (the error names the fix).
-            parse_config(c.text, str(c.path))
+            parse_config(c.text.removeprefix("\ufeff"), str(c.path))
     for c in checks:  # the bytes shown, not a re-read
         trust.approve(state, c.path, c.current)
         if c.current is None:
@@ -235,10 +286,27 @@ def cmd_trust(project: Path, home: Path, state: Path, out) -> int:
     return EXIT_OK
 
 
+METHOD_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")  # RFC 9110 token
+
+
+def check_method(method: str) -> str:
+    if not METHOD_TOKEN.fullmatch(method):
+        raise UsageError(f"--method {method!r} is not an HTTP method (GET, POST, PUT, ...)")
+    return method.upper()
+
+
 def request_for_url(url: str, method: str) -> Request:
-    parts = urlsplit(url if "://" in url else "https://" + url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url if "://" in url else "https://" + url)
+        hostname = parts.hostname
+    except ValueError as exc:
+        raise UsageError(f"--network-check {url!r} is not a URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not hostname:
         raise UsageError(f"--network-check needs an http(s) URL, not {url!r}")
+    try:
+        normalize_host(hostname)
+    except HostError as exc:
+        raise UsageError(f"--network-check {url!r}: not a host name ({exc})") from None
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as exc:
@@ -246,23 +314,28 @@ def request_for_url(url: str, method: str) -> Request:
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    host = parts.hostname
     return Request(
         method=method,
         path=path,
         scheme=parts.scheme,
         port=port,
-        sni=host if parts.scheme == "https" else None,
-        host_header=host,
+        sni=hostname if parts.scheme == "https" else None,
+        host_header=hostname,
     )
 
 
 def cmd_check(project: Path, home: Path, url: str, method: str, out) -> int:
+    """Exit 0 when the request would go through, EXIT_BLOCKED when the policy blocks
+    it, or (monitor mode) would block it in enforce mode."""
     resolved = resolve(project, home)
-    request = request_for_url(url, method.upper())
-    decision = resolved.policy.decide(request)
+    request = request_for_url(url, check_method(method))
+    try:
+        decision = resolved.policy.decide(request)
+    except HostError as exc:
+        raise UsageError(f"--network-check {url!r}: {exc}") from None
     print(explain(decision, request.method, url, resolved.source), end="", file=out)
     note = unlisted_registries_note(resolved)
-    if note and (decision.blocked or decision.violation):
+    refused = decision.blocked or decision.violation
+    if note and refused:
         print(f"note: {note}", file=out)
-    return EXIT_OK
+    return EXIT_BLOCKED if refused else EXIT_OK
