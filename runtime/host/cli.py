@@ -135,7 +135,16 @@ def precheck(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
                     "(copilot_here --help lists them; options for docker/podman go in "
                     "--engine-arg=...)"
                 )
-            i += 2 if options[name] and "=" not in arg else 1
+            if options[name] and "=" not in arg:
+                value = argv[i + 1] if i + 1 < len(argv) else None
+                if value is None or (value.startswith("-") and value != "-"):
+                    raise UsageError(
+                        f"{name} needs a value"
+                        + (f"; to pass {value!r}, write {name}={value}" if value else "")
+                    )
+                i += 2
+                continue
+            i += 1
             continue
         # The first word of the command (everything from here on is its own).
         as_option = "--" + arg.lstrip("-")
