@@ -98,9 +98,18 @@ def test_keep_id_only_for_rootless_podman(tmp_path):
         assert not [a for a in argv if a.startswith(("--userns", "--user="))]
 
 
-def test_podman_here_is_rootful_so_no_keep_id():
-    # This machine runs podman as root: the probe must say so (rootful rejects keep-id).
-    assert engines.podman_rootless() is False
+@pytest.mark.parametrize(("answer", "rootless"), [("true", True), ("false", False), ("", False)])
+def test_rootless_is_what_podman_info_says(tmp_path, monkeypatch, answer, rootless):
+    fake = tmp_path / "podman"
+    fake.write_text(
+        '#!/bin/sh\n[ "$1 $2 $3" = "info --format {{.Host.Security.Rootless}}" ] || exit 9\n'
+        f"echo {answer}\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert engines.podman_rootless() is rootless
+    monkeypatch.setenv("PATH", str(tmp_path / "none"))
+    assert engines.podman_rootless() is False  # no podman: no keep-id
 
 
 def test_name_labels_and_pull(tmp_path):
