@@ -3,7 +3,8 @@
 The Dockerfile runs it at build time (`--root /`, dependencies from pip or a
 wheel directory) and the sandbox engine runs it at every start inside its own
 mount namespace (`--reuse-venv /opt/sp-venv`: no pip, no network, well under a
-second). Both produce the same layout, so the image layout is written once:
+second). Both produce the same layout, so the image layout is written once
+(every path below comes from runtime/paths.py, the one place that names them):
 
     /opt/secure-proxy/                     defaults.json, schemas, registries.json
     /opt/secure-proxy/venv/                Python env with runtime/, firewall/ and console scripts
@@ -19,6 +20,7 @@ second). Both produce the same layout, so the image layout is written once:
 from __future__ import annotations
 
 import argparse
+import configparser
 import json
 import os
 import shutil
@@ -31,18 +33,13 @@ from pathlib import Path
 
 from runtime import fsutil, paths, registries
 
-SOURCE_ROOT = Path(__file__).resolve().parent.parent
+SOURCE_ROOT = paths.source_root()
 PACKAGES = ("runtime", "firewall")
 SHARE_FILES = (
     "defaults.json",
     "network.schema.json",
     "traffic-log.schema.json",
 )
-PREFIX = Path("/opt/secure-proxy")
-SUPERVISOR_DIR = Path("/etc/secure-proxy/supervisor")
-STATE_DIR = Path("/var/lib/secure-proxy")
-LOG_DIR = Path("/var/log/secure-proxy")
-CA_DIR = Path("/ca/certs")
 # Console scripts of our dependencies that the runtime calls.
 EXTRA_SCRIPTS = {
     "supervisord": "supervisor.supervisord:main",
@@ -62,9 +59,39 @@ def _ignore(_dir: str, names: list[str]) -> set[str]:
     return {n for n in names if n == "__pycache__" or n.endswith((".pyc", ".pyo"))}
 
 
+DIST_NAME = "copilot_here_secure_proxy"  # the distribution's name, as in its dist-info
+
+
+def is_checkout(source: Path) -> bool:
+    """A source checkout (config/, supervisor.d/, pyproject.toml beside the packages), or
+    else an installation's site-packages, where the same files ship inside the package
+    (runtime/_config, runtime/_supervisor) and the scripts are in the dist-info."""
+    return (source / "pyproject.toml").is_file()
+
+
+def share_file(source: Path, name: str) -> Path:
+    return source / ("config" if is_checkout(source) else "runtime/_config") / name
+
+
+def supervisor_confs(source: Path) -> list[Path]:
+    directory = source / ("supervisor.d" if is_checkout(source) else "runtime/_supervisor")
+    confs = sorted(directory.glob("*.conf"))
+    if not confs:
+        raise InstallError(f"no supervisor configuration (*.conf) in {directory}")
+    return confs
+
+
 def console_scripts(source: Path) -> dict[str, str]:
-    data = tomllib.loads((source / "pyproject.toml").read_text())
-    return dict(data["project"]["scripts"])
+    if is_checkout(source):
+        data = tomllib.loads((source / "pyproject.toml").read_text())
+        return dict(data["project"]["scripts"])
+    found = sorted(source.glob(f"{DIST_NAME}-*.dist-info/entry_points.txt"))
+    if not found:
+        raise InstallError(f"neither pyproject.toml nor {DIST_NAME}-*.dist-info in {source}")
+    entry_points = configparser.ConfigParser(interpolation=None)
+    entry_points.optionxform = str  # type: ignore[assignment,method-assign]  # keep case
+    entry_points.read(found[-1], encoding="utf-8")
+    return dict(entry_points["console_scripts"])
 
 
 def _lookup_id(root: Path, db: str, name: str) -> int | None:
@@ -83,7 +110,7 @@ def ensure_proxy_user(root: Path, name: str = paths.PROXY_USER) -> tuple[int, in
     """A system account for the interceptor: only its traffic leaves the box."""
     if _lookup_id(root, "passwd", name) is None:
         argv = ["useradd", "--system", "--user-group", "--no-create-home"]
-        argv += ["--home-dir", str(STATE_DIR), "--shell", "/usr/sbin/nologin", name]
+        argv += ["--home-dir", str(paths.state_dir()), "--shell", "/usr/sbin/nologin", name]
         if root != Path("/"):
             argv[1:1] = ["--root", str(root)]
         result = subprocess.run(argv, capture_output=True, text=True, check=False)
@@ -137,16 +164,19 @@ def install_venv_reusing(root: Path, source: Path, reuse: Path) -> Path:
     """A thin venv whose dependencies come from an existing one (a .pth line): seconds
     become milliseconds. Our packages are copied in, so the runtime cannot change
     under a running sandbox when the checkout changes."""
-    venv = _under(root, PREFIX / "venv")
+    venv = _under(root, paths.venv_dir())
     if venv.exists():
         shutil.rmtree(venv)
     base = _base_python(reuse)
     subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True)
     site = _site_packages(venv)
-    (site / "secure-proxy-deps.pth").write_text(f"{_site_packages(reuse)}\n")
+    # A site dir, not a plain path: the reused venv's own .pth files are read too, so
+    # the thin venv sees what the reused one sees (packages some .pth adds included).
+    reused = _site_packages(reuse)
+    (site / "secure-proxy-deps.pth").write_text(f"import site; site.addsitedir({str(reused)!r})\n")
     for pkg in PACKAGES:
         shutil.copytree(source / pkg, site / pkg, ignore=_ignore)
-    python = PREFIX / "venv" / "bin" / "python"
+    python = paths.venv_dir() / "bin" / "python"
     scripts = {**console_scripts(source), **EXTRA_SCRIPTS}
     for name, target in scripts.items():
         _write(venv / "bin" / name, _script(python, target), 0o755)
@@ -157,7 +187,7 @@ def install_venv_pip(root: Path, source: Path, wheels: Path | None) -> Path:
     """The image build: a real venv, our distribution and its dependencies from pip."""
     if root != Path("/"):
         raise InstallError("a pip-built venv has absolute paths: install it with --root /")
-    venv = PREFIX / "venv"
+    venv = paths.venv_dir()
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     argv = [str(venv / "bin" / "pip"), "install", "--no-cache-dir"]
     target = str(source)
@@ -182,10 +212,10 @@ def install(
 ) -> dict[str, object]:
     started = time.monotonic()
     root = root.resolve()
-    prefix = _under(root, PREFIX)
+    prefix = _under(root, paths.prefix_dir())
     _mkdir(prefix, 0o755)
     for name in SHARE_FILES:
-        shutil.copyfile(source / "config" / name, prefix / name)
+        shutil.copyfile(share_file(source, name), prefix / name)
         os.chmod(prefix / name, 0o644)
     hosts = registries.record(prefix)
     os.chmod(prefix / registries.REGISTRIES_FILE, 0o644)
@@ -195,18 +225,18 @@ def install(
     elif not skip_venv:
         install_venv_pip(root, source, wheels)
 
-    sup = _under(root, SUPERVISOR_DIR)
+    sup = _under(root, paths.supervisor_dir())
     (sup / "conf.d").mkdir(parents=True, exist_ok=True)
-    for conf in sorted((source / "supervisor.d").glob("*.conf")):
+    for conf in supervisor_confs(source):
         target = sup / conf.name if conf.name == "supervisord.conf" else sup / "conf.d" / conf.name
         shutil.copyfile(conf, target)
         os.chmod(target, 0o644)
 
-    bindir = _under(root, Path("/usr/local/bin"))
-    venv_bin = PREFIX / "venv" / "bin"
+    bindir = _under(root, paths.wrapper_bin_dir())
+    venv_bin = paths.venv_dir() / "bin"
     _write(
         bindir / "supervisorctl",
-        f'#!/bin/sh\nexec {venv_bin}/supervisorctl -c {SUPERVISOR_DIR}/supervisord.conf "$@"\n',
+        f'#!/bin/sh\nexec {venv_bin}/supervisorctl -c {paths.supervisor_conf()} "$@"\n',
         0o755,
     )
     _write(
@@ -214,11 +244,12 @@ def install(
     )
 
     uid, gid = ensure_proxy_user(root)
-    _mkdir(_under(root, CA_DIR.parent), 0o755)
-    _mkdir(_under(root, CA_DIR), 0o755, (uid, gid))
-    _mkdir(_under(root, STATE_DIR), 0o700, (uid, gid))
-    _mkdir(_under(root, STATE_DIR / "mitmproxy"), 0o700, (uid, gid))
-    _mkdir(_under(root, LOG_DIR), 0o750)
+    ca_dir = paths.ca_dir()
+    _mkdir(_under(root, ca_dir.parent), 0o755)
+    _mkdir(_under(root, ca_dir), 0o755, (uid, gid))
+    _mkdir(_under(root, paths.state_dir()), 0o700, (uid, gid))
+    _mkdir(_under(root, paths.confdir()), 0o700, (uid, gid))
+    _mkdir(_under(root, paths.component_log_dir()), 0o750)
     manifest = {
         "source": str(source),
         "venv": "reused " + str(reuse_venv) if reuse_venv else ("none" if skip_venv else "pip"),

@@ -7,6 +7,7 @@ engine can run the same code against a scratch root.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 INTERCEPTOR_PORT = int(os.environ.get("SECURE_PROXY_PORT", "58080"))
@@ -23,7 +24,7 @@ def share_dir() -> Path:
     override = os.environ.get("SECURE_PROXY_SHARE")
     if override:
         return Path(override)
-    installed = Path("/opt/secure-proxy")
+    installed = prefix_dir()
     if (installed / "defaults.json").is_file():
         return installed
     package = Path(__file__).resolve().parent
@@ -73,6 +74,11 @@ def ca_cert() -> Path:
     return _path("SECURE_PROXY_CA_CERT", "/ca/certs/ca.pem")
 
 
+def ca_dir() -> Path:
+    """Where the interceptor publishes its CA certificate (owned by proxy-user)."""
+    return ca_cert().parent
+
+
 def container_project_dir() -> Path:
     return _path("SECURE_PROXY_WORK_DIR", "/work")
 
@@ -80,7 +86,7 @@ def container_project_dir() -> Path:
 REPO_CONFIG_RELATIVE = Path(".copilot_here") / "network.json"
 
 
-# --- container runtime (init, supervisord, reloader, logguard, installer) ---
+# --- the install layout (runtime.install lays it; the container runtime reads it) ---
 
 
 def prefix_dir() -> Path:
@@ -90,6 +96,23 @@ def prefix_dir() -> Path:
 
 def venv_dir() -> Path:
     return prefix_dir() / "venv"
+
+
+def wrapper_bin_dir() -> Path:
+    """Where the installer puts the `secure-proxy-init` and `supervisorctl` wrappers."""
+    return Path("/usr/local/bin")
+
+
+def source_root() -> Path:
+    """The directory holding this `runtime` package: a source checkout (with config/,
+    supervisor.d/, pyproject.toml beside it) or an installation's site-packages."""
+    return Path(__file__).resolve().parent.parent
+
+
+def sandbox_venv() -> Path:
+    """The venv whose interpreter and dependencies the sandbox engine reuses: the one
+    this code runs from (a wheel install as well as a checkout's dev venv)."""
+    return Path(sys.prefix)
 
 
 def supervisor_dir() -> Path:

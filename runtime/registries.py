@@ -4,8 +4,12 @@ The built-in defaults allow the npm and PyPI registries. Rather than a second
 copy of their names, we ask the tools: npm's configured registry and pip's
 index (PyPI by default, or the mirror named by PIP_INDEX_URL). An image
 configured for a corporate mirror therefore allows that mirror out of the box.
-The installer records the answer in registries.json at build time so the
-container start does not run npm.
+
+Only the installer asks (detect(), at image build or sandbox lay-out) and records
+the answer in registries.json; everything else only reads that record
+(registry_hosts()). The host CLI never runs npm or pip: on a host install there
+is no record, and it says so instead of listing the hosts of the host's tools,
+which are not the image's.
 """
 
 from __future__ import annotations
@@ -75,15 +79,25 @@ def detect() -> dict[str, list[str]]:
     return {"npm": npm_hosts(), "pypi": pypi_hosts()}
 
 
-def registry_hosts(share: Path) -> dict[str, list[str]]:
-    """Recorded registry hosts if the installer wrote them, else detected now."""
+def registry_hosts(share: Path) -> dict[str, list[str]] | None:
+    """The registry hosts the installer recorded; None when it recorded none here
+    (a host install). Never detects: that runs npm and pip."""
     recorded = share / REGISTRIES_FILE
-    if recorded.is_file():
-        return json.loads(recorded.read_text())
-    return detect()
+    try:
+        data = json.loads(recorded.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    return {
+        str(name): [str(h) for h in hosts]
+        for name, hosts in data.items()
+        if isinstance(hosts, list)
+    }
 
 
 def record(share: Path) -> dict[str, list[str]]:
+    """The installer's call: ask the tools, write registries.json."""
     hosts = detect()
     (share / REGISTRIES_FILE).write_text(json.dumps(hosts, indent=2) + "\n")
     return hosts

@@ -34,6 +34,9 @@ class Resolved:
     path: Path | None
     config: NetworkConfig
     policy: Policy
+    #: package_registries of defaults.json whose hosts were not recorded here (a host
+    #: install): the built-in rules then lack them, and the CLI says so.
+    unlisted_registries: tuple[str, ...] = ()
 
     @property
     def source(self) -> str:
@@ -74,24 +77,60 @@ def find_config(project_dir: Path, home: Path) -> tuple[str, Path | None]:
 
 
 def read_config(path: Path) -> NetworkConfig:
+    """Read and validate one config file. A UTF-8 byte-order mark is accepted (editors
+    on Windows write one); anything that is not UTF-8 is a ConfigError naming the fix."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(path), [_unreadable(exc)]) from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
         raise ConfigError(
             str(path),
-            [Problem("", f"cannot read the file ({exc})", "make it a readable UTF-8 JSON file")],
+            [
+                Problem(
+                    "",
+                    f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})",
+                    "save the file as UTF-8",
+                )
+            ],
         ) from None
     return parse_config(text, str(path))
 
 
+def _unreadable(exc: OSError) -> Problem:
+    if isinstance(exc, IsADirectoryError):
+        return Problem("", "is a directory, not a file", "move the directory away")
+    if isinstance(exc, PermissionError):
+        return Problem("", "permission denied", "make the file readable by you (chmod u+r)")
+    if isinstance(exc, FileNotFoundError):
+        return Problem(
+            "", "does not exist (a symlink to a missing file?)", "restore it, or remove the link"
+        )
+    if isinstance(exc, NotADirectoryError):
+        return Problem("", "a component of its path is a file", "make its directory a directory")
+    return Problem(
+        "", f"cannot read the file ({exc.strerror or exc})", "make it a readable JSON file"
+    )
+
+
 def load_built_in(share: Path | None = None) -> tuple[Rule, ...]:
+    return _built_in(share)[0]
+
+
+def _built_in(share: Path | None = None) -> tuple[tuple[Rule, ...], tuple[str, ...]]:
+    """The built-in rules, and the package registries whose hosts are not recorded."""
     share = share or paths.share_dir()
     defaults = json.loads((share / "defaults.json").read_text())
     specs = list(defaults.get("allowed_rules", []))
+    registries = [str(name) for name in defaults.get("package_registries", [])]
     hosts = registry_hosts(share)
-    for name in defaults.get("package_registries", []):
+    if hosts is None:
+        return built_in_rules(specs), tuple(registries)
+    for name in registries:
         specs += [{"host": host} for host in hosts.get(name, [])]
-    return built_in_rules(specs)
+    return built_in_rules(specs), ()
 
 
 def resolve(project_dir: Path, home: Path, share: Path | None = None) -> Resolved:
@@ -104,8 +143,11 @@ def compile_resolved(
     kind: str, path: Path | None, config: NetworkConfig, share: Path | None = None
 ) -> Resolved:
     source = str(path) if path else BUILT_IN_SOURCE
-    built_in = load_built_in(share) if config.enabled and config.inherit_defaults else ()
-    return Resolved(kind, path, config, compile_policy(config, source, built_in))
+    built_in: tuple[Rule, ...] = ()
+    unlisted: tuple[str, ...] = ()
+    if config.enabled and config.inherit_defaults:
+        built_in, unlisted = _built_in(share)
+    return Resolved(kind, path, config, compile_policy(config, source, built_in), unlisted)
 
 
 def write_policy(policy: Policy, target: Path | None = None) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import ipaddress
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -251,6 +252,13 @@ def _check_host(host: str, pointer: str, problems: list[Problem]) -> None:
     def bad(message: str, use: str) -> None:
         problems.append(Problem(pointer, message, use))
 
+    if "/" in host and "://" not in host and _is_cidr(host.strip()):
+        bad(
+            f"{json.dumps(host)} is a CIDR range; CIDR ranges are not supported (a rule names "
+            "one host, a wildcard of hosts, or one IP address)",
+            'list the hosts the agent needs, e.g. "api.example.com", "*.example.com" or "10.0.0.5"',
+        )
+        return
     if "://" in host or "/" in host:
         url = urlsplit(host if "://" in host else "//" + host)
         name = url.hostname or ""
@@ -294,6 +302,17 @@ def _check_host(host: str, pointer: str, problems: list[Problem]) -> None:
             f"{json.dumps(host)} would allow every site under the public suffix {normalized[2:]!r}",
             f'name the registrable domain, e.g. "*.example.{normalized[2:]}"',
         )
+
+
+def _is_cidr(text: str) -> bool:
+    address, _, length = text.partition("/")
+    if not length.isdigit():
+        return False
+    try:
+        ipaddress.ip_network(f"{address.strip('[]')}/{length}", strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 def _looks_ipv6(text: str) -> bool:

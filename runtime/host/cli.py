@@ -1,260 +1,37 @@
 """`copilot_here`: the host CLI.
 
-Network configuration commands (init, show, enable/disable, check) work on the
-same files and through the same core the container uses. Exit codes: 0
-success, 1 config error, 2 usage error.
+Network configuration commands (init, show, enable/disable, check: runtime.host.netcmds)
+work on the same files and through the same core the container uses; anything else
+runs the container (runtime.host.run). Exit codes: 0 success, 1 a config or file
+problem (one line naming the file and the fix), 2 usage error, 3 `--network-check`:
+blocked (or, in monitor mode, would be); a run exits with the container's code.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import difflib
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
 
-from runtime import fsutil, paths
-from runtime.core.config import ConfigError, parse_config, validate_config
-from runtime.core.explain import explain
-from runtime.core.policy import Mode, Request
-from runtime.host import hostlogs, hoststate, run, trust
-from runtime.resolve import (
-    GLOBAL,
-    REPO,
-    Resolved,
-    find_config,
-    global_config_path,
-    repo_config_path,
-    resolve,
+from runtime.core.config import ConfigError
+from runtime.host import hoststate, run, trust
+from runtime.host.fileproblems import FileProblem
+from runtime.host.fileproblems import describe as describe_os_error
+from runtime.host.netcmds import (
+    EXIT_CONFIG,
+    EXIT_USAGE,
+    UsageError,
+    cmd_check,
+    cmd_init,
+    cmd_set_enabled,
+    cmd_show,
+    cmd_trust,
 )
-
-EXIT_OK, EXIT_CONFIG, EXIT_USAGE = 0, 1, 2
-
-TEMPLATE: dict[str, Any] = {
-    "enabled": False,
-    "inherit_defaults": True,
-    "mode": "monitor",
-    "log_to_file": False,
-    "allowed_rules": [],
-}
-NO_INHERIT_RULES = [
-    {"host": "github.com"},
-    {"host": "api.github.com"},
-    {"host": "copilot-proxy.githubusercontent.com"},
-]
-
-
-def template(no_inherit: bool) -> dict[str, Any]:
-    data = dict(TEMPLATE)
-    if no_inherit:
-        data["inherit_defaults"] = False
-        data["allowed_rules"] = [dict(rule) for rule in NO_INHERIT_RULES]
-    return data
-
-
-class UsageError(Exception):
-    pass
-
-
-# ---------------------------------------------------------------------------
-# Files
-
-
-def dump(data: dict[str, Any]) -> str:
-    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Replace the config atomically, keeping the file's mode."""
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fsutil.atomic_write(path, text, mode)
-
-
-def config_kind(path: Path, home: Path) -> str:
-    return GLOBAL if path == global_config_path(home) else REPO
-
-
-def write_config(path: Path, text: str, state: Path, home: Path, out) -> None:
-    """Write a config through the CLI and approve what was written: the user chose
-    it. Not when the file was untrusted before (an edit of a cloned repo's config
-    would otherwise approve the rest of it unseen): that still needs a review."""
-    before = trust.check(state, config_kind(path, home), path)
-    atomic_write(path, text)
-    if before.trusted:
-        trust.approve(state, path, text.encode("utf-8"))
-    else:
-        print(
-            f"Note: {before.name} was not trusted before this change ({before.state}); "
-            f"runs refuse it until you review and approve it: {trust.TRUST_COMMAND}",
-            file=out,
-        )
-
-
-def load_ordered(path: Path) -> dict[str, Any]:
-    """The file as written (key order kept), validated so we never write a broken config."""
-    text = path.read_text(encoding="utf-8")
-    parse_config(text, str(path))  # raises ConfigError naming the file, field and fix
-    return json.loads(text)
-
-
-# ---------------------------------------------------------------------------
-# Commands
-
-
-def cmd_init(target: Path, no_inherit: bool, force: bool, state: Path, home: Path, out) -> int:
-    if target.exists() and not force:
-        print(
-            f"A network config already exists at {target}; it was left unchanged "
-            "(use --force to replace it).",
-            file=out,
-        )
-        return EXIT_OK
-    if config_kind(target, home) == REPO:
-        trust.config_dir_check(target)
-    text = dump(template(no_inherit))
-    atomic_write(target, text)
-    # The whole file comes from the CLI: approved, whatever was there before.
-    trust.approve(state, target, text.encode("utf-8"))
-    print(f"Created {target}", file=out)
-    return EXIT_OK
-
-
-def cmd_set_enabled(target: Path, enabled: bool, state: Path, home: Path, out) -> int:
-    if target.exists():
-        data = load_ordered(target)
-        created = False
-    else:
-        data = template(no_inherit=False)
-        created = True
-    data["enabled"] = enabled
-    validate_config(data, str(target))
-    write_config(target, dump(data), state, home, out)
-    state = "enabled" if enabled else "disabled"
-    print(f"Secure proxy {state} in {target}{' (created)' if created else ''}", file=out)
-    return EXIT_OK
-
-
-def describe_rules(resolved: Resolved) -> list[str]:
-    lines = []
-    for rule in resolved.policy.rules:
-        paths_text = ", ".join(e.text for e in rule.allowed_paths) or "all paths"
-        methods = ", ".join(sorted(rule.methods)) if rule.methods else "all methods"
-        lines.append(f"  {rule.host:<40} {paths_text:<24} {methods:<14} [{rule.origin.label}]")
-    return lines
-
-
-def trust_lines(state: Path, project: Path, home: Path) -> list[str]:
-    lines = []
-    for c in trust.in_use(state, project, home):
-        if c.state == trust.ABSENT:
-            continue
-        if c.trusted:
-            how = (
-                f"approved {c.approval.approved_at}, sha256 {c.approval.sha256[:12]}"
-                if c.approval
-                else "your global config; it needs no approval until a writable run changes it"
-            )
-            lines.append(f"Trust: {c.path} is trusted ({how})")
-        else:
-            lines.append(
-                f"Trust: NOT TRUSTED: {c.headline()}. Runs refuse to start until you review "
-                f"and approve it: {trust.TRUST_COMMAND}"
-            )
-    return lines
-
-
-def cmd_show(
-    project: Path,
-    home: Path,
-    config_write: bool,
-    state: Path,
-    out,
-    logs_dir: Path | None = None,
-) -> int:
-    resolved = resolve(project, home)
-    policy = resolved.policy
-    print(f"Config source: {resolved.source} ({resolved.kind_label})", file=out)
-    for line in trust_lines(state, project, home):
-        print(line, file=out)
-    if policy.mode is Mode.ALLOW_ALL:
-        print("Rules: DISABLED (allow-all mode: every request goes through)", file=out)
-    else:
-        print(f"Rules: ENABLED (mode: {policy.mode.value})", file=out)
-    print(f"Traffic log: {resolved.logging} ({paths.traffic_log()} in the container)", file=out)
-    host_logs = hostlogs.logs_source(project, home, logs_dir)
-    print(f"Traffic log on the host: {host_logs / paths.traffic_log().name}", file=out)
-    print(
-        f"Inherit built-in defaults: {'yes' if resolved.config.inherit_defaults else 'no'}",
-        file=out,
-    )
-    if resolved.path is not None:
-        mount = (
-            "writable (--network-config-write)"
-            if config_write
-            else ("read-only (pass --network-config-write to edit rules live)")
-        )
-        print(f"Config mount in a run: {mount}", file=out)
-    if policy.mode is not Mode.ALLOW_ALL:
-        print(f"Allowed rules ({len(policy.rules)}):", file=out)
-        lines = describe_rules(resolved)
-        print("\n".join(lines) if lines else "  (none: every request is a violation)", file=out)
-    return EXIT_OK
-
-
-def cmd_trust(project: Path, home: Path, state: Path, out) -> int:
-    """Show what changed since the last approval, then approve it."""
-    checks = trust.pending(state, project, home)
-    if not checks:
-        kind, path = find_config(project, home)
-        what = f"the {trust.NAMES[kind]} {path}" if path else "no config file (built-in defaults)"
-        print(f"Nothing to approve: {what} is trusted.", file=out)
-        return EXIT_OK
-    for c in checks:
-        print(f"{c.headline()[0].upper()}{c.headline()[1:]}.", file=out)
-        print(c.body(), end="", file=out)
-        if c.current is not None:
-            # A broken config cannot take effect: fix it first (the error names the fix).
-            parse_config(c.text, str(c.path))
-    for c in checks:  # the bytes shown, not a re-read
-        trust.approve(state, c.path, c.current)
-        if c.current is None:
-            print(f"Approved: {c.path} stays removed.", file=out)
-        else:
-            print(f"Approved {c.path} (sha256 {trust.sha256(c.current)[:12]}).", file=out)
-    return EXIT_OK
-
-
-def request_for_url(url: str, method: str) -> Request:
-    parts = urlsplit(url if "://" in url else "https://" + url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"--network-check needs an http(s) URL, not {url!r}")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError as exc:
-        raise UsageError(f"bad port in {url!r}: {exc}") from None
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
-    host = parts.hostname
-    return Request(
-        method=method,
-        path=path,
-        scheme=parts.scheme,
-        port=port,
-        sni=host if parts.scheme == "https" else None,
-        host_header=host,
-    )
-
-
-def cmd_check(project: Path, home: Path, url: str, method: str, out) -> int:
-    resolved = resolve(project, home)
-    request = request_for_url(url, method.upper())
-    decision = resolved.policy.decide(request)
-    print(explain(decision, request.method, url, resolved.source), end="", file=out)
-    return EXIT_OK
-
+from runtime.host.project import ProjectError, check_project, find_project
+from runtime.resolve import find_config, global_config_path, repo_config_path
 
 # ---------------------------------------------------------------------------
 # Argument parsing
@@ -264,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="copilot_here",
         description="Run coding agents in a container whose outbound network is guarded.",
+        epilog="Exit codes: 0 success (--network-check: allowed), 1 config or file problem, "
+        "2 usage error, 3 --network-check: blocked (or would be, in monitor mode); a run "
+        "exits with the container's code.",
+        allow_abbrev=False,  # --network-sh is an error, never --network-show
     )
     net = parser.add_argument_group("network configuration")
     actions = net.add_mutually_exclusive_group()
@@ -304,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="explain how the effective policy treats a request to URL",
     )
-    net.add_argument("--method", default="GET", help="HTTP method for --network-check")
+    net.add_argument("--method", help="HTTP method for --network-check (default GET)")
     net.add_argument(
         "--no-inherit",
         action="store_true",
@@ -322,47 +103,143 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    project = Path.cwd()
-    home = Path(os.environ.get("HOME") or Path.home())
-    state = hoststate.state_root(home)
-    out = sys.stdout
-    try:
-        if (args.no_inherit or args.force) and not (args.network_init or args.network_init_global):
+# ---------------------------------------------------------------------------
+# Options that are not options
+
+
+def _options(parser: argparse.ArgumentParser) -> dict[str, bool]:
+    """Every option string -> whether it takes a value."""
+    return {opt: action.nargs != 0 for action in parser._actions for opt in action.option_strings}
+
+
+def _did_you_mean(word: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, [o for o in options if o.startswith("--")], 1, 0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def precheck(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """Before argparse: an unknown option gets its did-you-mean, and a bare word that is
+    a misspelt option (`network-show`) is not taken for the command to run (argparse
+    would start a container running `network-show`). Stops where the command starts."""
+    options = _options(parser)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return
+        if arg.startswith("-") and arg != "-":
+            name = arg.partition("=")[0]
+            if name not in options:
+                raise UsageError(
+                    f"unknown option {name}{_did_you_mean(name, list(options))} "
+                    "(copilot_here --help lists them; options for docker/podman go in "
+                    "--engine-arg=...)"
+                )
+            if options[name] and "=" not in arg:
+                value = argv[i + 1] if i + 1 < len(argv) else None
+                if value is None or (value.startswith("-") and value != "-"):
+                    raise UsageError(
+                        f"{name} needs a value"
+                        + (f"; to pass {value!r}, write {name}={value}" if value else "")
+                    )
+                i += 2
+                continue
+            i += 1
+            continue
+        # The first word of the command (everything from here on is its own).
+        as_option = "--" + arg.lstrip("-")
+        looks = arg.startswith("network") or difflib.get_close_matches(
+            as_option, [o for o in options if o.startswith("--")], 1, 0.85
+        )
+        if looks:
+            hint = _did_you_mean(as_option, list(options)) or "; options start with --"
             raise UsageError(
-                "--no-inherit and --force go with --network-init or --network-init-global"
+                f"{arg!r} looks like an option, not a command{hint} (to run a command named "
+                f"{arg}, put it after --: copilot_here -- {arg})"
             )
-        if args.network_init:
-            target = repo_config_path(project)
-            return cmd_init(target, args.no_inherit, args.force, state, home, out)
-        if args.network_init_global:
-            target = global_config_path(home)
-            return cmd_init(target, args.no_inherit, args.force, state, home, out)
-        if args.network_show:
-            return cmd_show(project, home, args.network_config_write, state, out, args.logs_dir)
-        if args.network_trust:
-            return cmd_trust(project, home, state, out)
-        if args.network_enable or args.network_disable:
-            _, path = find_config(project, home)
-            target = path if path is not None else repo_config_path(project)
-            return cmd_set_enabled(target, args.network_enable, state, home, out)
-        if args.network_enable_global or args.network_disable_global:
-            target = global_config_path(home)
-            return cmd_set_enabled(target, args.network_enable_global, state, home, out)
-        if args.network_check:
-            return cmd_check(project, home, args.network_check, args.method, out)
-        return run.run_from_args(args, project, home)
+        return
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        precheck(parser, argv)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"copilot_here: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
+    try:
+        return dispatch(args)
     except UsageError as exc:
         print(f"copilot_here: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ProjectError as exc:
+        print(f"copilot_here: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except ConfigError as exc:
-        print(f"copilot_here: invalid network config\n{exc}", file=sys.stderr)
+        if len(exc.problems) == 1:
+            print(f"copilot_here: {exc}", file=sys.stderr)
+        else:
+            print(f"copilot_here: invalid network config\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except (trust.TrustError, hoststate.StateError) as exc:
+    except (trust.TrustError, hoststate.StateError, FileProblem) as exc:
         print(f"copilot_here: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except OSError as exc:  # a file problem no check above named: still one line
+        print(f"copilot_here: {describe_os_error(exc.filename, exc)}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def home_dir() -> Path:
+    home = os.environ.get("HOME")
+    if home and os.path.isabs(home):
+        return Path(home)
+    try:
+        return Path.home()
+    except (RuntimeError, KeyError):
+        raise UsageError("no home directory: set HOME to an absolute path") from None
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    hoststate.user_ids()  # before anything is written: a clear line on Windows
+    home = home_dir()
+    state = hoststate.state_root(home)
+    out = sys.stdout
+    if (args.no_inherit or args.force) and not (args.network_init or args.network_init_global):
+        raise UsageError("--no-inherit and --force go with --network-init or --network-init-global")
+    if args.method is not None and args.network_check is None:
+        raise UsageError("--method goes with --network-check")
+    if args.network_init_global:
+        target = global_config_path(home)
+        return cmd_init(target, args.no_inherit, args.force, state, home, out)
+    if args.network_enable_global or args.network_disable_global:
+        target = global_config_path(home)
+        return cmd_set_enabled(target, args.network_enable_global, state, home, out)
+    # Everything else works on a project (the git repository's root, or this directory).
+    try:
+        cwd = Path.cwd()
+    except OSError as exc:
+        raise FileProblem(
+            f"the current directory is gone ({exc.strerror}). Fix: cd into the project again"
+        ) from None
+    project = check_project(find_project(cwd, home), home)
+    if args.network_init:
+        target = repo_config_path(project)
+        return cmd_init(target, args.no_inherit, args.force, state, home, out)
+    if args.network_show:
+        return cmd_show(project, home, args.network_config_write, state, out, args.logs_dir)
+    if args.network_trust:
+        return cmd_trust(project, home, state, out)
+    if args.network_enable or args.network_disable:
+        _, path = find_config(project, home)
+        target = path if path is not None else repo_config_path(project)
+        return cmd_set_enabled(target, args.network_enable, state, home, out)
+    if args.network_check is not None:
+        method = "GET" if args.method is None else args.method
+        return cmd_check(project, home, args.network_check, method, out)
+    return run.run_from_args(args, project, home)
 
 
 if __name__ == "__main__":

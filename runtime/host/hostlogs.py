@@ -22,7 +22,13 @@ import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from runtime.host.hoststate import StateError, ensure_private_dir, path_key, state_root
+from runtime.host.hoststate import (
+    StateError,
+    ensure_private_dir,
+    path_key,
+    state_root,
+    user_ids,
+)
 
 NEW_DIR_MODE = 0o700
 
@@ -78,7 +84,7 @@ def _left_by_a_killed_run(path: Path) -> str | None:
         st = os.lstat(path)
     except OSError:
         return None
-    uid, gid = os.getuid(), os.getgid()
+    uid, gid = user_ids()
     if not stat.S_ISDIR(st.st_mode) or st.st_uid == uid:
         return None
     return (
@@ -91,7 +97,7 @@ def ensure_chosen_dir(path: Path) -> Path:
     """Walk from / to `path` by directory descriptors (O_NOFOLLOW: a symlink anywhere
     fails the open), creating what is missing; each parent must be the user's or
     root's, `path` itself the user's."""
-    uid = os.getuid()
+    uid, _ = user_ids()
     path = Path(os.path.abspath(path))
     parts = path.parts[1:]
     if not parts:

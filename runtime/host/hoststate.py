@@ -23,9 +23,27 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
+from runtime.host.fileproblems import describe
+
 
 class StateError(Exception):
     """A host state directory that is unsafe to use; the message names it and the fix."""
+
+
+UNSUPPORTED_HOST = (
+    "copilot_here needs a POSIX host: the container's user gets your uid and gid, and its "
+    "state is kept private by owner (os.getuid is missing here, as on Windows). Fix: run "
+    "it inside WSL 2, or on Linux or macOS"
+)
+
+
+def user_ids() -> tuple[int, int]:
+    """The user's uid and gid; StateError with the fix where the OS has none (Windows)."""
+    getuid = getattr(os, "getuid", None)
+    getgid = getattr(os, "getgid", None)
+    if getuid is None or getgid is None:
+        raise StateError(UNSUPPORTED_HOST)
+    return getuid(), getgid()
 
 
 def state_root(home: Path, environ: Mapping[str, str] | None = None) -> Path:
@@ -61,12 +79,15 @@ def ensure_private_dir(path: Path, below: Path, mode: int = 0o700) -> Path:
     component from it to `path` must be a real directory owned by this user.
     Returns `path`. Raises StateError naming the offending component.
     """
-    uid = os.getuid()
+    uid, _ = user_ids()
     path = Path(os.path.abspath(path))
     below = Path(os.path.abspath(below))
     if path != below and below not in path.parents:
         raise StateError(f"{path} is not below {below}")
-    below.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        below.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateError(describe(below.parent, exc, "create")) from None
     parts = [below, *[below / rel for rel in _steps(path.relative_to(below))]]
     for component in parts:
         try:
@@ -74,10 +95,13 @@ def ensure_private_dir(path: Path, below: Path, mode: int = 0o700) -> Path:
         except FileExistsError:
             pass
         except OSError as exc:
-            raise StateError(f"cannot create {component}: {exc.strerror}") from None
+            raise StateError(describe(component, exc, "create")) from None
         _check_dir(component, os.lstat(component), uid)
     # The last one again by descriptor, so a swap after the lstat is seen too.
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise StateError(describe(path, exc)) from None
     try:
         _check_dir(path, os.fstat(fd), uid)
     finally:

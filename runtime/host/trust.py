@@ -40,6 +40,7 @@ from typing import IO
 from loguru import logger
 
 from runtime import fsutil
+from runtime.host.fileproblems import describe
 from runtime.host.hoststate import ensure_private_dir, path_key
 from runtime.resolve import GLOBAL, REPO, global_config_path, repo_config_path
 
@@ -157,27 +158,39 @@ def sha256(data: bytes) -> str:
 # ----------------------------------------------------------------------------- files
 
 
-def read_current(path: Path) -> bytes | None:
-    """The config's bytes, None when it does not exist. Never follows a symlink and
-    never opens anything but a regular file (a FIFO would hang the CLI)."""
+def read_current(path: Path, follow: bool = False) -> bytes | None:
+    """The config's bytes, None when it does not exist. Never opens anything but a
+    regular file (a FIFO would hang the CLI). A symlink is followed only with `follow`
+    (the global config: the user's dotfiles), never for a repo config."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, flags)
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise TrustError(
+                f"{path} is a symlink to {os.readlink(path)}, which does not exist. Fix: "
+                "restore the file it points to, or remove the link"
+            ) from None
         return None
     except OSError as exc:
-        if os.path.islink(path):
+        if not follow and os.path.islink(path):
             raise TrustError(
                 f"{path} is a symlink; a container resolves it inside itself, so it would "
                 "not read what you approve. Fix: replace the link with the file itself"
             ) from None
-        raise TrustError(f"cannot read {path}: {exc.strerror}") from None
+        raise TrustError(describe(path, exc)) from None
     try:
         st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise TrustError(f"{path} is a directory, not a file. Fix: move that directory away")
         if not stat.S_ISREG(st.st_mode):
             raise TrustError(f"{path} is not a regular file. Fix: make it a JSON file")
         chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
+        try:
+            while chunk := os.read(fd, 1 << 16):
+                chunks.append(chunk)
+        except OSError as exc:
+            raise TrustError(describe(path, exc)) from None
         return b"".join(chunks)
     finally:
         os.close(fd)
@@ -232,6 +245,12 @@ def _unreadable(config: Path, record: Path, why: str) -> Approval:
     return Approval(str(config), "", "", f"unknown: record {record} is unusable ({why})")
 
 
+def ready(root: Path) -> Path:
+    """The approvals directory, created now: a CLI write checks it can record its
+    approval before it changes the config (StateError naming the fix otherwise)."""
+    return ensure_private_dir(root / APPROVALS, root)
+
+
 def approve(root: Path, config: Path, data: bytes | None) -> Approval | None:
     """Record `data` as the approved content of `config` (None: approve its absence,
     i.e. forget the record). Atomic: a reader sees the old record or the new one."""
@@ -253,7 +272,7 @@ def approve(root: Path, config: Path, data: bytes | None) -> Approval | None:
 def check(root: Path, kind: str, path: Path) -> Check:
     if kind == REPO:
         config_dir_check(path)
-    current = read_current(path)
+    current = read_current(path, follow=kind == GLOBAL)
     approval = load_approval(root, path)
     if current is None:
         state = REMOVED if approval is not None else ABSENT

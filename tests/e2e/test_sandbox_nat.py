@@ -5,6 +5,7 @@ so the request really crosses the host's forwarding and masquerading."""
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -67,28 +68,21 @@ def routed_host() -> Iterator[tuple[str, str, Path]]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def sandbox_traces() -> set[str]:
-    """Every NAT/forward rule and veth of a sandbox that is no longer running.
-
-    A sandbox that still runs (another test process's) has its network
-    namespace spsbx-<id>; its rules and link are its own, not leftovers."""
+def sandbox_traces(run_id: str) -> str:
+    """Every NAT/forward rule and veth the sandbox run `run_id` left on the host (other
+    runs, of other tests on this machine, may come and go meanwhile)."""
     rules = "".join(
         subprocess.run(["iptables-save", "-t", t], capture_output=True, text=True).stdout
         for t in ("nat", "filter")
     )
     # The sandbox's host-side veth is named sp-<run id>.
     links = [line.split(": ")[1] for line in ip("-o", "link", "show").stdout.splitlines()]
-    nat = [line for line in rules.splitlines() if "secure-proxy sandbox" in line]
-    traces = nat + [name for name in links if name.startswith("sp-")]
-    running = {n.removeprefix("spsbx-") for n in os.listdir("/run/netns") if n.startswith("spsbx-")}
-    return {
-        t for t in traces if not any(f"sp-{rid}" in t or f"sandbox {rid}" in t for rid in running)
-    }
+    nat = [line for line in rules.splitlines() if f"secure-proxy sandbox {run_id}" in line]
+    return "\n".join(nat + [name for name in links if name.startswith(f"sp-{run_id}")])
 
 
 def test_default_nat_uplink_reaches_a_routed_host_and_cleans_up(routed_host, tmp_path):
     server_ip, host_ip, _ = routed_host
-    before = sandbox_traces()
     project = tmp_path / "project"
     project.mkdir()
     os.chmod(tmp_path, 0o755)
@@ -99,9 +93,11 @@ def test_default_nat_uplink_reaches_a_routed_host_and_cleans_up(routed_host, tmp
         "--",
         *sh("curl -sS --max-time 10 http://nat.test/"),
     ]
-    r = run_cli(project, argv)
+    r = run_cli(project, argv, env={"SECURE_PROXY_TRACE": "1"})
     assert r.returncode == 0, r.stderr
+    run_id = re.search(r"\[sandbox\] run ([0-9a-f]+):", r.stderr)
+    assert run_id, r.stderr
     # The interceptor (proxy-user) fetched it; the host masqueraded the sandbox's
     # address, so the server saw the host's address on its link.
     assert r.stdout.strip() == host_ip, (r.stdout, r.stderr)
-    assert sandbox_traces() <= before, "the sandbox left NAT rules or links behind"
+    assert sandbox_traces(run_id[1]) == "", "the sandbox left NAT rules or links behind"

@@ -368,6 +368,7 @@ def test_under_a_pseudo_terminal_the_command_sees_a_tty(
 def test_without_net_admin_the_container_exits_with_the_firewall_message(
     image: str, net: Topology, project: Path, env: dict[str, str]
 ) -> None:
+    write_config(project, [{"host": ALLOWED}], env)  # active: the firewall must start
     result = run_cli(
         cli_argv(image, net, ["sh", "-c", "echo COMMAND-RAN"], drop_net_caps_args()),
         project,
@@ -376,6 +377,64 @@ def test_without_net_admin_the_container_exits_with_the_firewall_message(
     assert result.returncode != 0
     assert "COMMAND-RAN" not in result.stdout
     assert "NET_ADMIN" in result.stderr and "--cap-add" in result.stderr, result.stderr
+
+
+WAIT_FOR_GO = """
+touch /work/started
+i=0; while [ ! -e /work/go ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+echo from-the-container > /work/written; ls -n /work/written; echo END
+"""
+
+
+def test_a_project_path_with_colon_and_comma_is_mounted_whole_named_and_labelled(
+    image: str, net: Topology, tmp_path: Path, env: dict[str, str]
+) -> None:
+    """`--mount` with the path quoted as Docker/Podman's CSV reader wants it: `-v`
+    would have split this path at ':'. The container is named after the project
+    and labelled with what started it."""
+    from runtime.host.engines import container_name
+
+    project = tmp_path / 'odd:name,with "quote"'
+    project.mkdir()
+    project.chmod(0o777)
+    write_config(project, [{"host": ALLOWED}], env)
+    proc = subprocess.Popen(
+        cli_argv(image, net, ["sh", "-c", WAIT_FOR_GO]),
+        cwd=project,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (project / "started").exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the container never started"
+            time.sleep(0.1)
+        name = container_name(str(project.resolve()))
+        inspect = subprocess.run(
+            ["podman", "container", "inspect", name, "--format", "{{json .Config.Labels}}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        (project / "go").touch()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    print(out, err)
+    assert proc.returncode == 0, err
+    assert "END" in out
+    assert (project / "written").read_text() == "from-the-container\n"
+    assert inspect.returncode == 0, inspect.stderr
+    labels = json.loads(inspect.stdout)
+    assert labels["copilot_here.project"] == str(project.resolve()), labels
+    assert labels["copilot_here.started-by"].startswith("copilot_here "), labels
 
 
 # --------------------------------------------------------------------------- the image itself

@@ -19,14 +19,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class CLI:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, registries: bool = True) -> None:
         self.project = tmp / "project"
         self.home = tmp / "home"
         self.project.mkdir()
         self.home.mkdir()
         share = tmp / "share"
         shutil.copytree(ROOT / "config", share)
-        (share / "registries.json").write_text('{"npm": ["npm.test"], "pypi": ["pypi.test"]}')
+        if registries:  # as the installer records them in an image
+            (share / "registries.json").write_text('{"npm": ["npm.test"], "pypi": ["pypi.test"]}')
         self.env = {
             **os.environ,
             "HOME": str(self.home),
@@ -169,12 +170,64 @@ def test_check_uses_the_core(cli: CLI) -> None:
         )
     )
     r = cli("--network-check", "https://api.github.com/repos/../admin?x=1")
-    assert r.returncode == 0
+    assert r.returncode == 3  # blocked
     assert r.stdout.startswith("BLOCKED") and "path_not_allowed" in r.stdout
     r = cli("--network-check", "https://api.github.com/repos/a", "--method", "post")
+    assert r.returncode == 0  # allowed
     assert r.stdout.startswith("ALLOWED: POST") and "rule: api.github.com" in r.stdout
     r = cli("--network-check", "http://evil.test/")
+    assert r.returncode == 3
     assert "host_not_allowed" in r.stdout and '"host": "evil.test"' in r.stdout
+    # The fix names the config file by its host path.
+    assert f"in {cli.repo_file}: " in r.stdout
+
+
+def test_check_in_monitor_mode_exits_3_when_enforce_would_block(cli: CLI) -> None:
+    cli.repo_file.parent.mkdir()
+    cli.repo_file.write_text('{"enabled": true, "mode": "monitor", "inherit_defaults": false}')
+    r = cli("--network-check", "https://evil.test/")
+    assert r.returncode == 3 and r.stdout.startswith("ALLOWED (monitor mode")
+    cli.repo_file.write_text('{"enabled": false}')
+    assert cli("--network-check", "https://evil.test/").returncode == 0  # allow-all
+
+
+@pytest.mark.parametrize("method", ["GET POST", "", "G\nET", "GET/1", "x" * 40, "ÄÖ"])
+def test_method_takes_only_http_method_tokens(cli: CLI, method: str) -> None:
+    r = cli("--network-check", "https://a.test/", "--method", method)
+    assert r.returncode == 2 and "is not an HTTP method" in r.stderr and r.stdout == ""
+
+
+def test_method_without_check_is_a_usage_error(cli: CLI) -> None:
+    assert cli("--method", "GET", "--dry-run").returncode == 2
+
+
+TOOL = """#!/bin/sh
+echo "$0 $*" >> {marker}
+echo https://tool-answer.test/
+"""
+
+
+def test_a_host_install_lists_no_registry_hosts_and_runs_no_tool(tmp_path: Path) -> None:
+    """No registries.json (a host install): npm and pip are never asked; the CLI says
+    the registry hosts are the image's, recorded at install time."""
+    cli = CLI(tmp_path, registries=False)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    marker = tmp_path / "tools-ran"
+    for tool in ("npm", "pip", "pip3"):
+        (bin_dir / tool).write_text(TOOL.format(marker=marker))
+        (bin_dir / tool).chmod(0o755)
+    cli.env["PATH"] = f"{bin_dir}:{cli.env['PATH']}"
+    cli.repo_file.parent.mkdir()
+    cli.repo_file.write_text('{"enabled": true, "mode": "enforce"}')
+    show = cli("--network-show")
+    check = cli("--network-check", "https://pkg.registry.test/x")
+    assert show.returncode == 0 and check.returncode == 3, (show.stderr, check.stderr)
+    for out in (show.stdout, check.stdout):
+        assert "recorded in the image at install time" in out, out
+        assert "npm, pypi" in out and "tool-answer.test" not in out
+    assert "github.com" in show.stdout  # the other built-in rules are listed
+    assert not marker.exists(), marker.read_text()
 
 
 @pytest.mark.parametrize(
@@ -184,6 +237,9 @@ def test_check_uses_the_core(cli: CLI) -> None:
         ('{"allowedHosts": []}', 'rename it to "allowed_rules"'),
         ('{"enabled": "yes"}', "/enabled"),
         ('{"allowed_rules": [{"host": "GitHub.com:443"}]}', 'write "host": "github.com"'),
+        ('{"allowed_rules": [{"host": "10.0.0.0/8"}]}', "CIDR ranges are not supported"),
+        ('{"allowed_rules": [{"host": "2001:db8::/32"}]}', "CIDR ranges are not supported"),
+        ('{"allowed_rules": [{"host": "x.test/8"}]}', "is a URL, not a host"),
     ],
 )
 def test_config_errors_exit_1_and_name_file_field_fix(cli: CLI, content: str, needle: str) -> None:
@@ -262,7 +318,8 @@ def test_network_trust_shows_the_content_approves_and_the_run_starts(main: Main)
     assert "exfil.test" in out and f"Approved {cfg}" in out
     code, out, err = main.run()
     assert code == 0, err
-    assert out.startswith("docker run") and f"{cfg.parent}:/work/.copilot_here:ro" in out
+    assert out.startswith("docker run")
+    assert f"--mount=type=bind,src={cfg.parent},dst=/work/.copilot_here,readonly" in out
     code, out, _ = main("--network-trust")
     assert code == 0 and out == f"Nothing to approve: the repo config {cfg} is trusted.\n"
 
@@ -384,7 +441,8 @@ FAKE_ENGINE = """#!/bin/sh
 # A stand-in for `docker run`: acts as the agent on the writable global config mount.
 for arg in "$@"; do
   case "$arg" in
-    *:/home/appuser/.copilot_here) dir=${arg%:/home/appuser/.copilot_here} ;;
+    --mount=type=bind,src=*,dst=/home/appuser/.copilot_here)
+      dir=${arg#--mount=type=bind,src=}; dir=${dir%,dst=*} ;;
   esac
 done
 echo '{"enabled": false}' > "$dir/network.json"

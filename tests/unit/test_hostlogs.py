@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime.host import hostlogs, hoststate, run
-from runtime.host.cli import cmd_show
+from runtime.host import hostlogs, hoststate, plan, run
 from runtime.host.cli import main as cli_main
 from runtime.host.hoststate import StateError, path_key
+from runtime.host.netcmds import cmd_show
 
 
 @pytest.fixture
@@ -53,9 +53,9 @@ def test_default_is_in_the_state_dir_keyed_by_project(dirs) -> None:
 
 def test_plan_mounts_it_and_tells_the_init(dirs) -> None:
     project, home, env = dirs
-    p = run.plan(project, home, False, None, [], [], environ=env, tty=False)
+    p = plan.plan(project, home, False, None, [], [], environ=env, tty=False)
     logs = hostlogs.default_logs_dir(project, home, env)
-    assert run.Mount(str(logs), "/logs") in p.mounts
+    assert plan.Mount(str(logs), "/logs") in p.mounts
     assert p.env["SECURE_PROXY_HOST_LOG_DIR"] == str(logs)
     assert not logs.exists()  # plan() creates nothing (--dry-run)
 
@@ -136,7 +136,7 @@ def test_chosen_file_is_refused(tmp_path) -> None:
 def test_chosen_dir_overlapping_the_project_is_refused(dirs, tmp_path, chosen) -> None:
     project, home, env = dirs
     path = (tmp_path / chosen).resolve()
-    p = run.plan(project, home, False, path, [], [], environ=env, tty=False)
+    p = plan.plan(project, home, False, path, [], [], environ=env, tty=False)
     others = [(m.source, m.target) for m in p.mounts if m.target != "/logs"]
     with pytest.raises(
         StateError, match=re.escape(f"overlaps {project}, which the container sees at /work")

@@ -59,3 +59,16 @@ def test_pip_defaults_readable_without_an_importable_pip() -> None:
 def test_recorded_file_wins(tmp_path: Path) -> None:
     (tmp_path / registries.REGISTRIES_FILE).write_text('{"npm": ["a.test"], "pypi": []}')
     assert registries.registry_hosts(tmp_path) == {"npm": ["a.test"], "pypi": []}
+
+
+def test_without_a_record_nothing_is_detected(tmp_path: Path, monkeypatch) -> None:
+    """Only the installer asks npm and pip; a reader without a record gets None."""
+
+    def no(*_a, **_k):
+        raise AssertionError("registry_hosts() ran a tool")
+
+    monkeypatch.setattr(registries, "detect", no)
+    monkeypatch.setattr(registries.subprocess, "run", no)
+    assert registries.registry_hosts(tmp_path) is None
+    (tmp_path / registries.REGISTRIES_FILE).write_text("not json")
+    assert registries.registry_hosts(tmp_path) is None
