@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import signal
 import sys
 import threading
 import time
-import xmlrpc.client
 from pathlib import Path
 
-from runtime import paths
+from runtime.container import supervisor
+from runtime.container.session import Session, SessionError
 from runtime.core.config import ConfigError
 from runtime.resolve import compile_resolved, read_config, write_policy
 
@@ -33,20 +32,11 @@ def log(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} reloader: {message}", flush=True)
 
 
-def supervisor_rpc() -> xmlrpc.client.ServerProxy:
-    from supervisor.xmlrpc import SupervisorTransport
-
-    url = f"unix://{paths.supervisor_socket()}"
-    return xmlrpc.client.ServerProxy(
-        "http://127.0.0.1", transport=SupervisorTransport(None, None, url)
-    )
-
-
 def signal_interceptor() -> None:
     """SIGHUP through supervisord (it knows the pid, also across restarts)."""
     try:
-        supervisor_rpc().supervisor.signalProcess("interceptor", "HUP")
-    except (OSError, xmlrpc.client.Fault) as exc:
+        supervisor.signal_process("interceptor", "HUP")
+    except supervisor.RPC_ERRORS as exc:
         log(
             f"could not signal the interceptor through supervisord ({exc}); it loads the "
             "new policy.json when it next starts"
@@ -143,13 +133,6 @@ def watch(reloader: Reloader, stop: threading.Event) -> None:
         observer.join(timeout=2)
 
 
-def session() -> dict[str, object]:
-    try:
-        return json.loads(paths.session_file().read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def idle(stop: threading.Event) -> int:
     stop.wait()
     return 0
@@ -159,21 +142,23 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    info = session()
-    kind = str(info.get("config_kind", "built-in"))
-    config = info.get("config_path")
-    if not config:
+    try:
+        session = Session.read()
+    except SessionError as exc:
+        log(f"{exc}; the init writes it before starting supervisord: watching nothing")
+        return idle(stop)
+    path = session.config_path
+    if path is None:
         log("no network.json at start (built-in defaults): nothing to watch this session")
         return idle(stop)
-    path = Path(str(config))
     if read_only(path.parent):
         log(
             f"{path.parent} is mounted read-only: rules are fixed for this session "
             "(run with --network-config-write to edit them live); watching nothing"
         )
         return idle(stop)
-    reloader = Reloader(kind, path)
-    reloader.prime(str(info.get("config_sha256") or "") or None)
+    reloader = Reloader(session.config_kind, path)
+    reloader.prime(session.config_sha256)
     log(f"watching {path.parent} for changes to {path.name}")
     with contextlib.suppress(KeyboardInterrupt):
         watch(reloader, stop)
