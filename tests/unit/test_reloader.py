@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -70,5 +74,26 @@ def test_primed_digest_skips_the_start_state(env):
     assert signals == []
 
 
+READ_ONLY = """
+import sys
+from pathlib import Path
+from runtime.container import reloader
+print(reloader.read_only(Path(sys.argv[1])), reloader.read_only(Path(sys.argv[2])))
+"""
+
+
 def test_read_only_detection(tmp_path):
-    assert reloader.read_only(tmp_path) is False
+    """A read-only bind mount (as the CLI mounts the config without
+    --network-config-write), in a mount namespace of its own, next to a writable dir."""
+    ro, rw = tmp_path / "ro", tmp_path / "rw"
+    ro.mkdir()
+    rw.mkdir()
+    script = f"mount --bind -o ro {ro} {ro} && exec {sys.executable} -c '{READ_ONLY}' {ro} {rw}"
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert result.stdout.split() == ["True", "False"], result.stderr
