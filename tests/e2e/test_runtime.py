@@ -376,6 +376,27 @@ def test_sigterm_to_the_cli_reaches_the_command_and_its_code_comes_back(project)
         assert time.monotonic() - t0 < 8
 
 
+def test_sigterm_during_start_up_aborts_it_cleanly(internet, project):
+    """A signal before the command exists ends the start-up at the next phase: the
+    command never runs, supervisord and its services are stopped, the code is 128+N."""
+    write_config(project, enforce("api.github.com"))
+    args = ["--", "echo", "SHOULD-NOT-RUN"]
+    with Session(project, args, internet, env={"SECURE_PROXY_TRACE": "1"}) as s:
+        deadline = time.monotonic() + 30
+        while "supervisord started" not in s.stderr:
+            assert time.monotonic() < deadline, s.stderr
+            time.sleep(0.02)
+        assert s.proc is not None
+        s.proc.send_signal(15)
+        assert s.wait(timeout=15) == 128 + 15, s.stderr
+        stdout = []
+        while (line := s.next_line(timeout=5)) is not None:
+            stdout.append(line)
+    assert "SHOULD-NOT-RUN" not in stdout
+    assert "command exited" not in s.stderr
+    assert "supervisord stopped" in s.stderr, s.stderr
+
+
 def test_global_config_is_used_without_a_repo_config(internet, project, tmp_path):
     home = Path(tempfile.mkdtemp(prefix="sp-home-", dir="/tmp"))
     try:
