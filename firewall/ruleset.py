@@ -1,6 +1,6 @@
 """The intended rule set, as plain data. Pure: no iptables, no I/O besides parsing text.
 
-How much the firewall does follows from the compiled policy (lock_level):
+How much the firewall does follows from the compiled policy (level.lock_level):
 
     none       rules disabled, no log: no rule of ours at all (the network untouched)
     intercept  rules disabled, log on: everyone's TCP 80/443 but proxy-user's goes to
@@ -20,9 +20,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 
-from runtime.core.policy import Mode, Policy
+from .level import LockLevel as LockLevel
+from .level import lock_level as lock_level  # re-exported: the level and its rules together
 
 FILTER_CHAIN = "SECURE_PROXY_OUT"
 INBOUND_CHAIN = "SECURE_PROXY_IN"
@@ -45,19 +45,6 @@ QUIC_PORT = 443
 # In: 134 router advertisement, 135, 136.
 NDP_TYPES = (133, 135, 136)
 NDP_TYPES_IN = (134, 135, 136)
-
-
-class LockLevel(StrEnum):
-    NONE = "none"
-    INTERCEPT = "intercept"
-    FULL = "full"
-
-
-def lock_level(policy: Policy) -> LockLevel:
-    """What the firewall does for a compiled policy (see the module's table)."""
-    if policy.mode is not Mode.ALLOW_ALL:
-        return LockLevel.FULL
-    return LockLevel.INTERCEPT if policy.log_to_file else LockLevel.NONE
 
 
 @dataclass(frozen=True)
