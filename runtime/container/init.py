@@ -2,21 +2,26 @@
 
 main() is the start-up as a straight line of phases, then the wait and the end:
 
-    read config  resolve + validate + compile; an invalid config stops here
+    read config  resolve + validate + compile; an invalid config stops here. The
+                 plan: the firewall level the policy asks for (firewall.ruleset) and
+                 whether the config may change it during the run (writable)
     ids          PUID/PGID and the app user's ids (never root, never proxy-user)
-    run dir      fresh per start: no stale marker can claim readiness
-    CA           made and published (ca.py)
-    policy       policy.json, read by the firewall and the interceptor
-    session      session.json (session.py); /logs prepared for the interceptor
-    supervisord  the services start (supervisor.py)
+    services     only when the level is not none or the config is writable: a fresh
+                 run dir, the CA made and published (ca.py), policy.json,
+                 session.json (session.py), /logs for the interceptor, supervisord
+                 with the programs of the level (services.py)
     appuser      created from PUID/PGID while the services start (users.py)
     trust        the CA for every client, while the services start (ca.py)
-    readiness    the firewall's verified lock and the interceptor's marker; fail closed
+    readiness    the firewall's verified lock and every service's marker; fail closed
     launch       the command, last (command.py)
     wait         signals forwarded to it, zombies reaped, until it exits
     finish       its leftovers ended (leftovers.py), supervisord stopped, the log
                  handed over to PUID:PGID; the exit code is the command's (128+N
                  when signal N killed it)
+
+Inactive (no config, or rules disabled without a log, read-only): no firewall, no
+interceptor, no CA, no supervisord; one line says so and the command runs on an
+untouched network (NET_ADMIN not needed).
 
 Signals are taken synchronously (signals.py): one that arrives during the start-up
 aborts it at the next phase boundary, with 128+N.
@@ -25,26 +30,31 @@ aborts it at the next phase boundary, with 128+N.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
+from firewall.level import LockLevel, lock_level
 from runtime import paths
-from runtime.container import ca, command, leftovers, logguard, signals, supervisor, users
+from runtime.container import command, leftovers, signals, users
 from runtime.container.console import SetupFailed, say, trace
-from runtime.container.session import Session
+from runtime.container.session import read_only
 from runtime.container.signals import Interrupted
 from runtime.core.config import ConfigError
 from runtime.core.policy import Mode
 from runtime.resolve import BUILT_IN, GLOBAL, REPO, Resolved, resolve, write_policy
 
+if TYPE_CHECKING:
+    from runtime.container import supervisor
+
+# What only a supervised run needs (ca, logguard, services, supervisor, session) is
+# imported where it is used: an inactive start stays a few imports (BENCHMARKS.md).
+
 EXIT_SETUP = 1
-FIREWALL_TIMEOUT = float(os.environ.get("SECURE_PROXY_FIREWALL_TIMEOUT", "30"))
-INTERCEPTOR_TIMEOUT = float(os.environ.get("SECURE_PROXY_INTERCEPTOR_TIMEOUT", "60"))
 
 
 @dataclass
@@ -55,6 +65,23 @@ class Run:
     reaped: dict[int, int] = field(default_factory=dict)
     app_uid: int | None = None
     logs_prepared: bool = False  # from then on /logs may be proxy-user's: hand it back
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What this run sets up, decided by the config alone."""
+
+    level: LockLevel
+    writable: bool  # --network-config-write: an edit may raise the level later
+
+    @property
+    def supervised(self) -> bool:
+        return self.level is not LockLevel.NONE or self.writable
+
+    @classmethod
+    def of(cls, resolved: Resolved) -> Plan:
+        path = resolved.path
+        return cls(lock_level(resolved.policy), path is not None and not read_only(path.parent))
 
 
 @dataclass(frozen=True)
@@ -75,7 +102,18 @@ def checkpoint(done: str) -> None:
 # ----------------------------------------------------------------------------- phases
 
 
-def describe(resolved: Resolved, host_log_dir: str | None = None) -> list[str]:
+def describe(resolved: Resolved, plan: Plan, host_log_dir: str | None = None) -> list[str]:
+    """The [Network] lines: one when inactive, else source, rules and log."""
+    source = {
+        REPO: f"repo config {resolved.path}",
+        GLOBAL: f"global config {resolved.path}",
+        BUILT_IN: "no config found",
+    }[resolved.kind]
+    if plan.level is LockLevel.NONE:
+        line = f"[Network] Inactive ({source}): allow-all, nothing logged, network untouched"
+        if plan.writable:
+            line += "; enabling rules or the log in the config takes effect live"
+        return [line]
     lines = {
         REPO: f"[Network] Using repo config: {resolved.path}",
         GLOBAL: f"[Network] Using global config: {resolved.path}",
@@ -84,8 +122,10 @@ def describe(resolved: Resolved, host_log_dir: str | None = None) -> list[str]:
     out = [lines[resolved.kind]]
     policy = resolved.policy
     if policy.mode is Mode.ALLOW_ALL:
-        log = "true" if policy.log_to_file else "false"
-        out.append(f"[Network] Rules DISABLED (allow-all mode, log_to_file: {log})")
+        out.append(
+            "[Network] Rules DISABLED (allow-all mode, log_to_file: true): "
+            "web traffic (TCP 80/443) logged, all else untouched"
+        )
     else:
         out.append(f"[Network] Rules ENABLED (mode: {policy.mode.value})")
     if policy.log_to_file:
@@ -94,14 +134,15 @@ def describe(resolved: Resolved, host_log_dir: str | None = None) -> list[str]:
     return out
 
 
-def read_config() -> Resolved:
+def read_config() -> tuple[Resolved, Plan]:
     try:
         resolved = resolve(paths.container_project_dir(), paths.CONTAINER_HOME)
     except ConfigError as exc:
         raise SetupFailed(f"Invalid network config; the container does not start.\n{exc}") from None
-    for line in describe(resolved, os.environ.get("SECURE_PROXY_HOST_LOG_DIR")):
+    plan = Plan.of(resolved)
+    for line in describe(resolved, plan, os.environ.get("SECURE_PROXY_HOST_LOG_DIR")):
         say(line)
-    return resolved
+    return resolved, plan
 
 
 def read_ids() -> Ids:
@@ -120,14 +161,17 @@ def prepare_run_dir(proxy: tuple[int, int]) -> None:
     own.mkdir(exist_ok=True)
     os.chown(own, *proxy)
     os.chmod(own, 0o755)
-    for stale in (paths.firewall_marker(), paths.interceptor_marker(), paths.ca_cert()):
-        stale.unlink(missing_ok=True)
+    stale = (paths.firewall_marker(), paths.interceptor_marker(), paths.dnsguard_marker())
+    for path in (*stale, paths.ca_cert()):
+        path.unlink(missing_ok=True)
     paths.component_log_dir().mkdir(parents=True, exist_ok=True)
 
 
 def digest(path: Path | None) -> str | None:
     if path is None:
         return None
+    import hashlib
+
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
@@ -135,6 +179,8 @@ def digest(path: Path | None) -> str | None:
 
 
 def write_session(resolved: Resolved, ids: Ids) -> None:
+    from runtime.container.session import Session
+
     Session(
         config_kind=resolved.kind,
         config_path=resolved.path,
@@ -146,17 +192,62 @@ def write_session(resolved: Resolved, ids: Ids) -> None:
     ).write()
 
 
-def readiness() -> list[supervisor.Component]:
-    return [
-        supervisor.Component("firewall", paths.firewall_marker(), FIREWALL_TIMEOUT, True),
-        supervisor.Component("interceptor", paths.interceptor_marker(), INTERCEPTOR_TIMEOUT, False),
-    ]
+def prepare_services(plan: Plan, resolved: Resolved, ids: Ids, run: Run) -> bytes | None:
+    """Everything the services read, before they start; the CA's certificate."""
+    if not plan.supervised:
+        return None
+    from runtime.container import ca, logguard
+
+    prepare_run_dir(ids.proxy)
+    pem = ca.make_ca(ids.proxy)
+    checkpoint("CA made")
+    write_policy(resolved.policy)
+    write_session(resolved, ids)
+    run.logs_prepared = True
+    logguard.prepare()
+    checkpoint("policy, session and logs prepared")
+    return pem
+
+
+def start_services(plan: Plan, run: Run) -> None:
+    if not plan.supervised:
+        return
+    from runtime.container import services, supervisor
+
+    run.sup = supervisor.start({**os.environ, **services.autostart_env(plan.level)})
+    checkpoint("supervisord started")
+
+
+def trust(ids: Ids, pem: bytes | None) -> dict[str, str]:
+    """The CA for the command's clients (made also when inactive but writable: a
+    later edit may start the interceptor, and the command reads its CA only now)."""
+    if pem is None:
+        return {}
+    from runtime.container import ca
+
+    env = ca.trust_ca(ids.app_uid, ids.app_gid, pem)
+    checkpoint("CA trusted")
+    return env
+
+
+def wait_ready(plan: Plan, run: Run, pem: bytes | None) -> None:
+    if plan.level is LockLevel.NONE or pem is None:
+        return
+    from runtime.container import ca, services, supervisor
+
+    supervisor.wait_ready(services.readiness(plan.level), signals.check, run.sup)
+    ca.check_published_ca(pem)
+    checkpoint(f"ready at level {plan.level.value}")
 
 
 def wait(child: subprocess.Popen[bytes], run: Run) -> int:
     """Forward signals to the command and reap zombies until it exits; its exit code."""
-    watch = supervisor.CrashWatch()
-    watch.start()
+    watch: supervisor.CrashWatch | None = None
+    if run.sup:
+        from runtime.container import supervisor
+
+        watch = supervisor.CrashWatch()
+        watch.start()
     told_sup = False
     try:
         while True:
@@ -171,12 +262,13 @@ def wait(child: subprocess.Popen[bytes], run: Run) -> int:
                 return command.exit_code(run.reaped[child.pid])
             if run.sup is not None and run.sup.pid in run.reaped and not told_sup:
                 say(
-                    "\n[Network] supervisord exited; the firewall stays in place, so outbound "
-                    "web traffic is blocked."
+                    "\n[Network] supervisord exited, its services with it; a firewall in "
+                    "place stays, so the traffic it sends them fails (fail closed)."
                 )
                 told_sup = True
     finally:
-        watch.stop.set()
+        if watch:
+            watch.stop.set()
 
 
 def finish(run: Run) -> None:
@@ -190,8 +282,11 @@ def finish(run: Run) -> None:
     keep = run.sup.pid if run.sup else None
     clean = leftovers.end_processes(keep, run.app_uid, run.reaped, leftovers.KILL_GRACE)
     trace("command's processes gone" if clean else "command's processes NOT all gone")
-    supervisor.stop(run.sup, run.reaped)
-    trace("supervisord stopped")
+    if run.sup is not None:
+        from runtime.container import supervisor
+
+        supervisor.stop(run.sup, run.reaped)
+        trace("supervisord stopped")
     clean = leftovers.end_processes(None, run.app_uid, run.reaped, 0.0) and clean
     if not run.logs_prepared:
         return
@@ -201,6 +296,8 @@ def finish(run: Run) -> None:
             f"over and still belongs to {paths.PROXY_USER}'s uid."
         )
         return
+    from runtime.container import logguard
+
     try:
         done = logguard.hand_over()
     except (logguard.HandOverError, OSError) as exc:
@@ -219,31 +316,22 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         say("secure-proxy-init must run as root (it is the container's entrypoint)")
         return EXIT_SETUP
+    trace("started")
     signals.block()
     if os.getpid() != 1:
         leftovers.become_subreaper()
     run = Run()
     try:
-        resolved = read_config()
+        resolved, plan = read_config()
         ids = read_ids()
         run.app_uid = ids.app_uid
-        prepare_run_dir(ids.proxy)
-        ca_pem = ca.make_ca(ids.proxy)
-        checkpoint("CA made")
-        write_policy(resolved.policy)
-        write_session(resolved, ids)
-        run.logs_prepared = True
-        logguard.prepare()
-        checkpoint("policy, session and logs prepared")
-        run.sup = supervisor.start(dict(os.environ))
-        checkpoint("supervisord started")
+        checkpoint("config read")
+        pem = prepare_services(plan, resolved, ids, run)
+        start_services(plan, run)
         name = users.ensure_appuser(ids.app_uid, ids.app_gid)
         checkpoint("appuser ready")
-        ca_env = ca.trust_ca(ids.app_uid, ids.app_gid, ca_pem)
-        checkpoint("CA trusted")
-        supervisor.wait_ready(run.sup, readiness(), signals.check)
-        ca.check_published_ca(ca_pem)
-        checkpoint("firewall + interceptor ready")
+        ca_env = trust(ids, pem)
+        wait_ready(plan, run, pem)
         child = command.launch(
             argv or command.default_command(),
             ids.app_uid,
@@ -264,5 +352,15 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def entrypoint() -> NoReturn:
+    """The console script: main(), then out at once. PID 1 has nothing to finalise
+    once the command and its leftovers are gone, and the interpreter's own shutdown
+    would add ~15 ms to every start (BENCHMARKS.md)."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entrypoint()

@@ -11,7 +11,6 @@ the app user's uid. SIGTERM, a short grace, SIGKILL, until none remains.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import time
@@ -26,6 +25,8 @@ PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 
 def become_subreaper() -> None:
     """Not PID 1 (e.g. under another init): orphans of the command still come to us."""
+    import ctypes
+
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 

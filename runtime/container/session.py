@@ -9,10 +9,20 @@ a missing or malformed file is an error that names the file.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from runtime import fsutil, paths
+
+
+def read_only(directory: Path) -> bool:
+    """Whether the config's directory is mounted read-only (the default; writable
+    with --network-config-write): the init and the reloader decide by this."""
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 class SessionError(Exception):

@@ -51,8 +51,48 @@ def process_info(name: str) -> dict[str, Any] | None:
 
 def signal_process(name: str, signame: str) -> None:
     """Signal a program through supervisord (it knows the pid, also across restarts).
-    Raises OSError or xmlrpc.client.Fault when that fails."""
+    Raises one of RPC_ERRORS when that fails."""
     rpc().signalProcess(name, signame)
+
+
+ALREADY_STARTED = 60  # supervisor.xmlrpc.Faults
+NOT_RUNNING = 70
+
+
+def start_program(name: str) -> None:
+    """Start a program (no-op when it runs); its readiness is its marker, not this."""
+    try:
+        rpc().startProcess(name, False)
+    except xmlrpc.client.Fault as exc:
+        if exc.faultCode != ALREADY_STARTED:
+            raise
+
+
+def stop_program(name: str) -> None:
+    """Stop a program and wait until it has (no-op when it does not run)."""
+    try:
+        rpc().stopProcess(name, True)
+    except xmlrpc.client.Fault as exc:
+        if exc.faultCode != NOT_RUNNING:
+            raise
+
+
+def run_once(name: str, timeout: float) -> str | None:
+    """Run a one-shot program (the firewall) to its end: None when it exited 0,
+    else why not (with the last line of its log)."""
+    start_program(name)  # spawned when this returns: the states below are this run's
+    deadline = time.monotonic() + timeout
+    while True:
+        info = rpc().getProcessInfo(name)
+        state = info.get("statename")
+        if state == "EXITED" and info.get("exitstatus") == 0:
+            return None
+        if state not in ("STARTING", "RUNNING"):
+            last = tail(paths.component_log(name), 1)
+            return last[0] if last else f"{state}, exit status {info.get('exitstatus')}"
+        if time.monotonic() > deadline:
+            return f"still running after {timeout:.0f} s"
+        time.sleep(0.05)
 
 
 def tail(path: Path, lines: int = 5) -> list[str]:
@@ -127,18 +167,19 @@ class Component:
 
 
 def wait_ready(
-    sup: subprocess.Popen[bytes],
     components: Sequence[Component],
     pause: Callable[[float], None],
+    sup: subprocess.Popen[bytes] | None = None,
 ) -> None:
     """Every component's marker, or a clear failure (fail closed: the command waits).
 
-    `pause` waits between polls (the init's: it also takes an aborting signal).
+    `pause` waits between polls (the init's: it also takes an aborting signal);
+    `sup`, when the caller started supervisord, is watched too.
     """
     start_time = time.monotonic()
     pending = list(components)
     while pending:
-        if sup.poll() is not None:
+        if sup is not None and sup.poll() is not None:
             raise SetupFailed(
                 "supervisord exited during startup; see "
                 f"{paths.component_log('supervisord')}\n"
