@@ -3,7 +3,7 @@
 main() is the start-up as a straight line of phases, then the wait and the end:
 
     read config  resolve + validate + compile; an invalid config stops here. The
-                 plan: the firewall level the policy asks for (firewall.ruleset) and
+                 plan: the firewall level the policy asks for (firewall.level) and
                  whether the config may change it during the run (writable)
     ids          PUID/PGID and the app user's ids (never root, never proxy-user)
     services     only when the level is not none or the config is writable: a fresh
@@ -19,9 +19,9 @@ main() is the start-up as a straight line of phases, then the wait and the end:
                  handed over to PUID:PGID; the exit code is the command's (128+N
                  when signal N killed it)
 
-Inactive (no config, or rules disabled without a log, read-only): no firewall, no
-interceptor, no CA, no supervisord; one line says so and the command runs on an
-untouched network (NET_ADMIN not needed).
+Inactive (no config, or rules disabled without a log, and the config read-only):
+no firewall, no interceptor, no CA, no supervisord; one line says so and the
+command runs on an untouched network (NET_ADMIN not needed).
 
 Signals are taken synchronously (signals.py): one that arrives during the start-up
 aborts it at the next phase boundary, with 128+N.
@@ -42,7 +42,7 @@ from firewall.level import LockLevel, lock_level
 from runtime import paths
 from runtime.container import command, leftovers, signals, users
 from runtime.container.console import SetupFailed, say, trace
-from runtime.container.session import read_only
+from runtime.container.session import Session, read_only
 from runtime.container.signals import Interrupted
 from runtime.core.config import ConfigError
 from runtime.core.policy import Mode
@@ -51,7 +51,7 @@ from runtime.resolve import BUILT_IN, GLOBAL, REPO, Resolved, resolve, write_pol
 if TYPE_CHECKING:
     from runtime.container import supervisor
 
-# What only a supervised run needs (ca, logguard, services, supervisor, session) is
+# What only a supervised run needs (ca, logguard, services, supervisor) is
 # imported where it is used: an inactive start stays a few imports (BENCHMARKS.md).
 
 EXIT_SETUP = 1
@@ -179,8 +179,6 @@ def digest(path: Path | None) -> str | None:
 
 
 def write_session(resolved: Resolved, ids: Ids) -> None:
-    from runtime.container.session import Session
-
     Session(
         config_kind=resolved.kind,
         config_path=resolved.path,
