@@ -389,8 +389,8 @@ def test_image_metadata(image_info: dict) -> None:
     assert config["Entrypoint"] == ["/usr/local/bin/secure-proxy-init"]
     assert not config.get("Cmd"), "init picks the command: Copilot CLI when present, else bash"
     health = image_info.get("Healthcheck") or config.get("Healthcheck") or {}
-    marker = str(paths.interceptor_marker())  # the default, as in the container
-    assert marker in " ".join(health.get("Test", [])), (marker, health)
+    for marker in (paths.interceptor_marker(), paths.firewall_marker()):  # the defaults
+        assert str(marker) in " ".join(health.get("Test", [])), (marker, health)
     env = dict(e.split("=", 1) for e in config.get("Env") or [])
     assert "DEBIAN_FRONTEND" not in env, "build-time settings must not reach the user's shell"
     labels = config.get("Labels") or {}
