@@ -1,6 +1,8 @@
 # copilot_here image with the secure proxy runtime built in (inactive by default:
-# with no network.json mounted the container behaves as without it: allow-all,
-# nothing logged; it only needs --cap-add=NET_ADMIN, plus NET_RAW on Podman).
+# with no network.json, or rules disabled without a log, the container behaves as
+# without it: no firewall, no proxy, no CA, no NET_ADMIN needed. A config that
+# enables rules or the log, or a writable one, needs --cap-add=NET_ADMIN, plus
+# NET_RAW on Podman).
 #
 #   docker build -t copilot-here-secure-proxy .          # node:20-bookworm-slim + Copilot CLI
 #   ... --build-arg BASE_IMAGE=<any bookworm image>      # wrap an existing variant
@@ -109,10 +111,14 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
  && /opt/secure-proxy/venv/bin/python -c "import runtime.container.init, firewall.cli, mitmproxy, iptc"
 
 WORKDIR /work
-# The interceptor writes this marker once it listens (after the firewall verified);
-# the path is runtime.paths.interceptor_marker() (the image test checks they agree).
+# Healthy when no firewall of ours sends traffic anywhere (inactive: nothing to
+# check), or when the interceptor it sends traffic to is listening. The firewall
+# writes the first marker once its rules verified (and removes it when an edit
+# switches rules off); the interceptor writes the second once it listens. The
+# paths are runtime.paths.firewall_marker() and interceptor_marker() (the image
+# test checks they agree).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
-    CMD ["test", "-f", "/run/secure-proxy/interceptor/interceptor.ready"]
+    CMD ["sh", "-c", "test ! -e /run/secure-proxy/firewall.verified || test -f /run/secure-proxy/interceptor/interceptor.ready"]
 ENTRYPOINT ["/usr/local/bin/secure-proxy-init"]
 # No command given: init runs the Copilot CLI when installed, else bash.
 CMD []

@@ -1,16 +1,24 @@
-"""secure-proxy-firewall: apply, verify and show the network lock.
+"""secure-proxy-firewall: apply, verify, show and remove the network lock.
 
     secure-proxy-firewall apply  [--proxy-user NAME|UID] [--port N] [--resolv-conf PATH]
-                                 [--dns-guard-port N]
+                                 [--dns-guard-port N] [--policy PATH]
     secure-proxy-firewall verify [same options]
     secure-proxy-firewall status [same options]
+    secure-proxy-firewall remove [same options]
+
+--policy: the level follows the compiled policy (ruleset.lock_level): rules enabled
+lock the network (with the DNS guard when --dns-guard-port is given); rules disabled
+with a log redirect TCP 80/443 only; rules disabled without a log remove our chains.
+Without --policy: the full lock.
 
 apply: install the rules (IPv4 + IPv6), read them back, compare with the intent;
-only if identical write the marker runtime.paths.firewall_marker(). Any failure:
-remove a stale marker, print one line of cause and fix, exit 1.
+only if identical write the marker runtime.paths.firewall_marker() (none at level
+none). Any failure: remove a stale marker, print one line of cause and fix, exit 1.
 verify: exit 0 if the rules in the kernel are exactly the intended ones, else 1
 (and remove a stale marker). status: print our rules in iptables-save form and
-whether they are intact; exit 0 intact, 1 not.
+whether they are intact; exit 0 intact, 1 not. remove: delete exactly our chains
+and the jumps to them, give the built-in chains the policies they had before our
+first apply (ACCEPT when none was recorded), remove the marker.
 """
 
 from __future__ import annotations
@@ -28,12 +36,18 @@ from pathlib import Path
 from loguru import logger
 
 from runtime import fsutil, paths
+from runtime.resolve import read_policy
 
 from . import iptables
-from .iptables import FirewallError
-from .ruleset import Ruleset, build_ruleset, parse_resolv_conf
+from .iptables import FirewallError, HookPolicies
+from .ruleset import LockLevel, Ruleset, build_ruleset, lock_level, parse_resolv_conf
 
 PROG = "secure-proxy-firewall"
+
+
+def saved_policies_file() -> Path:
+    """The built-in chains' policies before our first apply, to give back on removal."""
+    return paths.run_dir() / "firewall.policies.json"
 
 
 def resolve_uid(user: str) -> int:
@@ -59,14 +73,50 @@ def read_nameservers(path: Path) -> list[str]:
     return parse_resolv_conf(text)
 
 
+def level_from_args(args: argparse.Namespace) -> LockLevel:
+    if args.cmd == "remove":
+        return LockLevel.NONE
+    if args.policy is None:
+        return LockLevel.FULL
+    try:
+        return lock_level(read_policy(Path(args.policy)))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FirewallError(
+            f"cannot read the policy {args.policy} ({exc}): the init writes it before "
+            "starting the firewall; pass --policy with a compiled policy.json"
+        ) from exc
+
+
 def build_from_args(args: argparse.Namespace) -> Ruleset:
     uid = resolve_uid(str(args.proxy_user))
+    level = level_from_args(args)
     try:
         return build_ruleset(
-            uid, args.port, read_nameservers(Path(args.resolv_conf)), args.dns_guard_port
+            uid, args.port, read_nameservers(Path(args.resolv_conf)), args.dns_guard_port, level
         )
     except ValueError as exc:
         raise FirewallError(f"{exc}: pass another --proxy-user / --port") from exc
+
+
+def hook_policies(ruleset: Ruleset) -> HookPolicies:
+    """What the built-in chains get back when our chains leave: recorded once, before
+    our first apply changes them, and kept until our chains are all gone."""
+    saved = saved_policies_file()
+    try:
+        data = json.loads(saved.read_text())
+        return {(int(k.split(":")[0]), k.split(":")[1]): str(v) for k, v in data.items()}
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, IndexError) as exc:
+        logger.warning("ignoring {} ({}): policies are given back as ACCEPT", saved, exc)
+        return {}
+    current = iptables.read_policies(ruleset)
+    if current is None:  # our chains are there already: their policy is ours
+        return {}
+    if ruleset.level is not LockLevel.NONE:
+        data = {f"{fam}:{hook}": policy for (fam, hook), policy in current.items()}
+        fsutil.atomic_write(saved, json.dumps(data) + "\n", 0o644)
+    return current
 
 
 def remove_marker() -> None:
@@ -82,8 +132,10 @@ def write_marker(ruleset: Ruleset) -> Path:
     marker = paths.firewall_marker()
     payload = {
         "verified_at": time.time(),
+        "level": ruleset.level.value,
         "proxy_uid": ruleset.proxy_uid,
         "port": ruleset.port,
+        "dns_guard_port": ruleset.dns_port,
         "nameservers": list(ruleset.nameservers),
     }
     return fsutil.atomic_write(marker, json.dumps(payload) + "\n", 0o644)
@@ -94,18 +146,25 @@ def cmd_apply(args: argparse.Namespace) -> int:
     ruleset = build_from_args(args)
     iptables.check_capabilities()
     remove_marker()
-    iptables.apply(ruleset)
+    iptables.apply(ruleset, hook_policies(ruleset))
     problems = iptables.verify(ruleset)
     if problems:
         raise FirewallError(
             f"rules read back differ from the intended set ({problems[0]}; "
             f"{len(problems)} difference(s)): another tool is changing iptables, stop it"
         )
+    if ruleset.level is LockLevel.NONE:
+        saved_policies_file().unlink(missing_ok=True)
+        logger.info("no rule of ours is left: the network is untouched")
+        return 0
     marker = write_marker(ruleset)
     logger.info(
-        "firewall applied and verified (proxy uid {}, port {}, nameservers {}); marker {}",
+        "firewall applied and verified (level {}, proxy uid {}, port {}, DNS guard {}, "
+        "nameservers {}); marker {}",
+        ruleset.level.value,
         ruleset.proxy_uid,
         ruleset.port,
+        ruleset.dns_port or "none",
         ", ".join(ruleset.nameservers) or "none",
         marker,
     )
@@ -130,8 +189,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     ruleset = build_from_args(args)
     iptables.check_capabilities()
     states = iptables.read_states(ruleset)
+    sys.stdout.write(f"# level {ruleset.level.value}\n")
     sys.stdout.write(iptables.status_text(states))
     problems = [p for spec, state in states for p in iptables.diff_table(spec, state)]
+    problems += iptables.leftover_problems(ruleset)
     if problems:
         print("# NOT intact:")
         for p in problems:
@@ -149,6 +210,7 @@ def parser() -> argparse.ArgumentParser:
         ("apply", "install, read back and verify the rules; then write the marker"),
         ("verify", "exit 0 if the rules are intact, 1 otherwise"),
         ("status", "print our rules (iptables-save form) and whether they are intact"),
+        ("remove", "delete our chains and jumps, give the built-in chains their policies back"),
     ):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--proxy-user", default=paths.PROXY_USER, help="name or numeric uid")
@@ -161,6 +223,11 @@ def parser() -> argparse.ArgumentParser:
             help="send every user's DNS to the DNS guard on this loopback port; only "
             "proxy-user reaches the resolvers (default: no guard)",
         )
+        p.add_argument(
+            "--policy",
+            default=None,
+            help="compiled policy.json: the level follows it (default: the full lock)",
+        )
     return ap
 
 
@@ -169,7 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.remove()
     level = "DEBUG" if args.verbose or os.environ.get("SECURE_PROXY_DEBUG") else "INFO"
     logger.add(sys.stderr, level=level, format=f"{PROG}: {{level}}: {{message}}")
-    handler = {"apply": cmd_apply, "verify": cmd_verify, "status": cmd_status}[args.cmd]
+    handler = {"apply": cmd_apply, "verify": cmd_verify, "status": cmd_status, "remove": cmd_apply}[
+        args.cmd
+    ]
     try:
         return handler(args)
     except FirewallError as exc:

@@ -5,8 +5,10 @@ show in `iptables-legacy-save`, not in the nft-backed `iptables-save`.
 
 apply() touches only our chains and the one jump into each from the built-in chain it
 hangs off (filter OUTPUT and INPUT, nat OUTPUT), plus the filter OUTPUT and INPUT
-policies, the backstop. Each table is changed in a single commit.
-read_state()/verify() read the tables back and compare them with the intent.
+policies, the backstop. Our chains the rule set's level does not use are removed,
+with their jumps, and the policies we had set are given back. Each table is changed
+in a single commit. read_state()/verify() read the tables back and compare them with
+the intent (absent chains included).
 """
 
 from __future__ import annotations
@@ -21,7 +23,20 @@ from typing import Any, TypeVar
 
 from loguru import logger
 
-from .ruleset import FamilySpec, Match, Opt, Rule, Ruleset, TableSpec
+from .ruleset import (
+    DEFAULT_HOOK_POLICY,
+    OUR_CHAINS,
+    ChainRef,
+    FamilySpec,
+    Match,
+    Opt,
+    Rule,
+    Ruleset,
+    TableSpec,
+)
+
+#: (family, built-in chain) -> the policy it had before we first changed it
+HookPolicies = dict[tuple[int, str], str]
 
 T = TypeVar("T")
 
@@ -212,13 +227,50 @@ def apply_table(family: int, specs: list[TableSpec]) -> None:
     logger.debug("applied {} {} ({} rules)", _tool(family), name, sum(len(s.rules) for s in specs))
 
 
-def apply_family(spec: FamilySpec) -> None:
+def remove_chains(family: int, refs: list[ChainRef], policies: HookPolicies) -> None:
+    """Delete our chains (in one table) and every jump to them; where one was there,
+    give its hook the policy recorded before we changed it (else ACCEPT)."""
+    iptc = _iptc()
+    name = refs[0].table
+    table = _table(family, name)
+    try:
+        table.autocommit = False
+        table.refresh()
+        for ref in refs:
+            hook = iptc.Chain(table, ref.hook)
+            jumps = [r for r in hook.rules if r.target is not None and r.target.name == ref.chain]
+            ours = table.is_chain(ref.chain)
+            for jump in jumps:
+                hook.delete_rule(jump)
+            if ours:
+                chain = iptc.Chain(table, ref.chain)
+                chain.flush()
+                chain.delete()
+            if ref.sets_policy and (ours or jumps):
+                hook.set_policy(policies.get((family, ref.hook), DEFAULT_HOOK_POLICY))
+        table.commit()
+    except (iptc.IPTCError, iptc.XTablesError) as exc:
+        with contextlib.suppress(iptc.IPTCError):
+            table.refresh()
+        raise _explain(exc, family, name) from exc
+    finally:
+        table.autocommit = True
+    logger.debug("removed {} {}: {}", _tool(family), name, ", ".join(r.chain for r in refs))
+
+
+def apply_family(spec: FamilySpec, policies: HookPolicies) -> None:
     # filter first: if nat then fails, 80/443 are rejected rather than let through.
     by_table: dict[str, list[TableSpec]] = {}
     for t in spec.tables:
         by_table.setdefault(t.table, []).append(t)
     for name in sorted(by_table, key=lambda n: n != "filter"):
         apply_table(spec.family, by_table[name])
+    # Then what this level does not use: the lock is lifted only after the rest is in.
+    absent: dict[str, list[ChainRef]] = {}
+    for ref in spec.absent:
+        absent.setdefault(ref.table, []).append(ref)
+    for refs in absent.values():
+        remove_chains(spec.family, refs, policies)
 
 
 def _tool(family: int) -> str:
@@ -270,6 +322,41 @@ def read_table(family: int, spec: TableSpec) -> TableState:
         hook_rules=hook_rules,
         chain_rules=chain_rules,
     )
+
+
+def read_absent(family: int, ref: ChainRef) -> list[str]:
+    """How a chain of ours that must be absent is still there; empty when it is gone."""
+    iptc = _iptc()
+    table = _table(family, ref.table)
+    where = f"{_tool(family)} {ref.table}"
+    try:
+        table.refresh()
+        hook = iptc.Chain(table, ref.hook)
+        jumps = [r for r in hook.rules if r.target is not None and r.target.name == ref.chain]
+        exists = table.is_chain(ref.chain)
+    except (iptc.IPTCError, iptc.XTablesError) as exc:
+        raise _explain(exc, family, ref.table) from exc
+    problems = [f"{where}: chain {ref.chain} is present, want none"] if exists else []
+    if jumps:
+        problems.append(f"{where}: {len(jumps)} jump(s) to {ref.chain} in {ref.hook}, want none")
+    return problems
+
+
+def read_hook_policies(family: int) -> dict[str, tuple[str | None, bool]]:
+    """hook -> (its policy, whether a chain of ours hangs off it) for the hooks whose
+    policy we set: what `apply` records before it first changes them."""
+    iptc = _iptc()
+    table = _table(family, "filter")
+    out: dict[str, tuple[str | None, bool]] = {}
+    try:
+        table.refresh()
+        for ref in OUR_CHAINS:
+            if ref.sets_policy:
+                policy = iptc.Chain(table, ref.hook).get_policy()
+                out[ref.hook] = (policy.name if policy else None, table.is_chain(ref.chain))
+    except (iptc.IPTCError, iptc.XTablesError) as exc:
+        raise _explain(exc, family, "filter") from exc
+    return out
 
 
 def diff_table(spec: TableSpec, state: TableState) -> list[str]:
@@ -350,23 +437,41 @@ def in_child(fn: Callable[..., T], *args: Any) -> T:
     raise FirewallError(f"unexpected error in iptables helper: {value}")
 
 
-def _open_tables(spec: FamilySpec) -> None:
-    for t in spec.tables:
-        _table(spec.family, t.table)
-
-
 def _read_family(spec: FamilySpec) -> list[tuple[TableSpec, TableState]]:
     return [(t, read_table(spec.family, t)) for t in spec.tables]
 
 
-def apply(ruleset: Ruleset) -> None:
+def _absent_problems(spec: FamilySpec) -> list[str]:
+    return [p for ref in spec.absent for p in read_absent(spec.family, ref)]
+
+
+def _open_all(spec: FamilySpec) -> None:
+    for table in dict.fromkeys(c.table for c in OUR_CHAINS):
+        _table(spec.family, table)
+
+
+def apply(ruleset: Ruleset, policies: HookPolicies | None = None) -> None:
+    """Make the kernel match the rule set; `policies` are what removed chains' hooks
+    get back (what read_policies recorded before the first apply)."""
     check_capabilities()
     fams = families_to_lock(ruleset)
     # Open every table before changing any: a missing ip6tables fails before v4 moves.
     for fam in fams:
-        in_child(_open_tables, fam)
+        in_child(_open_all, fam)
     for fam in fams:
-        in_child(apply_family, fam)
+        in_child(apply_family, fam, policies or {})
+
+
+def read_policies(ruleset: Ruleset) -> HookPolicies | None:
+    """The filter hooks' policies as they are before our first apply; None once a
+    chain of ours is there (the policy is then ours, not the one to give back)."""
+    out: HookPolicies = {}
+    for fam in families_to_lock(ruleset):
+        for hook, (policy, ours) in in_child(read_hook_policies, fam.family).items():
+            if ours:
+                return None
+            out[(fam.family, hook)] = policy or DEFAULT_HOOK_POLICY
+    return out
 
 
 def read_states(ruleset: Ruleset) -> list[tuple[TableSpec, TableState]]:
@@ -376,12 +481,17 @@ def read_states(ruleset: Ruleset) -> list[tuple[TableSpec, TableState]]:
     return out
 
 
+def leftover_problems(ruleset: Ruleset) -> list[str]:
+    """Our chains that the rule set's level does not use but are still there."""
+    return [p for fam in families_to_lock(ruleset) for p in in_child(_absent_problems, fam)]
+
+
 def verify(ruleset: Ruleset) -> list[str]:
     check_capabilities()
     problems: list[str] = []
     for spec, state in read_states(ruleset):
         problems += diff_table(spec, state)
-    return problems
+    return problems + leftover_problems(ruleset)
 
 
 def status_text(states: list[tuple[TableSpec, TableState]]) -> str:

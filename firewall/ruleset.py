@@ -1,8 +1,16 @@
 """The intended rule set, as plain data. Pure: no iptables, no I/O besides parsing text.
 
-build_ruleset(proxy_uid, port, nameservers) returns, for IPv4 and IPv6, the rules of
-our own chains (filter OUTPUT and INPUT, nat OUTPUT), plus the one jump from the
-built-in chain into each.
+How much the firewall does follows from the compiled policy (level.lock_level):
+
+    none       rules disabled, no log: no rule of ours at all (the network untouched)
+    intercept  rules disabled, log on: everyone's TCP 80/443 but proxy-user's goes to
+               the interceptor (nat OUTPUT only); everything else untouched
+    full       rules enabled: the lock (filter OUTPUT and INPUT, nat OUTPUT) and,
+               with a DNS guard port, every user's DNS to the DNS guard
+
+build_ruleset(proxy_uid, port, nameservers, dns_port, level) returns, for IPv4 and
+IPv6, the rules of our own chains the level needs, plus the one jump from the
+built-in chain into each; every other chain of ours (OUR_CHAINS) must be absent.
 Every Rule renders to the exact argument string iptables-save prints for it, which
 is both what `status` shows and what verification compares after reading back.
 """
@@ -13,6 +21,9 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from .level import LockLevel as LockLevel
+from .level import lock_level as lock_level  # re-exported: the level and its rules together
+
 FILTER_CHAIN = "SECURE_PROXY_OUT"
 INBOUND_CHAIN = "SECURE_PROXY_IN"
 NAT_CHAIN = "SECURE_PROXY_NAT"
@@ -22,6 +33,10 @@ INPUT = "INPUT"
 FILTER_OUTPUT_POLICY = "DROP"
 FILTER_INPUT_POLICY = "DROP"
 
+# The policy a built-in chain is given back when our chain leaves and nothing else
+# was recorded before we changed it (a fresh network namespace's).
+DEFAULT_HOOK_POLICY = "ACCEPT"
+
 DIRECT_PORTS = (80, 443)
 DNS_PORT = 53
 QUIC_PORT = 443
@@ -30,6 +45,23 @@ QUIC_PORT = 443
 # In: 134 router advertisement, 135, 136.
 NDP_TYPES = (133, 135, 136)
 NDP_TYPES_IN = (134, 135, 136)
+
+
+@dataclass(frozen=True)
+class ChainRef:
+    """One chain of ours and the built-in chain that jumps to it."""
+
+    table: str
+    chain: str
+    hook: str
+    sets_policy: bool  # we set the hook's policy (DROP) while the chain is ours
+
+
+OUR_CHAINS = (
+    ChainRef("filter", FILTER_CHAIN, OUTPUT, True),
+    ChainRef("filter", INBOUND_CHAIN, INPUT, True),
+    ChainRef("nat", NAT_CHAIN, OUTPUT, False),
+)
 
 
 @dataclass(frozen=True)
@@ -115,6 +147,12 @@ class FamilySpec:
     family: int  # 4 or 6
     tables: tuple[TableSpec, ...]
 
+    @property
+    def absent(self) -> tuple[ChainRef, ...]:
+        """Our chains this level does not use: removed by apply, checked by verify."""
+        present = {(t.table, t.chain) for t in self.tables}
+        return tuple(c for c in OUR_CHAINS if (c.table, c.chain) not in present)
+
     def save_text(self) -> str:
         lines: list[str] = []
         for name in dict.fromkeys(t.table for t in self.tables):
@@ -132,6 +170,8 @@ class Ruleset:
     port: int
     nameservers: tuple[str, ...]
     families: tuple[FamilySpec, ...] = field(default_factory=tuple)
+    level: LockLevel = LockLevel.FULL
+    dns_port: int | None = None
 
     def family(self, version: int) -> FamilySpec:
         return next(f for f in self.families if f.family == version)
@@ -178,6 +218,28 @@ def split_nameservers(nameservers: Iterable[str]) -> tuple[list[str], list[str]]
         if str(ip) not in bucket:
             bucket.append(str(ip))
     return v4, v6
+
+
+def _nat_redirects(proxy_uid: int, port: int) -> list[Rule]:
+    """Everyone's TCP 80/443 but proxy-user's to the interceptor; local traffic stays
+    local (a dev server on localhost:80 is not intercepted)."""
+    return [
+        Rule("RETURN", out_iface="lo"),
+        *(
+            Rule(
+                "REDIRECT",
+                proto="tcp",
+                matches=(_tcp(p), _owner(proxy_uid, negated=True)),
+                target_opts=(Opt("to-ports", str(port)),),
+            )
+            for p in DIRECT_PORTS
+        ),
+    ]
+
+
+def _intercept_spec(family: int, proxy_uid: int, port: int) -> FamilySpec:
+    nat = TableSpec("nat", NAT_CHAIN, tuple(_nat_redirects(proxy_uid, port)))
+    return FamilySpec(family, (nat,))
 
 
 def _family_spec(
@@ -270,17 +332,7 @@ def _family_spec(
             )
             for proto, match in (("udp", _udp(DNS_PORT)), ("tcp", _tcp(DNS_PORT)))
         ]
-    # Local traffic stays local (a dev server on localhost:80 is not intercepted).
-    nat_rules.append(Rule("RETURN", out_iface="lo"))
-    nat_rules += [
-        Rule(
-            "REDIRECT",
-            proto="tcp",
-            matches=(_tcp(p), _owner(proxy_uid, negated=True)),
-            target_opts=(Opt("to-ports", str(port)),),
-        )
-        for p in DIRECT_PORTS
-    ]
+    nat_rules += _nat_redirects(proxy_uid, port)
     return FamilySpec(
         family=family,
         tables=(
@@ -292,12 +344,16 @@ def _family_spec(
 
 
 def build_ruleset(
-    proxy_uid: int, port: int, nameservers: Iterable[str], dns_port: int | None = None
+    proxy_uid: int,
+    port: int,
+    nameservers: Iterable[str],
+    dns_port: int | None = None,
+    level: LockLevel = LockLevel.FULL,
 ) -> Ruleset:
-    """The complete intended state for IPv4 and IPv6.
+    """The complete intended state for IPv4 and IPv6 at `level`.
 
-    dns_port: where the DNS guard listens; None leaves DNS to the resolvers open
-    to every user (no guard).
+    dns_port: where the DNS guard listens (full level only); None leaves DNS to the
+    resolvers open to every user (no guard).
     """
     if isinstance(proxy_uid, bool) or not isinstance(proxy_uid, int) or proxy_uid < 0:
         raise ValueError(f"proxy uid must be a non-negative integer, got {proxy_uid!r}")
@@ -310,14 +366,24 @@ def build_ruleset(
         raise ValueError(f"the DNS guard port must differ from the interceptor's ({port})")
     ns_list = list(nameservers)
     v4, v6 = split_nameservers(ns_list)
+    if level is LockLevel.FULL:
+        families = (
+            _family_spec(4, proxy_uid, port, v4, dns_port),
+            _family_spec(6, proxy_uid, port, v6, dns_port),
+        )
+    elif level is LockLevel.INTERCEPT:
+        families = (_intercept_spec(4, proxy_uid, port), _intercept_spec(6, proxy_uid, port))
+        dns_port = None
+    else:
+        families = (FamilySpec(4, ()), FamilySpec(6, ()))
+        dns_port = None
     return Ruleset(
         proxy_uid=proxy_uid,
         port=port,
         nameservers=tuple(ns_list),
-        families=(
-            _family_spec(4, proxy_uid, port, v4, dns_port),
-            _family_spec(6, proxy_uid, port, v6, dns_port),
-        ),
+        families=families,
+        level=level,
+        dns_port=dns_port,
     )
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import signal
 import stat
 import sys
@@ -29,15 +28,12 @@ import time
 from pathlib import Path
 
 from runtime import paths
+from runtime.container.session import Session, SessionError
+from runtime.container.users import proxy_ids
 
 DIR_MODE = 0o755
 FILE_MODE = 0o644
 POLL_SECONDS = 0.2
-
-
-def proxy_ids() -> tuple[int, int]:
-    entry = pwd.getpwnam(paths.PROXY_USER)
-    return entry.pw_uid, entry.pw_gid
 
 
 def repair_log() -> Path:
@@ -133,22 +129,13 @@ def prepare() -> None:
     check_once(uid, gid)
 
 
-def session_ids() -> tuple[int, int]:
-    """PUID:PGID as the host user gave them (0 stays 0: a root host user owns its logs)."""
-    try:
-        data = json.loads(paths.session_file().read_text())
-        return int(data["puid"]), int(data["pgid"])
-    except (OSError, ValueError, KeyError):
-        return int(os.environ.get("PUID", "1000")), int(os.environ.get("PGID", "1000"))
-
-
 class HandOverError(Exception):
     """The logs directory or the log is not what the runtime made; nothing was handed over."""
 
 
 def hand_over() -> list[str]:
     """Give /logs and /logs/traffic.jsonl, the only files the runtime makes there, to
-    PUID:PGID. Returns the paths handed over.
+    PUID:PGID (from the session file). Returns the paths handed over.
 
     Called by init once every process of the user command is gone and supervisord
     has stopped: nothing can write to /logs any more. By descriptor, never by path
@@ -157,7 +144,11 @@ def hand_over() -> list[str]:
     single-link regular file it must be, and fchown'd. Anything else found in /logs
     keeps its owner.
     """
-    uid, gid = session_ids()
+    try:
+        session = Session.read()
+    except SessionError as exc:
+        raise HandOverError(f"{exc}; the logs keep their owner") from None
+    uid, gid = session.puid, session.pgid
     root = paths.logs_dir()
     done: list[str] = []
     try:

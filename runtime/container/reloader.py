@@ -5,26 +5,31 @@ source for the whole session. The reloader watches the config's *directory*
 (inotify sees nothing on a single-file bind mount, and editors that save by
 rename replace the inode), debounces bursts of events, validates through the
 same core as init, writes policy.json atomically and sends SIGHUP to the
-interceptor. An invalid edit keeps the last good policy and logs exactly what
-is wrong. A read-only mount (the default) is said once; then nothing is watched.
+interceptor and the DNS guard. An edit that changes the firewall level (rules or
+the log switched on or off) moves the services and the firewall to the new level
+(services.switch). An invalid edit keeps the last good policy and logs exactly
+what is wrong. A read-only mount (the default) is said once; then nothing is
+watched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import signal
 import sys
 import threading
 import time
-import xmlrpc.client
 from pathlib import Path
 
-from runtime import paths
+from firewall.level import LockLevel, lock_level
+from runtime.container import services, supervisor
+from runtime.container.console import SetupFailed
+from runtime.container.session import Session, SessionError, read_only
 from runtime.core.config import ConfigError
-from runtime.resolve import compile_resolved, read_config, write_policy
+from runtime.core.policy import Policy
+from runtime.resolve import compile_resolved, read_config, read_policy, write_policy
 
 DEBOUNCE_SECONDS = 0.1
 
@@ -33,37 +38,11 @@ def log(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} reloader: {message}", flush=True)
 
 
-def supervisor_rpc() -> xmlrpc.client.ServerProxy:
-    from supervisor.xmlrpc import SupervisorTransport
-
-    url = f"unix://{paths.supervisor_socket()}"
-    return xmlrpc.client.ServerProxy(
-        "http://127.0.0.1", transport=SupervisorTransport(None, None, url)
-    )
-
-
-def signal_interceptor() -> None:
-    """SIGHUP through supervisord (it knows the pid, also across restarts)."""
-    try:
-        supervisor_rpc().supervisor.signalProcess("interceptor", "HUP")
-    except (OSError, xmlrpc.client.Fault) as exc:
-        log(
-            f"could not signal the interceptor through supervisord ({exc}); it loads the "
-            "new policy.json when it next starts"
-        )
-
-
-def read_only(directory: Path) -> bool:
-    try:
-        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
-
-
 class Reloader:
-    def __init__(self, kind: str, config_path: Path) -> None:
+    def __init__(self, kind: str, config_path: Path, level: LockLevel) -> None:
         self.kind = kind
         self.path = config_path
+        self.level = level  # what the firewall and the services are at now
         self.last_digest: str | None = None
         self._timer: threading.Timer | None = None
         self._lock = threading.Lock()
@@ -99,12 +78,28 @@ class Reloader:
                 return False
             write_policy(resolved.policy)
             self.last_digest = digest
-            signal_interceptor()
             log(
                 f"applied {self.path}: mode {resolved.policy.mode.value}, "
                 f"{len(resolved.policy.rules)} rules"
             )
+            return self.enforce(resolved.policy)
+
+    def enforce(self, policy: Policy) -> bool:
+        """The services and the firewall in line with the policy just written."""
+        new = lock_level(policy)
+        if new is self.level:
+            for failure in services.signal_services(new):
+                log(f"could not signal {failure}; it loads policy.json when it next starts")
             return True
+        log(f"firewall level {self.level.value} -> {new.value}")
+        try:
+            services.switch(self.level, new)
+        except (SetupFailed, *supervisor.RPC_ERRORS) as exc:
+            log(f"the new level is NOT in force (the next edit tries again): {exc}")
+            return False
+        self.level = new
+        log(f"firewall level {new.value} in force")
+        return True
 
     def poke(self) -> None:
         with self._lock:
@@ -143,13 +138,6 @@ def watch(reloader: Reloader, stop: threading.Event) -> None:
         observer.join(timeout=2)
 
 
-def session() -> dict[str, object]:
-    try:
-        return json.loads(paths.session_file().read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def idle(stop: threading.Event) -> int:
     stop.wait()
     return 0
@@ -159,21 +147,28 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    info = session()
-    kind = str(info.get("config_kind", "built-in"))
-    config = info.get("config_path")
-    if not config:
+    try:
+        session = Session.read()
+    except SessionError as exc:
+        log(f"{exc}; the init writes it before starting supervisord: watching nothing")
+        return idle(stop)
+    path = session.config_path
+    if path is None:
         log("no network.json at start (built-in defaults): nothing to watch this session")
         return idle(stop)
-    path = Path(str(config))
     if read_only(path.parent):
         log(
             f"{path.parent} is mounted read-only: rules are fixed for this session "
             "(run with --network-config-write to edit them live); watching nothing"
         )
         return idle(stop)
-    reloader = Reloader(kind, path)
-    reloader.prime(str(info.get("config_sha256") or "") or None)
+    try:
+        level = lock_level(read_policy())
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log(f"cannot read the policy the init wrote ({exc}); watching nothing")
+        return idle(stop)
+    reloader = Reloader(session.config_kind, path, level)
+    reloader.prime(session.config_sha256)
     log(f"watching {path.parent} for changes to {path.name}")
     with contextlib.suppress(KeyboardInterrupt):
         watch(reloader, stop)

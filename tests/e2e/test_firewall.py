@@ -14,6 +14,7 @@ import re
 import pytest
 
 from runtime import paths
+from runtime.core.policy import Mode, Policy, make_rule
 from tests.harness import python_bin
 
 pytestmark = pytest.mark.e2e
@@ -89,6 +90,21 @@ def save(topo, family: int) -> str:
     out = topo.box_run([tool], check=True).stdout
     lines = [re.sub(r" \[\d+:\d+\]$", "", ln) for ln in out.splitlines() if not ln.startswith("#")]
     return "\n".join(lines)
+
+
+def significant(text: str) -> str:
+    """iptables-save text without the tables that hold nothing: a table shows up,
+    empty, once anything has opened it."""
+    out: list[str] = []
+    table: list[str] = []
+    for line in text.splitlines():
+        table.append(line)
+        if line == "COMMIT":
+            body = table[1:-1]
+            if any(ln.startswith("-A") or not ln.endswith(" ACCEPT") for ln in body):
+                out += table
+            table = []
+    return "\n".join(out)
 
 
 class Env:
@@ -453,3 +469,94 @@ def test_proxy_user_by_name_needs_passwd_entry(topology, staged_source, tmp_path
     r = e.firewall("apply", "--proxy-user", "root")
     assert r.returncode == 1
     assert "must not be root" in r.stderr
+
+
+# ----------------------------------------------------------------------- levels, remove
+
+
+def _policy_file(tmp_path, name: str, mode: Mode, log: bool) -> str:
+    rules = [make_rule("example.com", (), None)] if mode is not Mode.ALLOW_ALL else []
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(Policy.build(mode, log, rules, "test").to_json()))
+    return str(path)
+
+
+def test_log_without_rules_redirects_web_ports_and_touches_nothing_else(
+    topology, staged_source, tmp_path
+):
+    """Rules disabled, log on: TCP 80/443 to the interceptor (for the log), every
+    other port, UDP and DNS as without the firewall; the filter table untouched."""
+    e = Env(topology, staged_source, tmp_path)
+    srv = topology.net_popen([python_bin(), "-c", NET_SERVER], text=True)
+    assert srv.stdout.readline().strip() == "READY"
+    records = json.dumps({"example.com": [topology.net_ip]})
+    serve = ["-m", "tests.harness.dns", "serve", "--bind", topology.net_ip, "--records", records]
+    dns = topology.net_popen(
+        [python_bin(), *serve],
+        env={"PYTHONPATH": staged_source},
+        text=True,
+    )
+    assert dns.stdout.readline().strip() == "READY"
+    icp = topology.box_popen([python_bin(), "-c", INTERCEPTOR, str(PORT)], text=True)
+    topology.wait_tcp(topology.box, "127.0.0.1", PORT, proc=icp)
+    assert not significant(save(topology, 4)) and not significant(save(topology, 6))
+    policy = _policy_file(tmp_path, "log", Mode.ALLOW_ALL, True)
+    r = e.apply("--policy", policy, "--dns-guard-port", "58053")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "firewall.verified").read_text())["level"] == "intercept"
+    for addr in (topology.net_ip, topology.net_ip6):
+        for port in (80, 443):
+            assert e.connect(addr, port)["banner"] == "interceptor", (addr, port)
+            assert e.connect(addr, port, user=PROXY_UID)["banner"] == f"net:{port}"
+        for port in (22, 5432):
+            assert e.connect(addr, port)["banner"] == f"net:{port}", (addr, port)
+        assert e.connect(addr, 443, "udp")["banner"] == "net-udp:443"
+    assert e.dns(topology.net_ip)["answers"] == [topology.net_ip]
+    for fam in (4, 6):  # only our nat chain: filter (lock, policies) untouched
+        assert significant(save(topology, fam)).startswith("*nat\n"), save(topology, fam)
+        assert "SECURE_PROXY_NAT" in save(topology, fam) and "--dport 53" not in save(topology, fam)
+
+
+def test_levels_move_both_ways_and_remove_gives_back_exactly_what_was_there(
+    topology, staged_source, tmp_path
+):
+    e = Env(topology, staged_source, tmp_path)
+    _docker_output(topology, staged_source)
+    # Someone else's INPUT policy and rules: they must be what remove gives back.
+    for rule in (["-A", "INPUT", "-i", "lo", "-j", "ACCEPT"], ["-P", "INPUT", "DROP"]):
+        topology.box_run(["iptables-legacy", *rule], check=True)
+    before = (significant(save(topology, 4)), significant(save(topology, 6)))
+    full = _policy_file(tmp_path, "full", Mode.ENFORCE, True)
+    log = _policy_file(tmp_path, "log", Mode.ALLOW_ALL, True)
+    off = _policy_file(tmp_path, "off", Mode.ALLOW_ALL, False)
+    guard = ("--dns-guard-port", "58053")
+
+    def verify(policy: str) -> int:
+        return e.firewall("verify", "--proxy-user", str(PROXY_UID), "--policy", policy, *guard)
+
+    assert e.apply("--policy", full, *guard).returncode == 0
+    assert verify(full).returncode == 0
+    assert ":OUTPUT DROP" in save(topology, 4) and "--to-ports 58053" in save(topology, 4)
+    # Down to the log level: the lock goes, the policies we set come back.
+    assert e.apply("--policy", log, *guard).returncode == 0
+    v4 = save(topology, 4)
+    assert "SECURE_PROXY_OUT" not in v4 and "SECURE_PROXY_IN" not in v4
+    assert ":OUTPUT ACCEPT" in v4 and ":INPUT DROP" in v4
+    assert "SECURE_PROXY_NAT" in v4 and "--to-ports 58053" not in v4
+    assert verify(log).returncode == 0 and verify(full).returncode == 1
+    # Off: nothing of ours, exactly what was there before.
+    r = e.apply("--policy", off, *guard)
+    assert r.returncode == 0, r.stderr
+    assert (significant(save(topology, 4)), significant(save(topology, 6))) == before
+    assert not (tmp_path / "firewall.verified").exists()
+    # Up again, then `remove`.
+    assert e.apply("--policy", full, *guard).returncode == 0
+    assert (tmp_path / "firewall.policies.json").is_file()
+    r = e.firewall("remove", "--proxy-user", str(PROXY_UID))
+    assert r.returncode == 0, r.stderr
+    assert (significant(save(topology, 4)), significant(save(topology, 6))) == before
+    assert not (tmp_path / "firewall.verified").exists()
+    assert not (tmp_path / "firewall.policies.json").exists()
+    r = e.firewall("remove", "--proxy-user", str(PROXY_UID))  # nothing left to remove
+    assert r.returncode == 0, r.stderr
+    assert (significant(save(topology, 4)), significant(save(topology, 6))) == before

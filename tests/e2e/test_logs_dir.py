@@ -168,7 +168,11 @@ def _processes_with(token: str) -> list[str]:
     return found
 
 
+LOG_ONLY = {"enabled": False, "log_to_file": True}  # a log to hand over, no lock needed
+
+
 def test_background_processes_of_the_command_die_before_the_hand_over(project, env):
+    write_config(project, LOG_ONLY, state=env["XDG_STATE_HOME"])
     token = "forger-" + secrets.token_hex(4)
     out = project / "out"
     out.mkdir()
@@ -219,6 +223,7 @@ echo DONE
 
 
 def test_hand_over_gives_only_the_runtimes_files_to_the_host_user(project, env, tmp_path):
+    write_config(project, LOG_ONLY, state=env["XDG_STATE_HOME"])
     target = victim(project)
     before = snapshot(target)
     logs = tmp_path / "chosen" / "logs"  # --logs-dir, created by the CLI

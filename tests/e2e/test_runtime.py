@@ -49,12 +49,22 @@ def project() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+FIREWALL = ["/opt/secure-proxy/venv/bin/secure-proxy-firewall"]
+# As supervisor.d/firewall.conf runs it.
+FIREWALL_ARGS = [
+    *("--proxy-user", "proxy-user", "--policy", "/run/secure-proxy/policy.json"),
+    *("--dns-guard-port", "58053"),
+]
+
+
 def curl(url: str) -> str:
     return f"curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 5 {url}"
 
 
 def traffic(project: Path) -> list[dict]:
     log = host_logs(project) / "traffic.jsonl"
+    if not log.exists():
+        return []
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
@@ -89,15 +99,13 @@ def test_first_request_is_judged_v4_and_v6(internet, project):
         assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid()), path
 
 
-def test_no_config_allow_all_nothing_logged_host_untouched(internet, project):
+def test_no_config_leaves_the_host_untouched(internet, project):
     watched = [Path("/etc/passwd"), Path("/etc/group"), Path("/etc/ssl/certs/ca-certificates.crt")]
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in watched}
     sandboxes_before = {n for n in os.listdir("/run/netns") if n.startswith("spsbx-")}
-    r = run_cli(project, ["--", *sh(curl("https://evil.test/") + "; id -un")], internet)
+    r = run_cli(project, ["--", *sh("id -un")], internet)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["200", "appuser"], (r.stdout, r.stderr)
-    assert "[Network] No config found, using allow-all defaults" in r.stderr
-    assert "Rules DISABLED (allow-all mode, log_to_file: false)" in r.stderr
+    assert r.stdout.split() == ["appuser"], (r.stdout, r.stderr)
     assert traffic(project) == []
     after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in watched}
     assert before == after
@@ -202,14 +210,7 @@ def test_interceptor_restart_and_kill9_fail_closed_then_recover(internet, projec
         assert s.root(["iptables-legacy-save", "-t", "nat"]).stdout.count("-A") == fw_before.count(
             "-A"
         )
-        verify = s.root(
-            [
-                "/opt/secure-proxy/venv/bin/secure-proxy-firewall",
-                "verify",
-                "--proxy-user",
-                "proxy-user",
-            ]
-        )
+        verify = s.root([*FIREWALL, "verify", *FIREWALL_ARGS])
         assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
@@ -352,6 +353,7 @@ def test_logguard_repairs_owner_and_mode_within_a_second(internet, project):
 
 
 def test_without_net_admin_the_firewall_fails_closed_with_a_clear_message(project):
+    write_config(project, enforce("api.github.com"))
     r = run_cli(project, ["--cap-drop", "NET_ADMIN", "--", "echo", "SHOULD-NOT-RUN"])
     assert r.returncode == 1
     assert "SHOULD-NOT-RUN" not in r.stdout
@@ -374,6 +376,27 @@ def test_sigterm_to_the_cli_reaches_the_command_and_its_code_comes_back(project)
         assert s.wait(timeout=10) == 7
         # well within docker stop's 10 s grace, shutdown of the services included
         assert time.monotonic() - t0 < 8
+
+
+def test_sigterm_during_start_up_aborts_it_cleanly(internet, project):
+    """A signal before the command exists ends the start-up at the next phase: the
+    command never runs, supervisord and its services are stopped, the code is 128+N."""
+    write_config(project, enforce("api.github.com"))
+    args = ["--", "echo", "SHOULD-NOT-RUN"]
+    with Session(project, args, internet, env={"SECURE_PROXY_TRACE": "1"}) as s:
+        deadline = time.monotonic() + 30
+        while "supervisord started" not in s.stderr:
+            assert time.monotonic() < deadline, s.stderr
+            time.sleep(0.02)
+        assert s.proc is not None
+        s.proc.send_signal(15)
+        assert s.wait(timeout=15) == 128 + 15, s.stderr
+        stdout = []
+        while (line := s.next_line(timeout=5)) is not None:
+            stdout.append(line)
+    assert "SHOULD-NOT-RUN" not in stdout
+    assert "command exited" not in s.stderr
+    assert "supervisord stopped" in s.stderr, s.stderr
 
 
 def test_global_config_is_used_without_a_repo_config(internet, project, tmp_path):

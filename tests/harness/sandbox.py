@@ -267,6 +267,8 @@ import json, ssl, sys, time, urllib.request, urllib.error
 urls = sys.argv[1].split(",")
 period = float(sys.argv[2]); total = float(sys.argv[3])
 ctx = ssl.create_default_context()
+for extra in sys.argv[4:]:
+    ctx.load_verify_locations(extra)
 end = time.monotonic() + total
 print("LOOP-START", flush=True)
 while time.monotonic() < end:
@@ -285,8 +287,68 @@ while time.monotonic() < end:
 """
 
 
-def request_loop(urls: Sequence[str], period: float = 0.1, total: float = 20) -> list[str]:
-    return [python_bin(), "-c", REQUEST_LOOP, ",".join(urls), str(period), str(total)]
+def request_loop(
+    urls: Sequence[str], period: float = 0.1, total: float = 20, extra_ca: str | None = None
+) -> list[str]:
+    """argv printing one JSON line per request. extra_ca: a CA file trusted besides the
+    default store (e.g. /ca/upstream-ca.pem, for requests that meet no interceptor)."""
+    argv = [python_bin(), "-c", REQUEST_LOOP, ",".join(urls), str(period), str(total)]
+    return argv + ([extra_ca] if extra_ca else [])
+
+
+def sandbox_nameservers() -> list[str]:
+    """The resolvers a sandbox asks: its resolv.conf is the host's (the sandbox's root
+    is an overlay of /). Loopback ones are unreachable from its network namespace."""
+    from firewall.ruleset import parse_resolv_conf, split_nameservers
+
+    v4, v6 = split_nameservers(parse_resolv_conf(Path("/etc/resolv.conf").read_text()))
+    return v4 + v6
+
+
+class Resolver:
+    """The test DNS server on the net host, at the addresses the sandbox's resolv.conf
+    names: every query that leaves a sandbox lands here (inside the test namespaces,
+    never at the machine's resolver), one record per query in `seen`."""
+
+    def __init__(self, proc: subprocess.Popen[str], addresses: list[str]) -> None:
+        self.proc = proc
+        self.addresses = addresses
+        self.seen: queue.Queue[dict[str, Any]] = queue.Queue()
+
+        def pump() -> None:
+            assert proc.stdout
+            for line in proc.stdout:
+                self.seen.put(json.loads(line))
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    @classmethod
+    def start(cls, topo: Topology, records: Mapping[str, list[str]], source_path: str) -> Resolver:
+        addresses = sandbox_nameservers()
+        if not addresses:
+            raise RuntimeError(
+                "/etc/resolv.conf names no resolver outside loopback: a sandbox's DNS "
+                "cannot be observed on the net host; add a nameserver line"
+            )
+        for address in addresses:
+            topo.add_address(address)
+        args = [arg for a in addresses for arg in ("--bind", a)]
+        args += ["--records", json.dumps(records)]
+        proc = topo.net_popen(
+            [python_bin(), "-m", "tests.harness.dns", "serve", *args],
+            env={"PYTHONPATH": source_path},
+            text=True,
+        )
+        assert proc.stdout and proc.stdout.readline().strip() == "READY"
+        return cls(proc, addresses)
+
+    def names(self, wait: float = 0.5) -> list[str]:
+        """Names asked since the last call (after `wait` seconds for stragglers)."""
+        time.sleep(wait)
+        out = []
+        while not self.seen.empty():
+            out.append(self.seen.get()["name"])
+        return out
 
 
 def sh(script: str) -> list[str]:
@@ -327,6 +389,7 @@ def enforce(*hosts: str) -> dict[str, Any]:
 
 __all__ = [
     "Internet",
+    "Resolver",
     "Session",
     "client_script",
     "enforce",

@@ -256,8 +256,14 @@ def test_no_config_is_allow_all_without_a_log_and_the_exit_code_comes_back(
     image: str, net: Topology, project: Path, env: dict[str, str]
 ) -> None:
     url = f"https://{BLOCKED}/anything"
-    script = f"python3 -c {shlex.quote(FETCH)} {url}; [ -t 0 ] || echo NO-TTY; exit 7"
-    result = run_cli(cli_argv(image, net, ["sh", "-c", script]), project, env)
+    # Untouched: the request meets the upstream's own certificate (trusted here by
+    # the test CA alone), and the container needs no NET_ADMIN.
+    ca = paths.CONTAINER_UPSTREAM_CA
+    script = (
+        f"SSL_CERT_FILE={ca} python3 -c {shlex.quote(FETCH)} {url}; [ -t 0 ] || echo NO-TTY; exit 7"
+    )
+    argv = cli_argv(image, net, ["sh", "-c", script], drop_net_caps_args())
+    result = run_cli(argv, project, env)
     assert result.returncode == 7, result.stderr
     status, body = results(result.stdout)[url]
     assert status == "200", body
@@ -445,8 +451,8 @@ def test_image_metadata(image_info: dict) -> None:
     assert config["Entrypoint"] == ["/usr/local/bin/secure-proxy-init"]
     assert not config.get("Cmd"), "init picks the command: Copilot CLI when present, else bash"
     health = image_info.get("Healthcheck") or config.get("Healthcheck") or {}
-    marker = str(paths.interceptor_marker())  # the default, as in the container
-    assert marker in health.get("Test", []), (marker, health)
+    for marker in (paths.interceptor_marker(), paths.firewall_marker()):  # the defaults
+        assert str(marker) in " ".join(health.get("Test", [])), (marker, health)
     env = dict(e.split("=", 1) for e in config.get("Env") or [])
     assert "DEBIAN_FRONTEND" not in env, "build-time settings must not reach the user's shell"
     labels = config.get("Labels") or {}

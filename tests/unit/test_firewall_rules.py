@@ -11,10 +11,14 @@ from firewall.ruleset import (
     FILTER_CHAIN,
     INBOUND_CHAIN,
     NAT_CHAIN,
+    OUR_CHAINS,
+    LockLevel,
     build_ruleset,
+    lock_level,
     parse_resolv_conf,
     split_nameservers,
 )
+from runtime.core.policy import Mode, Policy, make_rule
 
 
 def rules(rs, family, table):
@@ -198,3 +202,60 @@ def test_capability_check():
             check_capabilities(_status(caps))
         assert str(e.value).startswith(CAPS_FIX)
         assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------- lock levels
+
+
+def _policy(mode: Mode, log: bool) -> Policy:
+    rules = [make_rule("example.com", (), None)] if mode is not Mode.ALLOW_ALL else []
+    return Policy.build(mode, log, rules, "test")
+
+
+@pytest.mark.parametrize(
+    ("mode", "log", "level"),
+    [
+        (Mode.ALLOW_ALL, False, LockLevel.NONE),
+        (Mode.ALLOW_ALL, True, LockLevel.INTERCEPT),
+        (Mode.ENFORCE, False, LockLevel.FULL),
+        (Mode.ENFORCE, True, LockLevel.FULL),
+        (Mode.MONITOR, True, LockLevel.FULL),
+    ],
+)
+def test_the_level_follows_the_compiled_policy(mode, log, level):
+    assert lock_level(_policy(mode, log)) is level
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+def test_intercept_level_is_the_web_redirect_alone(fam):
+    rs = build_ruleset(999, 58080, ["198.18.0.1"], dns_port=58053, level=LockLevel.INTERCEPT)
+    spec = rs.family(fam)
+    assert [(t.table, t.chain, t.hook_policy) for t in spec.tables] == [("nat", NAT_CHAIN, None)]
+    assert [r.render() for r in spec.tables[0].rules] == [
+        "-o lo -j RETURN",
+        "-p tcp -m tcp --dport 80 -m owner ! --uid-owner 999 -j REDIRECT --to-ports 58080",
+        "-p tcp -m tcp --dport 443 -m owner ! --uid-owner 999 -j REDIRECT --to-ports 58080",
+    ]
+    # No lock, no DNS guard: the filter chains must not be there.
+    assert [(c.table, c.chain) for c in spec.absent] == [
+        ("filter", FILTER_CHAIN),
+        ("filter", INBOUND_CHAIN),
+    ]
+    assert rs.dns_port is None
+
+
+def test_none_level_has_no_rule_and_every_chain_of_ours_absent():
+    rs = build_ruleset(999, 58080, ["198.18.0.1"], level=LockLevel.NONE)
+    for fam in (4, 6):
+        assert rs.family(fam).tables == ()
+        assert rs.family(fam).absent == OUR_CHAINS
+
+
+def test_full_level_leaves_nothing_absent_and_redirects_dns_first():
+    rs = build_ruleset(999, 58080, ["198.18.0.1"], dns_port=58053)
+    assert rs.level is LockLevel.FULL and rs.family(4).absent == ()
+    nat = rules(rs, 4, "nat")
+    assert nat[:2] == [
+        "-p udp -m udp --dport 53 -m owner ! --uid-owner 999 -j REDIRECT --to-ports 58053",
+        "-p tcp -m tcp --dport 53 -m owner ! --uid-owner 999 -j REDIRECT --to-ports 58053",
+    ]

@@ -10,6 +10,8 @@ import stat
 import pytest
 
 from runtime.container import logguard
+from runtime.container.session import Session
+from runtime.resolve import BUILT_IN
 
 
 @pytest.fixture
@@ -59,9 +61,14 @@ def test_symlink_in_place_of_the_log_is_replaced_not_followed(guard_env):
 
 
 def _session(guard_env, puid: int = 501, pgid: int = 20) -> None:
-    run = guard_env / "run"
-    run.mkdir(exist_ok=True)
-    (run / "session.json").write_text(json.dumps({"puid": puid, "pgid": pgid}))
+    Session(BUILT_IN, None, None, puid, pgid, puid or 1000, pgid or 1000).write()
+
+
+def test_no_session_file_means_no_hand_over(guard_env):
+    logguard.check_once(4242, 4242)
+    with pytest.raises(logguard.HandOverError, match=r"session\.json"):
+        logguard.hand_over()
+    assert mode_owner(guard_env / "logs")[1:] == (4242, 4242)
 
 
 def test_hand_over_gives_the_dir_and_the_log_to_puid_pgid_and_nothing_else(guard_env):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.container.init import SetupFailed, app_ids
+from runtime.container.console import SetupFailed
+from runtime.container.users import app_ids
 
 
 def test_root_maps_to_1000() -> None:

@@ -1,0 +1,130 @@
+"""The container's CA, one owner: the init makes it, publishes its certificate and
+trusts it; the interceptor only loads it.
+
+A fresh CA per container start, made in the interceptor's confdir before the
+interceptor starts: clients' trust (update-ca-certificates, the slowest start-up
+step) then runs while the firewall and the interceptor come up, instead of after.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from runtime import paths
+from runtime.container.console import SetupFailed, say
+
+CA_KEY_SIZE = 2048  # mitmproxy's default key_size
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
+
+
+def make_ca(owner: tuple[int, int]) -> bytes:
+    """A new CA in the confdir (key 0600, owned by `owner`, proxy-user), its
+    certificate published at paths.ca_cert(). Returns the certificate (PEM)."""
+    from mitmproxy.certs import CertStore  # cryptography: imported only here
+
+    confdir = paths.confdir()
+    confdir.mkdir(parents=True, exist_ok=True)
+    os.chown(confdir, *owner)
+    os.chmod(confdir, 0o700)
+    for old in confdir.glob(f"{paths.CA_BASENAME}-*"):
+        old.unlink()
+    old_umask = os.umask(0o077)
+    try:
+        CertStore.create_store(confdir, paths.CA_BASENAME, CA_KEY_SIZE)
+    finally:
+        os.umask(old_umask)
+    for made in confdir.glob(f"{paths.CA_BASENAME}-*"):
+        os.chown(made, *owner)
+        os.chmod(made, 0o600 if made.name == paths.CA_KEY_NAME else 0o644)
+    pem = (confdir / paths.CA_CERT_NAME).read_bytes()
+    published = paths.ca_cert()
+    published.parent.mkdir(parents=True, exist_ok=True)
+    published.write_bytes(pem)
+    os.chmod(published, 0o644)
+    return pem
+
+
+def check_published_ca(pem: bytes) -> None:
+    """The interceptor serves the CA the clients were told to trust: the confdir
+    still holds it, and the published certificate is still it."""
+    for where in (paths.confdir() / paths.CA_CERT_NAME, paths.ca_cert()):
+        try:
+            same = where.read_bytes().strip() == pem.strip()
+        except OSError:
+            same = False
+        if not same:
+            raise SetupFailed(
+                f"the interceptor uses a CA ({where}) other than the one trusted; "
+                f"see {paths.component_log('interceptor')}"
+            )
+
+
+def trust_ca(uid: int, gid: int, pem: bytes) -> dict[str, str]:
+    """The container's CA for every common client. Returns env vars for the command.
+
+    NODE_EXTRA_CA_CERTS names the published certificate (Node reads it only at start).
+    """
+    bundle = paths.system_ca_bundle()
+    trusted = False
+    target = paths.system_ca_file()
+    if shutil.which("update-ca-certificates"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(pem)
+        os.chmod(target, 0o644)
+        result = subprocess.run(
+            ["update-ca-certificates"], capture_output=True, text=True, check=False
+        )
+        trusted = result.returncode == 0 and pem.strip() in bundle.read_bytes()
+    if not trusted:
+        # No ca-certificates tooling: a bundle of our own, system roots + our CA.
+        own = paths.run_dir() / "ca-bundle.pem"
+        base = bundle.read_bytes() if bundle.is_file() else b""
+        own.write_bytes(base.rstrip(b"\n") + b"\n" + pem)
+        os.chmod(own, 0o644)
+        bundle = own
+    env = {
+        "NODE_EXTRA_CA_CERTS": str(paths.ca_cert()),
+        "SSL_CERT_FILE": str(bundle),
+        "REQUESTS_CA_BUNDLE": str(bundle),
+        "PIP_CERT": str(bundle),
+        "CURL_CA_BUNDLE": str(bundle),
+    }
+    if (
+        any(shutil.which(b) for b in BROWSERS)
+        or Path("/ms-playwright").is_dir()
+        or os.environ.get("PLAYWRIGHT_BROWSERS_PATH")
+    ):
+        trust_nss(paths.ca_cert(), uid, gid)
+    return env
+
+
+def trust_nss(ca: Path, uid: int, gid: int) -> None:
+    """Browsers read their own NSS database, not the system store."""
+    certutil = shutil.which("certutil")
+    if not certutil:
+        say(
+            "[Network] A browser is installed but certutil (libnss3-tools) is not: browsers "
+            "will not trust the proxy CA; install libnss3-tools in the image"
+        )
+        return
+    db = paths.CONTAINER_HOME / ".pki" / "nssdb"
+    as_user = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
+    db.parent.mkdir(parents=True, exist_ok=True)
+    os.chown(db.parent, uid, gid)
+    if not db.exists():
+        db.mkdir()
+        os.chown(db, uid, gid)
+        subprocess.run(
+            [*as_user, certutil, "-d", f"sql:{db}", "-N", "--empty-password"],
+            capture_output=True,
+            check=False,
+        )
+    add = ["-A", "-t", "C,,", "-n", "secure-proxy", "-i", str(ca)]
+    subprocess.run(
+        [*as_user, certutil, "-d", f"sql:{db}", *add],
+        capture_output=True,
+        check=False,
+    )

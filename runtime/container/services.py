@@ -1,0 +1,104 @@
+"""Which services run at each firewall level, and the move from one level to another.
+
+    level (firewall.ruleset)   firewall   interceptor   dnsguard
+    none       (inactive)      -          -             -
+    intercept  (log only)      yes        yes           -
+    full       (rules)         yes        yes           yes
+
+The log guard and the reloader run whenever supervisord does. supervisord runs
+when the level is not none, or when the config is writable: then the reloader
+may raise the level during the run, and lower it again (switch()).
+
+supervisord.conf's programs take `autostart` from the SECURE_PROXY_START_<NAME>
+variables the init gives it (autostart_env()), so one set of program files
+serves every level.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from firewall.level import LockLevel
+from runtime import paths
+from runtime.container import supervisor
+from runtime.container.console import SetupFailed
+
+FIREWALL_TIMEOUT = float(os.environ.get("SECURE_PROXY_FIREWALL_TIMEOUT", "30"))
+INTERCEPTOR_TIMEOUT = float(os.environ.get("SECURE_PROXY_INTERCEPTOR_TIMEOUT", "60"))
+DNSGUARD_TIMEOUT = float(os.environ.get("SECURE_PROXY_DNSGUARD_TIMEOUT", "30"))
+
+#: every program of supervisor.d, in start order
+PROGRAMS = ("firewall", "logguard", "dnsguard", "interceptor", "reloader")
+
+#: the long-running network services of each level (the firewall is a one-shot)
+SERVICES: dict[LockLevel, tuple[str, ...]] = {
+    LockLevel.NONE: (),
+    LockLevel.INTERCEPT: ("interceptor",),
+    LockLevel.FULL: ("dnsguard", "interceptor"),
+}
+
+
+def autostart_env(level: LockLevel) -> dict[str, str]:
+    """SECURE_PROXY_START_<PROGRAM>=true|false for supervisord.conf's `autostart`."""
+    on = {"logguard", "reloader", *SERVICES[level]}
+    if level is not LockLevel.NONE:
+        on.add("firewall")
+    return {f"SECURE_PROXY_START_{name.upper()}": str(name in on).lower() for name in PROGRAMS}
+
+
+def component(name: str) -> supervisor.Component:
+    """What readiness means for one program: its marker."""
+    if name == "firewall":
+        return supervisor.Component(name, paths.firewall_marker(), FIREWALL_TIMEOUT, True)
+    if name == "interceptor":
+        return supervisor.Component(name, paths.interceptor_marker(), INTERCEPTOR_TIMEOUT, False)
+    if name == "dnsguard":
+        return supervisor.Component(name, paths.dnsguard_marker(), DNSGUARD_TIMEOUT, False)
+    raise ValueError(f"no readiness marker for {name}")
+
+
+def readiness(level: LockLevel) -> list[supervisor.Component]:
+    """What the command waits for at start: the verified lock and every service."""
+    if level is LockLevel.NONE:
+        return []
+    return [component("firewall"), *(component(name) for name in SERVICES[level])]
+
+
+def signal_services(level: LockLevel) -> list[str]:
+    """SIGHUP to the level's services: they re-read policy.json. Returns the failures
+    (a service that cannot be signalled loads the policy when it next starts)."""
+    failed = []
+    for name in SERVICES[level]:
+        try:
+            supervisor.signal_process(name, "HUP")
+        except supervisor.RPC_ERRORS as exc:
+            failed.append(f"{name}: {exc}")
+    return failed
+
+
+def switch(old: LockLevel, new: LockLevel) -> None:
+    """From one level to another, after policy.json changed. Raises SetupFailed.
+
+    New services start (and are ready) before the firewall sends traffic to them;
+    the firewall is re-applied at the new level (it reads the level from
+    policy.json; at none it removes our chains); services the new level does not
+    use stop after the firewall no longer sends them anything. So the command's
+    traffic meets the new level from the moment the firewall is applied.
+    """
+    starting = [name for name in SERVICES[new] if name not in SERVICES[old]]
+    for name in starting:
+        supervisor.start_program(name)
+    supervisor.wait_ready([component(name) for name in starting], time.sleep)
+    staying = [name for name in SERVICES[new] if name in SERVICES[old]]
+    for name in staying:
+        supervisor.signal_process(name, "HUP")
+    why = supervisor.run_once("firewall", FIREWALL_TIMEOUT)
+    if why is not None:
+        raise SetupFailed(
+            f"the firewall could not move to level {new.value}: {why} "
+            f"(log: {paths.component_log('firewall')})"
+        )
+    for name in SERVICES[old]:
+        if name not in SERVICES[new]:
+            supervisor.stop_program(name)

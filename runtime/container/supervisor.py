@@ -1,0 +1,248 @@
+"""supervisord as the init and the reloader use it: start, readiness, RPC, stop.
+
+supervisord gives its children pipes and always exits 0, so it only manages the
+services; the init owns the terminal and the exit code. It runs in a session of
+its own with stdin /dev/null, and its socket is root's (supervisord.conf).
+Readiness is a marker file per component, never a timing: `priority` only orders
+the starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import xmlrpc.client
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runtime import paths
+from runtime.container.console import SetupFailed, say
+from runtime.container.leftovers import reap_zombies
+from runtime.container.signals import unblock
+
+STOP_TIMEOUT = 8.0
+RPC_ERRORS = (OSError, xmlrpc.client.Fault, xmlrpc.client.ProtocolError)
+
+
+def rpc() -> Any:
+    """The supervisord XML-RPC client, over its unix socket (root only)."""
+    from supervisor.xmlrpc import SupervisorTransport
+
+    url = f"unix://{paths.supervisor_socket()}"
+    return xmlrpc.client.ServerProxy(
+        "http://127.0.0.1", transport=SupervisorTransport(None, None, url)
+    ).supervisor
+
+
+def process_info(name: str) -> dict[str, Any] | None:
+    """supervisord's view of one program, None when supervisord does not answer."""
+    try:
+        return rpc().getProcessInfo(name)
+    except RPC_ERRORS:
+        return None
+
+
+def signal_process(name: str, signame: str) -> None:
+    """Signal a program through supervisord (it knows the pid, also across restarts).
+    Raises one of RPC_ERRORS when that fails."""
+    rpc().signalProcess(name, signame)
+
+
+ALREADY_STARTED = 60  # supervisor.xmlrpc.Faults
+NOT_RUNNING = 70
+
+
+def start_program(name: str) -> None:
+    """Start a program (no-op when it runs); its readiness is its marker, not this."""
+    try:
+        rpc().startProcess(name, False)
+    except xmlrpc.client.Fault as exc:
+        if exc.faultCode != ALREADY_STARTED:
+            raise
+
+
+def stop_program(name: str) -> None:
+    """Stop a program and wait until it has (no-op when it does not run)."""
+    try:
+        rpc().stopProcess(name, True)
+    except xmlrpc.client.Fault as exc:
+        if exc.faultCode != NOT_RUNNING:
+            raise
+
+
+def run_once(name: str, timeout: float) -> str | None:
+    """Run a one-shot program (the firewall) to its end: None when it exited 0,
+    else why not (with the last line of its log)."""
+    start_program(name)  # spawned when this returns: the states below are this run's
+    deadline = time.monotonic() + timeout
+    while True:
+        info = rpc().getProcessInfo(name)
+        state = info.get("statename")
+        if state == "EXITED" and info.get("exitstatus") == 0:
+            return None
+        if state not in ("STARTING", "RUNNING"):
+            last = tail(paths.component_log(name), 1)
+            return last[0] if last else f"{state}, exit status {info.get('exitstatus')}"
+        if time.monotonic() > deadline:
+            return f"still running after {timeout:.0f} s"
+        time.sleep(0.05)
+
+
+def tail(path: Path, lines: int = 5) -> list[str]:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    return [line for line in text.splitlines() if line.strip()][-lines:]
+
+
+def start(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    conf = paths.supervisor_conf()
+    if not conf.is_file():
+        raise SetupFailed(
+            f"{conf} is missing: the runtime is not installed (run secure-proxy-install)"
+        )
+    out = open(paths.component_log("supervisord-stdout"), "ab")  # noqa: SIM115
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "supervisor.supervisord", "-c", str(conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+            preexec_fn=unblock,
+        )
+    finally:
+        out.close()
+
+
+@dataclass(frozen=True)
+class Component:
+    """A program the command waits for: ready when its marker exists."""
+
+    name: str  # the supervisord program
+    marker: Path
+    timeout: float
+    one_shot: bool  # exits when done (the firewall): an exit without the marker fails
+
+    @property
+    def log(self) -> Path:
+        return paths.component_log(self.name)
+
+    def failure(self, info: dict[str, Any] | None) -> str | None:
+        """Why it cannot become ready, from supervisord's state; None while it may."""
+        state = (info or {}).get("statename")
+        if self.one_shot and state in ("EXITED", "FATAL", "BACKOFF"):
+            last = tail(self.log, 1)
+            return (
+                f"The {self.name} could not lock the network: "
+                + (last[0] if last else f"exit status {(info or {}).get('exitstatus')}")
+                + f"\nThe command was not started (fail closed). Log: {self.log}"
+            )
+        if not self.one_shot and state == "FATAL":
+            return (
+                f"The {self.name} failed to start (gave up after retries); the command "
+                f"was not started. Log: {self.log}\n" + "\n".join(tail(self.log))
+            )
+        return None
+
+    def too_slow(self) -> str:
+        if self.one_shot:
+            return (
+                f"The {self.name} did not report a verified lock within {self.timeout:.0f} s; "
+                f"the command was not started. Log: {self.log}"
+            )
+        return (
+            f"The {self.name} was not ready within {self.timeout:.0f} s; the command was "
+            f"not started. Log: {self.log}\n" + "\n".join(tail(self.log))
+        )
+
+
+def wait_ready(
+    components: Sequence[Component],
+    pause: Callable[[float], None],
+    sup: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Every component's marker, or a clear failure (fail closed: the command waits).
+
+    `pause` waits between polls (the init's: it also takes an aborting signal);
+    `sup`, when the caller started supervisord, is watched too.
+    """
+    start_time = time.monotonic()
+    pending = list(components)
+    while pending:
+        if sup is not None and sup.poll() is not None:
+            raise SetupFailed(
+                "supervisord exited during startup; see "
+                f"{paths.component_log('supervisord')}\n"
+                + "\n".join(tail(paths.component_log("supervisord-stdout")))
+            )
+        elapsed = time.monotonic() - start_time
+        for component in list(pending):
+            if component.marker.exists():
+                pending.remove(component)
+                continue
+            why = component.failure(process_info(component.name))
+            if why and component.marker.exists():  # it finished between the two looks
+                pending.remove(component)
+                continue
+            if why:
+                raise SetupFailed(why)
+            if elapsed > component.timeout:
+                raise SetupFailed(component.too_slow())
+        if pending:
+            pause(0.05)
+
+
+def stop(sup: subprocess.Popen[bytes] | None, reaped: dict[int, int]) -> None:
+    """SIGTERM supervisord (it stops its programs), SIGKILL its group if it lingers."""
+    if sup is None or sup.pid in reaped:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(sup.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while time.monotonic() < deadline:
+        reap_zombies(reaped)
+        if sup.pid in reaped:
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(sup.pid, signal.SIGKILL)
+    reap_zombies(reaped)
+
+
+class CrashWatch(threading.Thread):
+    """Tells the user once if the interceptor keeps crashing (traffic stays blocked)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="crash-watch", daemon=True)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        starts: list[float] = []
+        last_pid = None
+        while not self.stop.wait(1.0):
+            info = process_info("interceptor")
+            if info is None:
+                continue
+            pid = info.get("pid") or None
+            if pid and pid != last_pid:
+                if last_pid is not None:
+                    starts.append(time.monotonic())
+                last_pid = pid
+            recent = [t for t in starts if time.monotonic() - t < 60]
+            if info.get("statename") in ("FATAL", "BACKOFF") or len(recent) >= 3:
+                say(
+                    f"\n[Network] The interceptor keeps crashing (see "
+                    f"{paths.component_log('interceptor')}); outbound web traffic stays "
+                    "blocked until it recovers."
+                )
+                return
