@@ -157,7 +157,7 @@ def session_file() -> Path:
 
 
 def system_ca_file() -> Path:
-    """Where init drops the CA for update-ca-certificates."""
+    """Where the init also drops the CA, so a later update-ca-certificates keeps it."""
     return _path("SECURE_PROXY_SYSTEM_CA", "/usr/local/share/ca-certificates/secure-proxy-ca.crt")
 
 

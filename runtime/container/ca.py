@@ -2,8 +2,8 @@
 trusts it; the interceptor only loads it.
 
 A fresh CA per container start, made in the interceptor's confdir before the
-interceptor starts: clients' trust (update-ca-certificates, the slowest start-up
-step) then runs while the firewall and the interceptor come up, instead of after.
+interceptor starts: clients' trust (writing the system bundle) then runs while
+the firewall and the interceptor come up, instead of after.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from runtime import paths
+from runtime import fsutil, paths
 from runtime.container.console import SetupFailed, say
 
 CA_KEY_SIZE = 2048  # mitmproxy's default key_size
@@ -65,26 +65,33 @@ def check_published_ca(pem: bytes) -> None:
 def trust_ca(uid: int, gid: int, pem: bytes) -> dict[str, str]:
     """The container's CA for every common client. Returns env vars for the command.
 
-    NODE_EXTRA_CA_CERTS names the published certificate (Node reads it only at start).
+    The system bundle the clients read (OpenSSL, curl, git, Python's ssl) is
+    written directly: the image's own bundle (kept pristine beside it on the first
+    start, so a restart never stacks old CAs) plus ours, replaced
+    atomically. No update-ca-certificates: it rebuilds every hash link and runs
+    its hooks (a Java keystore among them), the slowest step of the start. The
+    certificate is also dropped where update-ca-certificates looks, so a later
+    run of it by the user keeps trusting us. NODE_EXTRA_CA_CERTS names the
+    published certificate (Node reads it only at start).
     """
     bundle = paths.system_ca_bundle()
-    trusted = False
-    target = paths.system_ca_file()
-    if shutil.which("update-ca-certificates"):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(pem)
-        os.chmod(target, 0o644)
-        result = subprocess.run(
-            ["update-ca-certificates"], capture_output=True, text=True, check=False
-        )
-        trusted = result.returncode == 0 and pem.strip() in bundle.read_bytes()
-    if not trusted:
-        # No ca-certificates tooling: a bundle of our own, system roots + our CA.
-        own = paths.run_dir() / "ca-bundle.pem"
-        base = bundle.read_bytes() if bundle.is_file() else b""
-        own.write_bytes(base.rstrip(b"\n") + b"\n" + pem)
-        os.chmod(own, 0o644)
-        bundle = own
+    # Root's, beside the bundle (not in proxy-user's state): it decides what is trusted.
+    pristine = bundle.with_name(bundle.name + ".before-secure-proxy")
+    try:
+        if not pristine.is_file():
+            base = bundle.read_bytes() if bundle.is_file() else b""
+            fsutil.atomic_write(pristine, base, 0o644)
+        base = pristine.read_bytes()
+        data = (base.rstrip(b"\n") + b"\n" if base.strip() else b"") + pem
+        fsutil.atomic_write(bundle, data, 0o644)
+        dropped = paths.system_ca_file()
+        if dropped.parent.is_dir():
+            fsutil.atomic_write(dropped, pem, 0o644)
+    except OSError:
+        # A read-only /etc: a bundle of our own, the system roots plus our CA.
+        bundle = paths.run_dir() / "ca-bundle.pem"
+        base = paths.system_ca_bundle().read_bytes() if paths.system_ca_bundle().is_file() else b""
+        fsutil.atomic_write(bundle, base.rstrip(b"\n") + b"\n" + pem, 0o644)
     env = {
         "NODE_EXTRA_CA_CERTS": str(paths.ca_cert()),
         "SSL_CERT_FILE": str(bundle),
