@@ -42,7 +42,15 @@ from runtime import paths
 from runtime.container import logguard
 from runtime.core.config import ConfigError
 from runtime.core.policy import Mode
-from runtime.resolve import BUILT_IN, GLOBAL, REPO, Resolved, resolve, write_policy
+from runtime.resolve import (
+    BUILT_IN,
+    GLOBAL,
+    REPO,
+    Resolved,
+    resolve,
+    values_from_environ,
+    write_policy,
+)
 
 EXIT_SETUP = 1
 FIREWALL_TIMEOUT = float(os.environ.get("SECURE_PROXY_FIREWALL_TIMEOUT", "30"))
@@ -107,11 +115,16 @@ def describe(resolved: Resolved, host_log_dir: str | None = None) -> list[str]:
     if policy.log_to_file:
         where = f" (on the host: {host_log_dir.rstrip('/')}/traffic.jsonl)" if host_log_dir else ""
         out.append(f"[Network] Traffic log: {paths.traffic_log()}{where}")
+    note = resolved.repository_note()  # the {{GITHUB_OWNER}}/{{GITHUB_REPO}} rules
+    if note:
+        out.append(f"[Network] {note}")
     return out
 
 
 def compile_config() -> Resolved:
-    return resolve(paths.container_project_dir(), paths.CONTAINER_HOME)
+    # The project's GitHub repository, from the host's approved origin remote.
+    values = values_from_environ()
+    return resolve(paths.container_project_dir(), paths.CONTAINER_HOME, values=values)
 
 
 def digest(path: Path | None) -> str | None:

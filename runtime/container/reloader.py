@@ -24,7 +24,7 @@ from pathlib import Path
 
 from runtime import paths
 from runtime.core.config import ConfigError
-from runtime.resolve import compile_resolved, read_config, write_policy
+from runtime.resolve import compile_resolved, read_config, values_from_environ, write_policy
 
 DEBOUNCE_SECONDS = 0.1
 
@@ -92,7 +92,9 @@ class Reloader:
                 self.last_digest = None
                 return False
             try:
-                resolved = compile_resolved(self.kind, self.path, read_config(self.path))
+                config = read_config(self.path)
+                values = values_from_environ()  # as the init: the host's approved origin
+                resolved = compile_resolved(self.kind, self.path, config, values=values)
             except ConfigError as exc:
                 log(f"invalid edit, keeping the last good policy:\n{exc}")
                 self.last_digest = digest
