@@ -11,8 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from runtime.core.config import built_in_rules, placeholder_values
-from runtime.core.policy import Mode, Policy, Request
+from runtime.core.config import (
+    NetworkConfig,
+    built_in_rules,
+    compile_policy,
+    placeholder_values,
+    validate_config,
+)
+from runtime.core.explain import explain
+from runtime.core.policy import Mode, Policy, Request, suggested_rules
 from runtime.resolve import GITHUB_REPO_ENV, resolve, values_from_environ
 
 DEFAULTS = json.loads((Path(__file__).parents[2] / "config" / "defaults.json").read_text())
@@ -164,3 +171,54 @@ def test_user_rules_use_the_same_values(tmp_path: Path, share: Path) -> None:
     assert allowed(p, "GET", "example.com", "/octo-org/x")
     assert not allowed(p, "GET", "example.com", "/other/x")
     assert resolve(project, tmp_path / "home", share).policy.rules == ()
+
+
+# ---------------------------------------------------------------------------
+# The 403's fix, over the defaults: several rules per host, methods restricted
+
+NEEDED = [
+    ("GET", "api.github.com", "/copilot_internal/user"),
+    ("POST", "api.github.com", "/graphql"),
+    ("PATCH", "api.github.com", "/repos/octo-org/proj/issues/1"),
+    ("GET", "github.com", "/anyone/lib.git/info/refs"),
+    ("POST", "github.com", "/anyone/lib.git/git-upload-pack"),
+    ("POST", "github.com", "/octo-org/proj.git/git-receive-pack"),
+    ("POST", "github.com", "/login/oauth/access_token"),
+    ("HEAD", "ghcr.io", "/v2/org/image/manifests/latest"),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "host", "path"),
+    [
+        ("POST", "github.com", "/attacker/drop.git/git-receive-pack"),  # path, 4 rules
+        ("POST", "api.github.com", "/gists"),  # path, 3 rules
+        ("POST", "api.github.com", "/user"),  # method, its rule GET/HEAD only
+        ("PUT", "ghcr.io", "/v2/org/image/manifests/latest"),  # method, every path
+        ("GET", "evil.test", "/x/y"),  # host
+    ],
+)
+def test_the_suggested_fix_allows_the_request_and_keeps_the_defaults(
+    method: str, host: str, path: str
+) -> None:
+    values = placeholder_values("octo-org", "proj")
+    built_in = built_in_rules(DEFAULTS["allowed_rules"], values=values)
+    before = compile_policy(NetworkConfig(enabled=True, mode=Mode.ENFORCE), "cfg", built_in, values)
+    decision = before.decide(Request(method=method, path=path, sni=host, host_header=host))
+    assert decision.blocked
+    text = explain(decision, method, f"https://{host}{path}", "cfg")
+    rules = suggested_rules(decision)
+    listed = ", ".join(json.dumps(r) for r in rules)
+    assert listed in text  # the text gives exactly these rules
+    if decision.rule is not None and len(decision.host_rules) > 1:
+        assert f"{len(decision.host_rules)} rules, none allows it" in text or (
+            decision.reason.value == "method_not_allowed"
+        )
+    user = validate_config({"enabled": True, "mode": "enforce", "allowed_rules": rules}, "cfg")
+    after = compile_policy(user, "cfg", built_in, values)
+    assert allowed(after, method, host, path)
+    for needed in NEEDED:  # nothing the defaults allowed is lost
+        assert allowed(after, *needed), needed
+    # As narrow as the request: the same write elsewhere stays refused.
+    if method not in ("GET", "HEAD"):
+        assert not allowed(after, method, host, "/someone-else/x")
