@@ -22,7 +22,8 @@ the approvals, outside anything a container sees:
 The URL is read with `git config --get remote.origin.url` run in the project root
 (git handles worktrees, submodules, includes and quoting); no GIT_* variable of the
 caller's shell applies, and git never looks above the project. git runs no hook or
-configured command for `config --get`.
+configured command for `config --get`, so the project is read even when another user
+owns it (safe.directory=* for this one command).
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ from runtime.host.hoststate import ensure_private_dir, path_key
 from runtime.host.trust import APPROVALS, TRUST_COMMAND, visible
 
 RECORD_SUFFIX = ".github.json"
+ORIGIN_KEY = "remote.origin.url"
+# A project owned by another user (git's "dubious ownership") is still read: git guards
+# commands a repository's config could make it run, and `config --get` runs none.
+SAFE = ("-c", "safe.directory=*")
 GIT_TIMEOUT = 10.0
 NEW, TRUSTED, CHANGED, NARROWED = "new", "trusted", "changed", "narrowed"
 
@@ -120,7 +125,7 @@ def read_remote(project: Path) -> Remote:
     env["GIT_CEILING_DIRECTORIES"] = str(project.parent)  # never a repository above
     try:
         result = subprocess.run(
-            [git, "--no-pager", "-C", str(project), "config", "--get", "remote.origin.url"],
+            [git, "--no-pager", "-C", str(project), *SAFE, "config", "--get", ORIGIN_KEY],
             capture_output=True,
             text=True,
             errors="replace",

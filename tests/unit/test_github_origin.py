@@ -242,3 +242,12 @@ def test_a_changed_origin_is_shown_and_approved_by_network_trust(main) -> None:
     code, out, err = dry_run(main)
     assert code == 0, err
     assert f"{GITHUB_REPO_ENV}=attacker/drop" in out
+
+
+def test_a_project_owned_by_another_user_is_read(tmp_path: Path) -> None:
+    """git refuses most commands in a repository of another owner; reading the origin
+    runs nothing the repository's config could name, so it is read all the same."""
+    project = repo(tmp_path / "p")
+    for path in (project, *project.rglob("*")):
+        os.lchown(path, os.getuid() + 1000, os.getgid() + 1000)
+    assert github.read_remote(project).repository == "octo-org/proj"
