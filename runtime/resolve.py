@@ -9,23 +9,41 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from runtime import fsutil, paths
 from runtime.core.config import (
     ConfigError,
     NetworkConfig,
     Problem,
+    RuleSpec,
     built_in_rules,
     compile_policy,
     parse_config,
+    unfilled_entries,
 )
-from runtime.core.policy import Policy, Rule
+from runtime.core.github import repository_of, repository_values
+from runtime.core.policy import HostError, Mode, Policy, Rule, normalize_host_pattern
 from runtime.registries import registry_hosts
 
 BUILT_IN_SOURCE = "built-in defaults"
 REPO, GLOBAL, BUILT_IN = "repo", "global", "built-in"
+
+#: OWNER/REPO of the project's GitHub repository, for {{GITHUB_OWNER}}/{{GITHUB_REPO}}:
+#: set by the host CLI (from the project's approved origin remote), read by the init
+#: and the reloader. Unset or unusable: the rules that name it drop out.
+GITHUB_REPO_ENV = "SECURE_PROXY_GITHUB_REPO"
+#: The methods of the package-registry rules: installs read, nothing is published.
+REGISTRY_METHODS = ["GET", "HEAD"]
+
+
+def values_from_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The placeholder values the host passed in (GITHUB_REPO_ENV); {} without them."""
+    environ = os.environ if environ is None else environ
+    return repository_values(environ.get(GITHUB_REPO_ENV))
 
 
 @dataclass(frozen=True)
@@ -37,6 +55,12 @@ class Resolved:
     #: package_registries of defaults.json whose hosts were not recorded here (a host
     #: install): the built-in rules then lack them, and the CLI says so.
     unlisted_registries: tuple[str, ...] = ()
+    #: The placeholder values the rules were filled with ({} without a repository).
+    values: Mapping[str, str] = field(default_factory=dict)
+    #: `host/path` of the rule entries in force that name a placeholder ...
+    templated: tuple[str, ...] = ()
+    #: ... and of those among them left out for want of a value (never widened).
+    unfilled: tuple[str, ...] = ()
 
     @property
     def source(self) -> str:
@@ -54,6 +78,27 @@ class Resolved:
         if not self.policy.log_to_file:
             return "off"
         return "on" if self.config.log_to_file else "on (forced by monitor mode)"
+
+    @property
+    def repository(self) -> str | None:
+        return repository_of(self.values)
+
+    def repository_note(self) -> str | None:
+        """What the placeholders were filled with, or what was left out without a value;
+        None when no rule in force names them."""
+        if self.policy.mode is Mode.ALLOW_ALL or not self.templated:
+            return None
+        if self.unfilled:
+            return (
+                "No GitHub repository for this project (no github.com origin remote, or it "
+                f"was not passed in): {len(self.unfilled)} rule paths naming "
+                "{{GITHUB_OWNER}}/{{GITHUB_REPO}} are left out (pushes to the project's "
+                "repository, API calls under it)"
+            )
+        return (
+            f"GitHub repository: {self.repository} (the project's origin remote): "
+            "{{GITHUB_OWNER}}/{{GITHUB_REPO}} filled in; git push and API writes go there only"
+        )
 
 
 def repo_config_path(project_dir: Path) -> Path:
@@ -115,39 +160,81 @@ def _unreadable(exc: OSError) -> Problem:
     )
 
 
-def load_built_in(share: Path | None = None) -> tuple[Rule, ...]:
-    return _built_in(share)[0]
+def load_built_in(
+    share: Path | None = None, values: Mapping[str, str] | None = None
+) -> tuple[Rule, ...]:
+    return _built_in(share, values)[0]
 
 
-def _built_in(share: Path | None = None) -> tuple[tuple[Rule, ...], tuple[str, ...]]:
-    """The built-in rules, and the package registries whose hosts are not recorded."""
+def built_in_specs(share: Path | None = None) -> tuple[list[dict[str, object]], tuple[str, ...]]:
+    """defaults.json's rules, the package registries' hosts as read-only rules, and the
+    package registries whose hosts are not recorded here (a host install)."""
     share = share or paths.share_dir()
     defaults = json.loads((share / "defaults.json").read_text())
-    specs = list(defaults.get("allowed_rules", []))
+    specs = [dict(spec) for spec in defaults.get("allowed_rules", [])]
     registries = [str(name) for name in defaults.get("package_registries", [])]
     hosts = registry_hosts(share)
     if hosts is None:
-        return built_in_rules(specs), tuple(registries)
+        return specs, tuple(registries)
     for name in registries:
-        specs += [{"host": host} for host in hosts.get(name, [])]
-    return built_in_rules(specs), ()
+        # Installs only read (GET, HEAD); publishing, and npm audit's POST, are refused.
+        specs += [{"host": host, "methods": REGISTRY_METHODS} for host in hosts.get(name, [])]
+    return specs, ()
 
 
-def resolve(project_dir: Path, home: Path, share: Path | None = None) -> Resolved:
+def _built_in(
+    share: Path | None = None, values: Mapping[str, str] | None = None
+) -> tuple[tuple[Rule, ...], tuple[str, ...]]:
+    """The built-in rules (placeholders filled from `values`), and the package registries
+    whose hosts are not recorded."""
+    specs, unlisted = built_in_specs(share)
+    return built_in_rules(specs, values=values), unlisted
+
+
+def resolve(
+    project_dir: Path,
+    home: Path,
+    share: Path | None = None,
+    values: Mapping[str, str] | None = None,
+) -> Resolved:
+    """The config in force, compiled; `values` fill {{GITHUB_OWNER}}/{{GITHUB_REPO}}."""
     kind, path = find_config(project_dir, home)
     config = read_config(path) if path else NetworkConfig()
-    return compile_resolved(kind, path, config, share)
+    return compile_resolved(kind, path, config, share, values)
 
 
 def compile_resolved(
-    kind: str, path: Path | None, config: NetworkConfig, share: Path | None = None
+    kind: str,
+    path: Path | None,
+    config: NetworkConfig,
+    share: Path | None = None,
+    values: Mapping[str, str] | None = None,
 ) -> Resolved:
+    values = dict(values or {})
     source = str(path) if path else BUILT_IN_SOURCE
     built_in: tuple[Rule, ...] = ()
     unlisted: tuple[str, ...] = ()
-    if config.enabled and config.inherit_defaults:
-        built_in, unlisted = _built_in(share)
-    return Resolved(kind, path, config, compile_policy(config, source, built_in), unlisted)
+    templated: tuple[str, ...] = ()
+    unfilled: tuple[str, ...] = ()
+    if config.enabled:
+        specs: list[RuleSpec | Mapping[str, Any]] = list(config.allowed_rules)
+        if config.inherit_defaults:
+            built_in_list, unlisted = built_in_specs(share)
+            built_in = built_in_rules(built_in_list, values=values)
+            # A built-in rule a user rule replaces (same host) is not in force.
+            overridden = {_host_key(spec.host) for spec in config.allowed_rules}
+            specs += [s for s in built_in_list if _host_key(str(s["host"])) not in overridden]
+        templated = unfilled_entries(specs, {})
+        unfilled = unfilled_entries(specs, values)
+    policy = compile_policy(config, source, built_in, values)
+    return Resolved(kind, path, config, policy, unlisted, values, templated, unfilled)
+
+
+def _host_key(host: str) -> str:
+    try:
+        return normalize_host_pattern(host)
+    except HostError:
+        return host.lower()
 
 
 def write_policy(policy: Policy, target: Path | None = None) -> Path:

@@ -46,7 +46,15 @@ from runtime.container.session import Session, read_only
 from runtime.container.signals import Interrupted
 from runtime.core.config import ConfigError
 from runtime.core.policy import Mode
-from runtime.resolve import BUILT_IN, GLOBAL, REPO, Resolved, resolve, write_policy
+from runtime.resolve import (
+    BUILT_IN,
+    GLOBAL,
+    REPO,
+    Resolved,
+    resolve,
+    values_from_environ,
+    write_policy,
+)
 
 if TYPE_CHECKING:
     from runtime.container import supervisor
@@ -131,12 +139,17 @@ def describe(resolved: Resolved, plan: Plan, host_log_dir: str | None = None) ->
     if policy.log_to_file:
         where = f" (on the host: {host_log_dir.rstrip('/')}/traffic.jsonl)" if host_log_dir else ""
         out.append(f"[Network] Traffic log: {paths.traffic_log()}{where}")
+    note = resolved.repository_note()  # the {{GITHUB_OWNER}}/{{GITHUB_REPO}} rules
+    if note:
+        out.append(f"[Network] {note}")
     return out
 
 
 def read_config() -> tuple[Resolved, Plan]:
     try:
-        resolved = resolve(paths.container_project_dir(), paths.CONTAINER_HOME)
+        # The project's GitHub repository, from the host's approved origin remote.
+        values = values_from_environ()
+        resolved = resolve(paths.container_project_dir(), paths.CONTAINER_HOME, values=values)
     except ConfigError as exc:
         raise SetupFailed(f"Invalid network config; the container does not start.\n{exc}") from None
     plan = Plan.of(resolved)

@@ -29,7 +29,13 @@ from runtime.container.console import SetupFailed
 from runtime.container.session import Session, SessionError, read_only
 from runtime.core.config import ConfigError
 from runtime.core.policy import Policy
-from runtime.resolve import compile_resolved, read_config, read_policy, write_policy
+from runtime.resolve import (
+    compile_resolved,
+    read_config,
+    read_policy,
+    values_from_environ,
+    write_policy,
+)
 
 DEBOUNCE_SECONDS = 0.1
 
@@ -71,7 +77,9 @@ class Reloader:
                 self.last_digest = None
                 return False
             try:
-                resolved = compile_resolved(self.kind, self.path, read_config(self.path))
+                config = read_config(self.path)
+                values = values_from_environ()  # as the init: the host's approved origin
+                resolved = compile_resolved(self.kind, self.path, config, values=values)
             except ConfigError as exc:
                 log(f"invalid edit, keeping the last good policy:\n{exc}")
                 self.last_digest = digest

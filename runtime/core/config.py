@@ -510,6 +510,22 @@ def _filled_rule(spec: RuleSpec, values: Mapping[str, str], origin: Origin) -> R
     return make_rule(host, paths, spec.methods, origin)
 
 
+def unfilled_entries(
+    specs: Iterable[RuleSpec | Mapping[str, Any]], values: Mapping[str, str]
+) -> tuple[str, ...]:
+    """`host/path` of every rule entry left out because a placeholder has no value."""
+    out: list[str] = []
+    for spec in specs:
+        if isinstance(spec, RuleSpec):
+            host, paths = spec.host, tuple(spec.allowed_paths)
+        else:
+            host, paths = str(spec.get("host", "")), tuple(spec.get("allowed_paths") or ())
+        for path in paths or ("",):
+            if fill(host, values) is None or (path and fill(str(path), values) is None):
+                out.append(f"{host}{path}")
+    return tuple(out)
+
+
 def user_rules(
     config: NetworkConfig, source_file: str, values: Mapping[str, str] | None = None
 ) -> list[Rule]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from runtime.core.policy import Decision, Reason, suggested_rule
+from runtime.core.policy import BUILT_IN, Decision, Reason, Rule, suggested_rules
 
 REASON_TEXT = {
     Reason.ALLOW_ALL: "the secure proxy is in allow-all mode (enabled is false)",
@@ -26,10 +26,24 @@ REASON_TEXT = {
 }
 
 
+def rule_text(rule: Rule) -> str:
+    """One rule as a user reads it: its paths and methods."""
+    paths = json.dumps([e.text for e in rule.allowed_paths]) if rule.allowed_paths else "every path"
+    methods = ", ".join(sorted(rule.methods)) if rule.methods is not None else "every method"
+    return f"{paths} {methods}"
+
+
 def rule_label(decision: Decision) -> str:
-    if decision.rule is None:
+    """The rule that decided, named by host, paths, methods and origin; for a refusal
+    by path, every rule of the host that was tried (none of them allows the path)."""
+    rule = decision.rule
+    if rule is None:
         return "none"
-    return f"{decision.rule.host} ({decision.rule.origin.label})"
+    tried = decision.host_rules if decision.reason is Reason.PATH_NOT_ALLOWED else ()
+    if len(tried) > 1:
+        each = "; ".join(rule_text(r) for r in tried)
+        return f"{rule.host} ({rule.origin.label}, {len(tried)} rules, none allows it: {each})"
+    return f"{rule.host} {rule_text(rule)} ({rule.origin.label})"
 
 
 def explain(decision: Decision, method: str, url: str, config_source: str) -> str:
@@ -59,8 +73,20 @@ def explain(decision: Decision, method: str, url: str, config_source: str) -> st
                 "as a line can be written"
             )
         else:
-            rule = json.dumps(suggested_rule(decision))
-            lines.append(f'fix: add this rule to "allowed_rules" in {config_source}: {rule}')
-            if decision.rule is not None:
-                lines.append(f"     (it replaces the rule for {decision.rule.host})")
+            rules = suggested_rules(decision)
+            if len(rules) == 1:
+                rule = json.dumps(rules[0])
+                lines.append(f'fix: add this rule to "allowed_rules" in {config_source}: {rule}')
+            else:
+                text = ", ".join(json.dumps(r) for r in rules)
+                lines.append(f'fix: add these rules to "allowed_rules" in {config_source}: {text}')
+                lines.append(
+                    f"     (a rule of yours for {rules[-1]['host']} replaces every built-in "
+                    f"rule for it: the first {len(rules) - 1} are the built-in ones, kept)"
+                )
+            if decision.rule is not None and decision.rule.origin.kind == BUILT_IN:
+                lines.append(
+                    "     (or leave it refused: the built-in rules allow only what the Copilot "
+                    "CLI and git need)"
+                )
     return "\n".join(lines) + "\n"

@@ -505,6 +505,10 @@ class Decision:
     host: str
     path: str
     rule: Rule | None = None
+    #: The request's method, and every rule for its host that was tried (a refusal by
+    #: path or method): what a suggested fix must keep.
+    method: str = ""
+    host_rules: tuple[Rule, ...] = ()
 
     @property
     def blocked(self) -> bool:
@@ -601,18 +605,30 @@ class Policy:
                 else all(rule.allows_path(reading) for reading in readings)
             ):
                 if rule.allows_method(method):
-                    return Decision(Action.ALLOW, Reason.RULE_MATCH, self.mode, host, path, rule)
+                    return Decision(
+                        Action.ALLOW, Reason.RULE_MATCH, self.mode, host, path, rule, method
+                    )
                 path_match = path_match or rule
         if path_match is not None:
-            return self._verdict(Reason.METHOD_NOT_ALLOWED, host, path, path_match)
+            return self._verdict(
+                Reason.METHOD_NOT_ALLOWED, host, path, path_match, method, candidates
+            )
         # Report the reading the rule refused: `/repos/x%2f..%2fadmin` is blocked as `/admin`.
         if len(readings) > 1:
             path = next((r for r in readings if not candidates[0].allows_path(r)), path)
-        return self._verdict(Reason.PATH_NOT_ALLOWED, host, path, candidates[0])
+        return self._verdict(Reason.PATH_NOT_ALLOWED, host, path, candidates[0], method, candidates)
 
-    def _verdict(self, reason: Reason, host: str, path: str, rule: Rule | None) -> Decision:
+    def _verdict(
+        self,
+        reason: Reason,
+        host: str,
+        path: str,
+        rule: Rule | None,
+        method: str = "",
+        host_rules: tuple[Rule, ...] = (),
+    ) -> Decision:
         action = Action.VIOLATION if self.mode is Mode.MONITOR else Action.BLOCK
-        return Decision(action, reason, self.mode, host, path, rule)
+        return Decision(action, reason, self.mode, host, path, rule, method, host_rules)
 
     # -- serialisation (policy.json) ---------------------------------------------
 
@@ -660,16 +676,40 @@ def judged_host(request: Request) -> tuple[str, bool]:
     raise HostError("request names no host")
 
 
+def suggested_rules(decision: Decision) -> list[dict[str, Any]]:
+    """The rules a user could add to `allowed_rules` so that this request is allowed.
+
+    A new host gets one rule. A host that has rules gets one more, as narrow as the
+    request: its path's parent, and its method when that host's rules name methods.
+    A user rule for a host replaces every built-in rule for that host, so when the
+    host's rules are built-in they come first, copied, and nothing they allowed is lost.
+    """
+    if decision.reason not in (Reason.PATH_NOT_ALLOWED, Reason.METHOD_NOT_ALLOWED) or (
+        decision.rule is None
+    ):
+        return [{"host": decision.host, "allowed_paths": [_parent(decision.path)]}]
+    host = decision.rule.host
+    tried = decision.host_rules or (decision.rule,)
+    new: dict[str, Any] = {"host": host, "allowed_paths": [_parent(decision.path)]}
+    restricted = decision.reason is Reason.METHOD_NOT_ALLOWED or any(
+        r.methods is not None for r in tried
+    )
+    if restricted and decision.method:
+        new["methods"] = [decision.method]
+    copies = []
+    for rule in tried:
+        if rule.origin.kind == BUILT_IN and rule.host == host:
+            copy = rule.to_json()
+            copy.pop("origin")
+            if not copy["allowed_paths"]:
+                copy.pop("allowed_paths")
+            copies.append(copy)
+    return [*copies, new]
+
+
 def suggested_rule(decision: Decision) -> dict[str, Any]:
-    """The rule a user could add so that this request would be allowed."""
-    if decision.reason is Reason.METHOD_NOT_ALLOWED and decision.rule is not None:
-        rule = decision.rule.to_json()
-        rule.pop("origin")
-        return rule
-    if decision.reason is Reason.PATH_NOT_ALLOWED and decision.rule is not None:
-        paths = [entry.text for entry in decision.rule.allowed_paths]
-        return {"host": decision.rule.host, "allowed_paths": [*paths, _parent(decision.path)]}
-    return {"host": decision.host, "allowed_paths": [_parent(decision.path)]}
+    """The one rule this request needs (the last of `suggested_rules`)."""
+    return suggested_rules(decision)[-1]
 
 
 def _parent(path: str) -> str:

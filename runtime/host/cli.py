@@ -238,7 +238,7 @@ def dispatch(args: argparse.Namespace) -> int:
         return cmd_set_enabled(target, args.network_enable, state, home, out)
     if args.network_check is not None:
         method = "GET" if args.method is None else args.method
-        return cmd_check(project, home, args.network_check, method, out)
+        return cmd_check(project, home, args.network_check, method, out, state)
     return run.run_from_args(args, project, home)
 
 

@@ -14,7 +14,7 @@ from runtime import fsutil, paths
 from runtime.core.config import parse_config, validate_config
 from runtime.core.explain import explain
 from runtime.core.policy import HostError, Mode, Request, normalize_host
-from runtime.host import hostlogs, trust
+from runtime.host import github, hostlogs, trust
 from runtime.host.fileproblems import FileProblem, problem
 from runtime.registries import REGISTRIES_FILE
 from runtime.resolve import (
@@ -222,6 +222,20 @@ def trust_lines(state: Path, project: Path, home: Path) -> list[str]:
     return lines
 
 
+def repository_lines(resolved: Resolved, state: Path, project: Path) -> list[str]:
+    """Where {{GITHUB_OWNER}}/{{GITHUB_REPO}} come from, and the rule paths left out
+    without them (only when a rule in force names them)."""
+    if resolved.policy.mode is Mode.ALLOW_ALL or not resolved.templated:
+        return []
+    lines = github.show_lines(state, project)
+    if resolved.unfilled:
+        lines.append(
+            f"Rule paths left out for want of a GitHub repository ({len(resolved.unfilled)}):"
+        )
+        lines += [f"  {entry}" for entry in resolved.unfilled]
+    return lines
+
+
 def cmd_show(
     project: Path,
     home: Path,
@@ -230,10 +244,12 @@ def cmd_show(
     out,
     logs_dir: Path | None = None,
 ) -> int:
-    resolved = resolve(project, home)
+    resolved = resolve(project, home, values=github.check(state, project).values)
     policy = resolved.policy
     print(f"Config source: {resolved.source} ({resolved.kind_label})", file=out)
     for line in trust_lines(state, project, home):
+        print(line, file=out)
+    for line in repository_lines(resolved, state, project):
         print(line, file=out)
     if policy.mode is Mode.ALLOW_ALL:
         print("Rules: DISABLED (allow-all mode: every request goes through)", file=out)
@@ -266,10 +282,14 @@ def cmd_show(
 def cmd_trust(project: Path, home: Path, state: Path, out) -> int:
     """Show what changed since the last approval, then approve it."""
     checks = trust.pending(state, project, home)
+    repository = github.trust_pending(state, project, out)  # a changed origin
     if not checks:
         kind, path = find_config(project, home)
         what = f"the {trust.NAMES[kind]} {path}" if path else "no config file (built-in defaults)"
-        print(f"Nothing to approve: {what} is trusted.", file=out)
+        print(
+            f"{'Nothing else' if repository else 'Nothing'} to approve: {what} is trusted.",
+            file=out,
+        )
         return EXIT_OK
     for c in checks:
         print(f"{c.headline()[0].upper()}{c.headline()[1:]}.", file=out)
@@ -324,10 +344,13 @@ def request_for_url(url: str, method: str) -> Request:
     )
 
 
-def cmd_check(project: Path, home: Path, url: str, method: str, out) -> int:
+def cmd_check(
+    project: Path, home: Path, url: str, method: str, out, state: Path | None = None
+) -> int:
     """Exit 0 when the request would go through, EXIT_BLOCKED when the policy blocks
     it, or (monitor mode) would block it in enforce mode."""
-    resolved = resolve(project, home)
+    values = github.check(state, project).values if state is not None else {}
+    resolved = resolve(project, home, values=values)
     request = request_for_url(url, check_method(method))
     try:
         decision = resolved.policy.decide(request)

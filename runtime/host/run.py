@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 
 from runtime.core.config import ConfigError
+from runtime.core.github import repository_of
 from runtime.core.policy import Mode
-from runtime.host import hoststate, trust
+from runtime.host import github, hoststate, trust
 from runtime.host.engines import (
     default_engine,
     engine_argv,
@@ -31,7 +32,7 @@ from runtime.host.engines import (
 from runtime.host.fileproblems import FileProblem
 from runtime.host.plan import Plan, RunError, plan, prepare_config_mountpoint, prepare_logs
 from runtime.host.writable import report_config_changes, wait_for, watch_writable_config
-from runtime.resolve import resolve
+from runtime.resolve import GITHUB_REPO_ENV, resolve
 
 DEFAULT_IMAGE = os.environ.get("COPILOT_HERE_IMAGE", "copilot_here-secure:latest")
 ENGINES = ("docker", "podman", "sandbox")
@@ -122,6 +123,15 @@ def guard_active(project: Path, home: Path, config_write: bool) -> bool:
     return config_write and resolved.path is not None
 
 
+def repository_gate(
+    state: Path, project: Path, home: Path, interactive: bool, dry_run: bool
+) -> dict[str, str] | None:
+    """{{GITHUB_OWNER}}/{{GITHUB_REPO}} for this run from the project's origin, as approved
+    (runtime.host.github); None when a changed origin keeps the run from starting."""
+    relevant = bool(resolve(project, home).templated)
+    return github.gate(state, project, relevant, interactive, record=not dry_run)
+
+
 def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
     state = hoststate.state_root(home)
     project = project.resolve()
@@ -130,6 +140,9 @@ def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
         # config decides nothing until the user approved its exact content.
         interactive = not args.dry_run and sys.stdin.isatty() and sys.stderr.isatty()
         if not trust.gate(state, project, home, interactive):
+            return 1
+        values = repository_gate(state, project, home, interactive, args.dry_run)
+        if values is None:
             return 1
         refuse_engine_args(args.engine_arg)
         engine = args.engine or default_engine(args.image)
@@ -149,6 +162,9 @@ def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
             active=guard_active(project, home, args.network_config_write),
         )
         p.cap_drop = list(args.cap_drop)
+        repository = repository_of(values)
+        if repository:
+            p.env[GITHUB_REPO_ENV] = repository
         if engine == "sandbox":
             return run_sandbox(args, p, state, project, home)
         argv = engine_argv(

@@ -35,7 +35,15 @@ from .source import python_bin
 from .upstream import UpstreamCA, wait_ready
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-NAMES = ("api.github.com", "example.com", "evil.test", "npm.registry.test", "v6.test")
+NAMES = (
+    "api.github.com",
+    "github.com",
+    "gist.github.com",
+    "example.com",
+    "evil.test",
+    "npm.registry.test",
+    "v6.test",
+)
 
 
 # The CLI's host state (traffic logs) for tests that do not give their own
@@ -90,22 +98,25 @@ class Internet:
         self.proc = proc
 
     @classmethod
-    def start(cls, topo: Topology, workdir: Path, source_path: str) -> Internet:
+    def start(
+        cls,
+        topo: Topology,
+        workdir: Path,
+        source_path: str,
+        git_root: Path | None = None,
+        record: Path | None = None,
+    ) -> Internet:
+        """With `git_root`, git smart HTTP for its repositories (tests.harness.gitserver);
+        with `record`, the server's account of every request it received."""
         ca = UpstreamCA.create(workdir / "ca", names=list(NAMES))
-        proc = topo.net_popen(
-            [
-                python_bin(),
-                "-m",
-                "tests.harness.upstream",
-                "serve",
-                "--cert",
-                str(ca.server_cert),
-                "--key",
-                str(ca.server_key),
-            ],
-            env={"PYTHONPATH": source_path},
-            text=True,
-        )
+        module = "tests.harness.gitserver" if git_root else "tests.harness.upstream"
+        argv = [python_bin(), "-m", module, "serve"]
+        argv += ["--cert", str(ca.server_cert), "--key", str(ca.server_key)]
+        if git_root:
+            argv += ["--git-root", str(git_root)]
+        if record:
+            argv += ["--record", str(record)]
+        proc = topo.net_popen(argv, env={"PYTHONPATH": source_path}, text=True)
         wait_ready(proc)
         return cls(topo, ca, proc)
 

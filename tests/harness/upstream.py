@@ -443,10 +443,17 @@ class Server(socketserver.ThreadingTCPServer):
         Handler.recorder.write(ev="open", local=local[0], port=local[1], peer=client_address[0])
         return True
 
-    def __init__(self, family: int, addr: str, port: int, tls: ssl.SSLContext | None) -> None:
+    def __init__(
+        self,
+        family: int,
+        addr: str,
+        port: int,
+        tls: ssl.SSLContext | None,
+        handler: type[Handler] | None = None,
+    ) -> None:
         self.address_family = family
         self.tls_context = tls
-        super().__init__((addr, port), Handler, bind_and_activate=False)
+        super().__init__((addr, port), handler or Handler, bind_and_activate=False)
         if family == socket.AF_INET6:
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         self.server_bind()
@@ -472,7 +479,9 @@ def serve(
     https_ports: Sequence[int],
     http_ports: Sequence[int],
     record: Path | None = None,
+    handler: type[Handler] | None = None,
 ) -> list[Server]:
+    """`handler`: a Handler subclass (tests.harness.gitserver's), else Handler."""
     Handler.root = root
     Handler.recorder = Recorder(record)
     ctx = tls_context(cert, key)
@@ -480,7 +489,7 @@ def serve(
     for ports, tls in ((https_ports, ctx), (http_ports, None)):
         for port in ports:
             for family, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-                srv = Server(family, addr, port, tls)
+                srv = Server(family, addr, port, tls, handler)
                 threading.Thread(target=srv.serve_forever, daemon=True).start()
                 servers.append(srv)
     return servers

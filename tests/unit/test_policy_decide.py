@@ -132,9 +132,21 @@ def test_suggestions() -> None:
         "host": "evil.test",
         "allowed_paths": ["/v1/"],
     }
+    # A user's rules for the host stay as they are: one more rule, as narrow as the request.
     assert suggested_rule(p.decide(req("api.github.com", "/orgs/x"))) == {
         "host": "api.github.com",
-        "allowed_paths": ["/repos/", "/user", "/orgs/"],
+        "allowed_paths": ["/orgs/"],
+    }
+    # The host's rules name methods: so does the suggestion.
+    assert suggested_rule(p.decide(req("uploads.example.com", "/v2/x", "PUT"))) == {
+        "host": "uploads.example.com",
+        "allowed_paths": ["/v2/"],
+        "methods": ["PUT"],
+    }
+    assert suggested_rule(p.decide(req("uploads.example.com", "/v1/x", "DELETE"))) == {
+        "host": "uploads.example.com",
+        "allowed_paths": ["/v1/"],
+        "methods": ["DELETE"],
     }
     assert suggested_rule(p.decide(req("evil.test", "/"))) == {
         "host": "evil.test",
