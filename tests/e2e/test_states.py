@@ -184,10 +184,13 @@ def project() -> Iterator[Path]:
 
 
 def traffic(project: Path) -> list[dict]:
+    """The log's records, one per request or query (an HTTP request's start line is
+    followed by its end line: the end line stands for it)."""
     log = host_logs(project) / "traffic.jsonl"
     if not log.exists():
         return []
-    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("phase") != "start"]
 
 
 def marked(lines: list[str], tag: str) -> dict[str, Any]:
