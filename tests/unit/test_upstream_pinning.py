@@ -17,6 +17,7 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
 
+from runtime.container.interceptor import upstream
 from runtime.container.interceptor.gate import DECISION_HEADER, PolicyGate, verdict_of
 from runtime.container.interceptor.logger import TrafficLogger
 from runtime.container.interceptor.policystore import PolicyStore
@@ -211,6 +212,15 @@ def test_one_lookup_per_name_and_client_connection(chain):
     third = request(chain, make_flow("https://public.test/c"))
     assert third.response.status_code == 403
     assert len(resolver.asked) == 2 and not pin.clients.get(first.client_conn.id)
+
+
+def test_a_long_lived_connection_asks_again_after_a_while(chain, monkeypatch):
+    *_, resolver, _ = chain
+    monkeypatch.setattr(upstream, "ANSWER_SECONDS", 0.0)  # every answer is old at once
+    first = request(chain, make_flow("https://public.test/a"))
+    resolver.answers["public.test"] = ["198.18.100.5"]  # the host moved
+    second = request(chain, make_flow("https://public.test/b", client=first.client_conn))
+    assert second.request.host == "198.18.100.5" and len(resolver.asked) == 2
 
 
 def test_one_tls_connection_never_carries_two_names_to_one_address(chain):

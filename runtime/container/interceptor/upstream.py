@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
 
 #: (host, port) -> the host's addresses, in the resolver's order. Raises OSError.
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
+#: Seconds a client connection keeps using one answer for a name: its requests share
+#: upstream connections, and a long-lived one still follows a host that moves.
+ANSWER_SECONDS = 60.0
 
 
 async def system_resolve(host: str, port: int) -> list[str]:
@@ -48,9 +52,9 @@ async def system_resolve(host: str, port: int) -> list[str]:
 class _Client:
     """What one client connection's requests share."""
 
-    #: (name, port) -> its addresses: one lookup per name and client connection, as
-    #: mitmproxy would reuse one upstream connection for them.
-    resolved: dict[tuple[str, int], tuple[str, ...]] = field(default_factory=dict)
+    #: (name, port) -> (its addresses, until when): one lookup per name and client
+    #: connection (for ANSWER_SECONDS), as mitmproxy reuses upstream connections for them.
+    resolved: dict[tuple[str, int], tuple[tuple[str, ...], float]] = field(default_factory=dict)
     #: (address, port) -> the name a TLS connection to it is opened and verified for.
     names: dict[tuple[str, int], str] = field(default_factory=dict)
 
@@ -92,14 +96,14 @@ class UpstreamPinning:
     async def _pin(self, flow: http.HTTPFlow, verdict: Verdict) -> None:
         name, port = verdict.upstream_host, verdict.port
         client = self.clients.setdefault(flow.client_conn.id, _Client())
-        addresses = client.resolved.get((name, port))
-        if addresses is None:
+        addresses, until = client.resolved.get((name, port), ((), 0.0))
+        if time.monotonic() >= until:
             try:
                 addresses = tuple(await self.resolve(name, port))
             except OSError as exc:  # socket.gaierror included
                 self._bad_gateway(flow, f"cannot resolve {name}: {exc}")
                 return
-            client.resolved[(name, port)] = addresses
+            client.resolved[(name, port)] = (addresses, time.monotonic() + ANSWER_SECONDS)
         address, verdict.decision = choose_address(verdict.decision, addresses)
         if verdict.decision.blocked:
             response = block_response(
