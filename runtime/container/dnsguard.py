@@ -12,8 +12,10 @@ under allowed wildcards, the built-in hosts):
     other name, monitor mode      forwarded, recorded as a violation
     not a DNS query               dropped (UDP) or the connection closed (TCP)
 
-Every query is one traffic-log record (`kind: "dns"`) when the policy logs.
-Wire format: dnslib, never hand-written parsing.
+Every query is one traffic-log record (`kind: "dns"`) when the policy logs, and
+nothing is answered unlogged: a query whose line cannot be written gets SERVFAIL
+instead of its answer, and while the log stays unwritable no name is forwarded at
+all (see Guard). Wire format: dnslib, never hand-written parsing.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import contextlib
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +39,8 @@ from runtime.core.record import DnsRecord, format_ts
 
 #: How long one upstream resolver gets before the next is tried.
 UPSTREAM_TIMEOUT = 2.0
+#: Refusals kept to be logged once the log can be written again (the oldest go first).
+MAX_OWED_LINES = 1024
 MAX_TCP_MESSAGE = 65535
 OPCODE_QUERY = 0
 
@@ -141,16 +146,33 @@ def _recv_exact(sock: socket.socket, count: int) -> bytes:
     return out
 
 
-Recorder = Callable[[DnsRecord], object]
+#: Writes one line; True once it is in the log (TrafficLogWriter.write).
+Recorder = Callable[[DnsRecord], bool]
+
+
+def log_unavailable(decision: Decision) -> Decision:
+    """A block in every mode: the policy logs every query and its line cannot be written."""
+    return Decision(Action.BLOCK, Reason.LOG_UNAVAILABLE, decision.mode, decision.host, "")
 
 
 class Guard:
-    """Judges one query and produces the bytes to answer with (None: answer nothing)."""
+    """Judges one query and produces the bytes to answer with (None: answer nothing).
+
+    When the policy logs, nothing is answered unlogged, as the interceptor refuses
+    a request whose start line cannot be written: a forwarded query whose line
+    fails gets SERVFAIL instead of the answer, and while lines are owed (the log
+    failed and has not been written since) an allowed name is refused with
+    SERVFAIL before it is forwarded. Each refusal is logged as `log_unavailable`
+    once the log can be written again: the owed lines go first, and the first
+    one that is written ends the refusals.
+    """
 
     def __init__(self, policy: Policy, upstream: Upstream, record: Recorder) -> None:
         self.policy = policy
         self.upstream = upstream
         self.record = record
+        self.owed: deque[DnsRecord] = deque()
+        self.lost = 0  # owed lines dropped past MAX_OWED_LINES since the log last worked
 
     async def handle(self, data: bytes, tcp: bool) -> bytes | None:
         query = parse_query(data)
@@ -161,32 +183,62 @@ class Guard:
         decision = judge_name(policy, query.name)
         if decision.blocked:
             answer = nxdomain(query)
+        elif policy.log_to_file and not self._pay_owed():
+            # The log still cannot be written: the name does not leave the box.
+            decision, answer = log_unavailable(decision), servfail(query)
         else:
             loop = asyncio.get_running_loop()
             answer = await loop.run_in_executor(self.upstream.pool, self.upstream.ask, data, tcp)
             if answer is None:
                 answer = servfail(query)
-        rcode, answers = answer_count(answer)
-        if policy.log_to_file:
-            rule = decision.rule
-            self.record(
-                DnsRecord(
-                    ts=format_ts(started),
-                    action=decision.log_action,
-                    violation=decision.violation,
-                    mode=decision.mode.value,
-                    reason=decision.reason.value,
-                    rule=rule.host if rule else None,
-                    rule_source=rule.origin.label if rule else None,
-                    host=decision.host,
-                    qtype=query.qtype,
-                    transport="tcp" if tcp else "udp",
-                    rcode=rcode,
-                    answers=answers,
-                    duration_ms=(time.time() - started) * 1000.0,
-                )
-            )
+        if not policy.log_to_file:
+            return answer
+        if self._pay_owed() and self.record(self._line(decision, query, tcp, started, answer)):
+            return answer
+        if not decision.blocked:
+            # Forwarded, or refused just now, and not in the log: the client gets no answer.
+            decision, answer = log_unavailable(decision), servfail(query)
+        self._owe(self._line(decision, query, tcp, started, answer))
         return answer
+
+    def _pay_owed(self) -> bool:
+        """Write the lines still owed, oldest first; True once none is left."""
+        while self.owed:
+            if not self.record(self.owed[0]):
+                return False
+            self.owed.popleft()
+        if self.lost:
+            logger.warning("dns guard: {} refused queries could not be logged", self.lost)
+            self.lost = 0
+        return True
+
+    def _owe(self, line: DnsRecord) -> None:
+        if len(self.owed) >= MAX_OWED_LINES:
+            self.owed.popleft()  # the oldest refusal goes unlogged; the log says how many
+            self.lost += 1
+        self.owed.append(line)
+
+    @staticmethod
+    def _line(
+        decision: Decision, query: Query, tcp: bool, started: float, answer: bytes
+    ) -> DnsRecord:
+        rcode, answers = answer_count(answer)
+        rule = decision.rule
+        return DnsRecord(
+            ts=format_ts(started),
+            action=decision.log_action,
+            violation=decision.violation,
+            mode=decision.mode.value,
+            reason=decision.reason.value,
+            rule=rule.host if rule else None,
+            rule_source=rule.origin.label if rule else None,
+            host=decision.host,
+            qtype=query.qtype,
+            transport="tcp" if tcp else "udp",
+            rcode=rcode,
+            answers=answers,
+            duration_ms=(time.time() - started) * 1000.0,
+        )
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):

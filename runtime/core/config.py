@@ -33,7 +33,7 @@ from runtime.core.policy import (
 )
 
 TOP_LEVEL_KEYS = ("$schema", "enabled", "inherit_defaults", "mode", "log_to_file", "allowed_rules")
-RULE_KEYS = ("host", "allowed_paths", "methods")
+RULE_KEYS = ("host", "allowed_paths", "methods", "allow_private_addresses")
 #: The modes a config may name: the core's own vocabulary (allow-all comes from enabled).
 MODES = (Mode.MONITOR.value, Mode.ENFORCE.value)
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE")
@@ -57,6 +57,18 @@ ALIASES = {
     "method": "methods",
     "domain": "host",
     "hostname": "host",
+    "allow_private": "allow_private_addresses",
+    "allow_private_ips": "allow_private_addresses",
+    "allow_private_ip": "allow_private_addresses",
+    "allow_private_networks": "allow_private_addresses",
+    "allow_local": "allow_private_addresses",
+    "allow_local_addresses": "allow_private_addresses",
+    "allow_internal": "allow_private_addresses",
+    "allow_loopback": "allow_private_addresses",
+    "allow_lan": "allow_private_addresses",
+    "allowprivateaddresses": "allow_private_addresses",
+    "private": "allow_private_addresses",
+    "private_addresses": "allow_private_addresses",
 }
 
 
@@ -87,6 +99,7 @@ class RuleSpec:
     host: str
     allowed_paths: tuple[str, ...] = ()
     methods: tuple[str, ...] | None = None
+    allow_private_addresses: bool = False
 
 
 @dataclass(frozen=True)
@@ -239,12 +252,14 @@ def _validate_rule(raw: Any, pointer: str, problems: list[Problem]) -> RuleSpec 
                             "use one of " + ", ".join(HTTP_METHODS),
                         )
                     )
+    private = _bool(raw, "allow_private_addresses", False, pointer, problems)
     if len(problems) > before:
         return None
     return RuleSpec(
         host=host,
         allowed_paths=tuple(paths),
         methods=None if methods is None else tuple(m.upper() for m in methods),
+        allow_private_addresses=private,
     )
 
 
@@ -507,7 +522,9 @@ def _filled_rule(spec: RuleSpec, values: Mapping[str, str], origin: Origin) -> R
     paths = [p for p in (fill(p, values) for p in spec.allowed_paths) if p is not None]
     if host is None or (spec.allowed_paths and not paths):
         return None
-    return make_rule(host, paths, spec.methods, origin)
+    return make_rule(
+        host, paths, spec.methods, origin, allow_private_addresses=spec.allow_private_addresses
+    )
 
 
 def unfilled_entries(

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 
-from runtime.core.policy import BUILT_IN, Decision, Reason, Rule, suggested_rules
+from runtime.core.addresses import refused_range
+from runtime.core.policy import BUILT_IN, Decision, Reason, Rule, suggested_rule, suggested_rules
 
 REASON_TEXT = {
     Reason.ALLOW_ALL: "the secure proxy is in allow-all mode (enabled is false)",
@@ -23,6 +24,10 @@ REASON_TEXT = {
     "connection to another protocol is refused in every mode",
     Reason.LOG_UNAVAILABLE: "the traffic log cannot be written (disk full or I/O error) and "
     "this policy logs every request, so nothing is sent unlogged",
+    Reason.PRIVATE_ADDRESS: "the host is allowed, but it resolves to an address off the "
+    "internet (loopback, private, link-local such as the cloud metadata service, ...), "
+    "which a rule must allow by name: a DNS answer pointing there would reach services "
+    "of the container, the host or the local network",
 }
 
 
@@ -60,6 +65,8 @@ def explain(decision: Decision, method: str, url: str, config_source: str) -> st
         f"rule: {rule_label(decision)}",
         f"config: {config_source}",
     ]
+    if decision.reason is Reason.PRIVATE_ADDRESS and decision.address is not None:
+        lines.append(f"address: {decision.address} ({refused_range(decision.address)})")
     if decision.blocked or decision.violation:
         if decision.reason is Reason.HOST_MISMATCH:
             lines.append("fix: send the request with matching SNI and Host header")
@@ -72,6 +79,15 @@ def explain(decision: Decision, method: str, url: str, config_source: str) -> st
                 "the logs directory on the host), then retry; requests work again as soon "
                 "as a line can be written"
             )
+        elif decision.reason is Reason.PRIVATE_ADDRESS:
+            rule = json.dumps(suggested_rule(decision))
+            lines.append(
+                f"fix: only if {decision.host} really is at {decision.address} (otherwise this "
+                "DNS answer is the attack being refused), add this rule to "
+                f'"allowed_rules" in {config_source}: {rule}'
+            )
+            if decision.rule is not None:
+                lines.append(f"     (it replaces the rule for {decision.rule.host})")
         else:
             rules = suggested_rules(decision)
             if len(rules) == 1:

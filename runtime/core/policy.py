@@ -50,6 +50,10 @@ class Reason(StrEnum):
     #: Set by the interceptor, never by `decide`: the policy requires every request to be
     #: logged and the traffic log cannot be written, so nothing may go out unlogged.
     LOG_UNAVAILABLE = "log_unavailable"
+    #: Set by the interceptor, never by `decide`: the judged name resolved only to addresses
+    #: off the internet (loopback, private, link-local, ...) and the rule does not allow
+    #: them (runtime/core/addresses.py).
+    PRIVATE_ADDRESS = "private_address"
 
 
 BUILT_IN = "built-in"
@@ -427,6 +431,8 @@ class Rule:
     allowed_paths: tuple[PathEntry, ...] = ()
     methods: frozenset[str] | None = None
     origin: Origin = BUILT_IN_ORIGIN
+    #: The judged name may resolve to loopback, private, link-local ... addresses.
+    allow_private_addresses: bool = False
 
     @property
     def is_wildcard(self) -> bool:
@@ -445,6 +451,8 @@ class Rule:
         }
         if self.methods is not None:
             data["methods"] = sorted(self.methods)
+        if self.allow_private_addresses:
+            data["allow_private_addresses"] = True
         data["origin"] = self.origin.to_json()
         return data
 
@@ -457,6 +465,7 @@ class Rule:
             data.get("allowed_paths", ()),
             methods,
             Origin(origin.get("kind", BUILT_IN), origin.get("file")),
+            allow_private_addresses=bool(data.get("allow_private_addresses", False)),
         )
 
 
@@ -465,6 +474,8 @@ def make_rule(
     allowed_paths: Iterable[str] = (),
     methods: Iterable[str] | None = None,
     origin: Origin = BUILT_IN_ORIGIN,
+    *,
+    allow_private_addresses: bool = False,
 ) -> Rule:
     """Build a rule from already validated values, normalising them once."""
     return Rule(
@@ -474,6 +485,7 @@ def make_rule(
         ),
         methods=None if methods is None else frozenset(m.upper() for m in methods),
         origin=origin,
+        allow_private_addresses=allow_private_addresses,
     )
 
 
@@ -509,6 +521,8 @@ class Decision:
     #: path or method): what a suggested fix must keep.
     method: str = ""
     host_rules: tuple[Rule, ...] = ()
+    #: PRIVATE_ADDRESS: the upstream address the rule does not allow.
+    address: str | None = None
 
     @property
     def blocked(self) -> bool:
@@ -684,6 +698,13 @@ def suggested_rules(decision: Decision) -> list[dict[str, Any]]:
     A user rule for a host replaces every built-in rule for that host, so when the
     host's rules are built-in they come first, copied, and nothing they allowed is lost.
     """
+    if decision.reason is Reason.PRIVATE_ADDRESS and decision.rule is not None:
+        # The rule that matched, told it may reach a private address.
+        rule = decision.rule.to_json()
+        rule.pop("origin")
+        if not rule["allowed_paths"]:
+            rule.pop("allowed_paths")
+        return [{**rule, "allow_private_addresses": True}]
     if decision.reason not in (Reason.PATH_NOT_ALLOWED, Reason.METHOD_NOT_ALLOWED) or (
         decision.rule is None
     ):

@@ -219,3 +219,35 @@ def test_guard_down_means_dns_fails_closed(guarded):
         guarded.start_guard()
     assert guarded.query("example.com")["status"] == "ok"
     guarded.names_upstream()
+
+
+def test_unwritable_log_means_servfail_and_no_name_leaves(guarded):
+    """The policy logs: a query whose line cannot be written gets no answer, and while the
+    log stays unwritable no name is forwarded; the refusals are logged once it works."""
+    guarded.names_upstream()
+    # The guard (proxy uid) cannot create the file again in this root-owned directory; its
+    # writer looks at the file it has open once a second.
+    guarded.log.unlink()
+    time.sleep(1.2)
+    first = guarded.query("example.com")
+    assert first["status"] == "rcode2", first  # SERVFAIL
+    # It was forwarded before its line failed (the line records the answer): at most it.
+    assert set(guarded.names_upstream()) <= {"example.com"}
+    second = guarded.query("www.allowed.test", tcp=True)
+    assert second["status"] == "rcode2", second
+    assert guarded.query("secret-data.evil.test")["status"] == "nxdomain"
+    assert guarded.names_upstream() == []  # refused before forwarding
+    guarded.log.touch()
+    guarded.log.chmod(0o666)
+    assert guarded.query("example.com")["answers"] == ["198.18.0.80"]
+    assert guarded.names_upstream() == ["example.com"]
+    lines = guarded.log_lines()
+    assert [(x["host"], x["action"], x["reason"], x["rcode"]) for x in lines] == [
+        ("example.com", "BLOCK", "log_unavailable", "SERVFAIL"),
+        ("www.allowed.test", "BLOCK", "log_unavailable", "SERVFAIL"),
+        ("secret-data.evil.test", "BLOCK", "host_not_allowed", "NXDOMAIN"),
+        ("example.com", "ALLOW", "rule_match", "NOERROR"),
+    ]
+    schema = json.loads(schema_path().read_text())
+    for line in lines:
+        jsonschema.validate(line, schema)

@@ -282,3 +282,21 @@ def test_unknown_placeholder_names_the_known_ones() -> None:
         parse_config(json.dumps(doc), "f.json")
     assert "unknown placeholder {{GITHUB_ORG}}" in str(err.value)
     assert "{{GITHUB_OWNER}} or {{GITHUB_REPO}}" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "key", ["allow_private", "allowPrivateAddresses", "allow-private-ips", "allow_private_adresses"]
+)
+def test_allow_private_addresses_did_you_mean(key: str) -> None:
+    pointer, message, fix = one(json.dumps({"allowed_rules": [{"host": "a.test", key: True}]}))
+    assert pointer == f"/allowed_rules/0/{key}" and f'unknown key "{key}"' in message
+    assert fix == 'rename it to "allow_private_addresses"'
+
+
+def test_allow_private_addresses_must_be_a_boolean() -> None:
+    rule = {"host": "a.test", "allow_private_addresses": "yes"}
+    pointer, message, fix = one(json.dumps({"allowed_rules": [rule]}))
+    assert pointer == "/allowed_rules/0/allow_private_addresses"
+    assert "true or false" in message and fix == 'write "allow_private_addresses": true'
+    cfg = parse_config(json.dumps({"allowed_rules": [{"host": "a.test"}]}), SRC)
+    assert cfg.allowed_rules[0].allow_private_addresses is False

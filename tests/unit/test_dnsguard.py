@@ -12,10 +12,23 @@ import socket
 import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
 
+from runtime.container import dnsguard
 from runtime.container.dnsguard import Guard, Upstream, judge_name, parse_query
 from runtime.core.policy import Action, Mode, Policy, Reason, make_rule
 from runtime.core.record import DnsRecord
 from tests.harness.dns import DnsServer, build_query
+
+
+class Lines(list):
+    """A recorder that keeps the lines; with `failing` set it writes none (a full disk)."""
+
+    failing = False
+
+    def __call__(self, line: DnsRecord) -> bool:
+        if self.failing:
+            return False
+        self.append(line)
+        return True
 
 
 def policy(mode: Mode, *hosts: str, log: bool = True) -> Policy:
@@ -97,8 +110,8 @@ def _ask(guard: Guard, name: str, tcp: bool = False) -> bytes | None:
 @pytest.mark.parametrize("tcp", [False, True])
 def test_enforce_forwards_allowed_and_answers_nxdomain_for_the_rest(upstream, tcp) -> None:
     server, up = upstream
-    records: list[DnsRecord] = []
-    guard = Guard(ENFORCE, up, records.append)
+    records = Lines()
+    guard = Guard(ENFORCE, up, records)
     allowed = DNSRecord.parse(_ask(guard, "api.github.com", tcp))
     assert [str(rr.rdata) for rr in allowed.rr] == ["198.18.0.7"]
     denied = DNSRecord.parse(_ask(guard, "c2VjcmV0.evil.test", tcp))
@@ -115,8 +128,8 @@ def test_enforce_forwards_allowed_and_answers_nxdomain_for_the_rest(upstream, tc
 
 def test_monitor_forwards_and_flags(upstream) -> None:
     server, up = upstream
-    records: list[DnsRecord] = []
-    guard = Guard(policy(Mode.MONITOR, "api.github.com"), up, records.append)
+    records = Lines()
+    guard = Guard(policy(Mode.MONITOR, "api.github.com"), up, records)
     answer = DNSRecord.parse(_ask(guard, "evil.test"))
     assert [str(rr.rdata) for rr in answer.rr] == ["198.18.0.66"]
     assert [q["name"] for q in server.queries] == ["evil.test"]
@@ -125,21 +138,76 @@ def test_monitor_forwards_and_flags(upstream) -> None:
 
 def test_nothing_recorded_when_the_policy_does_not_log(upstream) -> None:
     _, up = upstream
-    records: list[DnsRecord] = []
-    guard = Guard(policy(Mode.ENFORCE, "api.github.com", log=False), up, records.append)
+    records = Lines()
+    records.failing = True  # never asked: this policy does not log
+    guard = Guard(policy(Mode.ENFORCE, "api.github.com", log=False), up, records)
+    assert DNSRecord.parse(_ask(guard, "api.github.com")).header.rcode == RCODE.NOERROR
     _ask(guard, "evil.test")
     assert records == []
 
 
 def test_garbage_gets_no_answer_and_reaches_nobody(upstream) -> None:
     server, up = upstream
-    guard = Guard(ENFORCE, up, [].append)
+    guard = Guard(ENFORCE, up, Lines())
     assert asyncio.run(guard.handle(b"\x12\x34" + b"x" * 40, False)) is None
     assert server.queries == []
 
 
 def test_dead_upstream_gives_servfail() -> None:
-    guard = Guard(ENFORCE, Upstream(["127.0.0.1"], timeout=0.3, port=_free_port()), [].append)
+    guard = Guard(ENFORCE, Upstream(["127.0.0.1"], timeout=0.3, port=_free_port()), Lines())
     answer = DNSRecord.parse(_ask(guard, "api.github.com"))
     assert answer.header.rcode == RCODE.SERVFAIL
     assert QTYPE.get(answer.q.qtype) == "A"
+
+
+def _rcode(answer: bytes | None) -> str:
+    assert answer is not None
+    return RCODE.get(DNSRecord.parse(answer).header.rcode)
+
+
+@pytest.mark.parametrize("mode", [Mode.ENFORCE, Mode.MONITOR])
+def test_unwritable_log_refuses_with_servfail_and_logs_it_once_it_works(upstream, mode) -> None:
+    """The policy logs every query: none is answered unlogged (as the interceptor's 503)."""
+    server, up = upstream
+    records = Lines()
+    guard = Guard(policy(mode, "api.github.com"), up, records)
+    records.failing = True
+    # Forwarded before its line failed: the answer is withheld.
+    assert _rcode(_ask(guard, "api.github.com")) == "SERVFAIL"
+    assert [q["name"] for q in server.queries] == ["api.github.com"]
+    # While the log cannot be written no name is forwarded at all, in monitor mode too.
+    assert _rcode(_ask(guard, "api.github.com", tcp=True)) == "SERVFAIL"
+    assert _rcode(_ask(guard, "evil.test")) == ("NXDOMAIN" if mode is Mode.ENFORCE else "SERVFAIL")
+    assert [q["name"] for q in server.queries] == ["api.github.com"]
+    assert records == [] and len(guard.owed) == 3
+    # Writable again: the refusals are logged first, then the query is answered.
+    records.failing = False
+    allowed = DNSRecord.parse(_ask(guard, "api.github.com"))
+    assert [str(rr.rdata) for rr in allowed.rr] == ["198.18.0.7"]
+    assert [q["name"] for q in server.queries] == ["api.github.com"] * 2
+    refused = ("BLOCK", "log_unavailable", "SERVFAIL", False, None)
+    blocked = ("BLOCK", "host_not_allowed", "NXDOMAIN", False, None)
+    assert [(r.action, r.reason, r.rcode, r.violation, r.rule) for r in records] == [
+        refused,
+        refused,
+        blocked if mode is Mode.ENFORCE else refused,
+        ("ALLOW", "rule_match", "NOERROR", False, "api.github.com"),
+    ]
+    assert [r.transport for r in records] == ["udp", "tcp", "udp", "udp"]
+    assert not guard.owed
+
+
+def test_owed_lines_are_bounded(upstream, monkeypatch) -> None:
+    _, up = upstream
+    monkeypatch.setattr(dnsguard, "MAX_OWED_LINES", 2)
+    records = Lines()
+    records.failing = True
+    guard = Guard(ENFORCE, up, records)
+    for name in ("a.evil.test", "b.evil.test", "c.evil.test"):
+        assert _rcode(_ask(guard, name)) == "NXDOMAIN"
+    assert [r.host for r in guard.owed] == ["b.evil.test", "c.evil.test"]
+    assert guard.lost == 1
+    records.failing = False
+    _ask(guard, "d.evil.test")
+    assert [r.host for r in records] == ["b.evil.test", "c.evil.test", "d.evil.test"]
+    assert guard.lost == 0

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -32,7 +34,6 @@ from runtime.container.interceptor import main as interceptor_main
 from runtime.container.interceptor.gate import (
     DECISION_HEADER,
     PolicyGate,
-    UpstreamPinning,
     verdict_of,
 )
 from runtime.container.interceptor.httponly import (
@@ -45,6 +46,7 @@ from runtime.container.interceptor.httponly import (
 from runtime.container.interceptor.logger import TrafficLogger
 from runtime.container.interceptor.policystore import NO_POLICY, PolicyStore
 from runtime.container.interceptor.readiness import Readiness
+from runtime.container.interceptor.upstream import UpstreamPinning
 from runtime.core.explain import explain
 from runtime.core.policy import Mode, Origin, Policy, make_rule
 from runtime.core.record import HTTP_FIELDS
@@ -54,6 +56,31 @@ from runtime.trafficlog import read_lines, schema_path
 CONFIG = "/work/.copilot_here/network.json"
 USER = Origin("user", CONFIG)
 DIALLED = "198.18.7.7"
+#: What the tests' resolver answers (no test asks a real resolver).
+RESOLVED = {
+    "api.github.com": ["198.18.100.1"],
+    "npm.registry.test": ["198.18.100.2", "2001:db8::2"],
+    "evil.test": ["198.18.100.66"],
+}
+
+
+async def resolve(host: str, port: int) -> list[str]:
+    if host in RESOLVED:
+        return RESOLVED[host]
+    if host[:1].isdigit() or ":" in host:
+        return [host]  # an IP literal resolves to itself
+    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+
+def drive(result: Any) -> None:
+    """Run an async hook to its end: with the resolver above it never has to wait."""
+    if not inspect.iscoroutine(result):
+        return
+    try:
+        result.send(None)
+    except StopIteration:
+        return
+    raise AssertionError("the hook waited for something")
 
 
 def policy(mode: Mode = Mode.ENFORCE, log: bool = True, *rules) -> Policy:
@@ -102,7 +129,7 @@ def tmp_log(tmp_path: Path) -> Path:
 def addons(tmp_log: Path):
     store = PolicyStore(policy())
     gate = PolicyGate(store)
-    pin = UpstreamPinning()
+    pin = UpstreamPinning(resolve=resolve)
     log = TrafficLogger()
     with taddons.context(store, gate, pin, log) as tctx:
         tctx.configure(log, secure_proxy_traffic_log=str(tmp_log))
@@ -113,7 +140,7 @@ def run(addons, flow: http.HTTPFlow, status: int = 200, body: bytes = b"hello") 
     """Drive the hooks in the order mitmproxy calls them for one request."""
     _tctx, gate, pin, log, _ = addons
     gate.requestheaders(flow)
-    pin.requestheaders(flow)
+    drive(pin.requestheaders(flow))
     log.requestheaders(flow)
     if flow.response is None:  # goes upstream: the response arrives, streamed
         if callable(flow.request.stream):
@@ -186,7 +213,8 @@ def test_allowed_request_is_pinned_to_the_judged_name(addons, tmp_log):
     flow = make_flow("https://api.github.com/repos/a/b?per_page=100&access_token=XYZ")
     run(addons, flow, body=b"x" * 1234)
     assert flow.response.status_code == 200
-    assert flow.request.host == "api.github.com"  # not the dialled IP
+    # The judged name's address, resolved by the proxy: not the dialled IP.
+    assert flow.request.host == "198.18.100.1" == verdict_of(flow).address
     assert flow.request.port == 443
     assert flow.request.headers["Host"] == "api.github.com"
     [line] = lines(tmp_log)
@@ -212,14 +240,14 @@ def test_ip_literal_reached_only_as_the_judged_host(addons, tmp_log):
 def test_dialled_ip_is_ignored_in_favour_of_the_name(addons):
     flow = make_flow("https://npm.registry.test/react", sni="npm.registry.test", dialled="1.2.3.4")
     run(addons, flow)
-    assert flow.request.host == "npm.registry.test"
+    assert flow.request.host == "198.18.100.2"  # the name's first address
 
 
 def test_plain_http_uses_host_header(addons, tmp_log):
     flow = make_flow("http://npm.registry.test/x", sni=None, host="NPM.Registry.TEST:80")
     run(addons, flow)
     assert flow.response.status_code == 200
-    assert flow.request.host == "npm.registry.test"
+    assert flow.request.host == "198.18.100.2"
     assert lines(tmp_log)[0]["scheme"] == "http"
 
 
@@ -261,7 +289,7 @@ def test_monitor_lets_violations_through_and_logs_them(addons, tmp_log):
     flow = make_flow("https://evil.test/x", sni="evil.test")
     run(addons, flow)
     assert flow.response.status_code == 200
-    assert flow.request.host == "evil.test"
+    assert flow.request.host == "198.18.100.66"
     [line] = lines(tmp_log)
     assert line["action"] == "ALLOW" and line["violation"] is True
     assert line["mode"] == "monitor" and line["reason"] == "host_not_allowed"
@@ -295,7 +323,7 @@ def test_upstream_error_is_logged_once_as_502(addons, tmp_log):
     _tctx, gate, pin, log, _ = addons
     flow = make_flow("https://api.github.com/repos/x")
     gate.requestheaders(flow)
-    pin.requestheaders(flow)
+    drive(pin.requestheaders(flow))
     log.requestheaders(flow)
     flow.error = tflow.terr("Connection refused")
     log.error(flow)
@@ -321,7 +349,7 @@ def test_blocked_large_body_is_killed_and_logged_without_status(addons, tmp_log)
     flow = make_flow("https://evil.test/upload", sni="evil.test", method="POST")
     flow.request.headers["Content-Length"] = str(5 * 1024 * 1024)
     gate.requestheaders(flow)
-    pin.requestheaders(flow)
+    drive(pin.requestheaders(flow))
     log.requestheaders(flow)
     assert flow.response is None and flow.error.msg == flow.error.KILLED_MESSAGE
     assert flow.request.host == DIALLED  # never pinned upstream
@@ -359,7 +387,7 @@ def test_start_line_is_written_before_the_request_goes_on(addons, tmp_log):
     _tctx, gate, pin, log, _ = addons
     flow = make_flow("https://api.github.com/repos/x?token=s3cret", method="PUT")
     gate.requestheaders(flow)
-    pin.requestheaders(flow)
+    drive(pin.requestheaders(flow))
     log.requestheaders(flow)
     # Nothing has been forwarded yet, and the request is in the log already.
     [start] = all_lines(tmp_log)
@@ -419,7 +447,7 @@ def test_unwritable_log_refuses_a_large_upload_without_forwarding_it(addons, tmp
     flow = make_flow("https://api.github.com/repos/upload", method="POST")
     flow.request.headers["Content-Length"] = str(5 * 1024 * 1024)
     gate.requestheaders(flow)
-    pin.requestheaders(flow)
+    drive(pin.requestheaders(flow))
     log.requestheaders(flow)
     # No block sink in this test: the connection is closed, nothing is sent.
     assert flow.error is not None and flow.error.msg == flow.error.KILLED_MESSAGE
@@ -439,7 +467,7 @@ def test_a_request_the_gate_never_judged_is_not_forwarded(addons):
     """An addon error in the gate leaves no verdict: the request is closed, not sent on."""
     _tctx, _gate, pin, log, _ = addons
     flow = make_flow("https://evil.test/x", sni="evil.test")
-    pin.requestheaders(flow)
+    drive(pin.requestheaders(flow))
     log.requestheaders(flow)
     assert flow.error is not None and flow.error.msg == flow.error.KILLED_MESSAGE
     assert flow.request.host == DIALLED
@@ -903,7 +931,7 @@ def test_starts_like_http(data, expected):
 def upgrades(tmp_log: Path):
     gate = PolicyGate(PolicyStore(policy()))
     guard = UpgradeGuard(gate)
-    pin = UpstreamPinning()
+    pin = UpstreamPinning(resolve=resolve)
     log = TrafficLogger()
     with taddons.context(guard, gate, pin, log) as tctx:
         tctx.configure(log, secure_proxy_traffic_log=str(tmp_log))
@@ -920,7 +948,7 @@ def upgrade_flow(protocol: str, url: str = "https://api.github.com/repos/x", **k
 def request_hooks(upgrades, flow: http.HTTPFlow) -> None:
     _tctx, guard, gate, pin, log = upgrades
     for addon in (guard, gate, pin, log):
-        addon.requestheaders(flow)
+        drive(addon.requestheaders(flow))
 
 
 @pytest.mark.parametrize("mode", [Mode.ENFORCE, Mode.MONITOR, Mode.ALLOW_ALL])
@@ -952,7 +980,7 @@ def test_upgrade_to_a_blocked_host_keeps_the_policy_reason(upgrades):
 def test_websocket_upgrade_is_left_to_the_policy(upgrades):
     flow = upgrade_flow("WebSocket")
     request_hooks(upgrades, flow)
-    assert flow.response is None and flow.request.host == "api.github.com"
+    assert flow.response is None and flow.request.host == "198.18.100.1"
     assert flow.request.headers["Upgrade"] == "WebSocket"
 
 

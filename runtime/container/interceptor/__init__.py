@@ -19,8 +19,10 @@ Small addons, one concern each, in the order mitmproxy calls them:
   policy core at `requestheaders` -- before any byte of the request can reach
   upstream, even when the body is streamed -- stores the Verdict on the flow
   and answers blocked requests with a 403.
-- UpstreamPinning (gate.py): sends allowed requests to the judged name,
-  resolved by the proxy, never to the IP the client dialled.
+- UpstreamPinning (upstream.py): resolves the judged name once, checks every
+  address (no loopback, private or link-local address unless the rule allows
+  it: `private_address`) and connects to the checked address itself, with the
+  name as TLS server name; never to the IP the client dialled.
 - TrafficLogger (logger.py): two JSON lines per request, from the Verdict on
   the flow: "start" before anything is forwarded -- when the policy logs and it
   cannot be written, the request is refused (503, `log_unavailable`) -- and
@@ -37,11 +39,12 @@ from __future__ import annotations
 from typing import Any
 
 from runtime.container.interceptor.blocksink import BlockSink
-from runtime.container.interceptor.gate import PolicyGate, UpstreamPinning
+from runtime.container.interceptor.gate import PolicyGate
 from runtime.container.interceptor.httponly import HttpOnly, UpgradeGuard
 from runtime.container.interceptor.logger import TrafficLogger
 from runtime.container.interceptor.policystore import PolicyStore
 from runtime.container.interceptor.readiness import Readiness
+from runtime.container.interceptor.upstream import UpstreamPinning
 
 
 def make_addons() -> list[Any]:
@@ -56,7 +59,7 @@ def make_addons() -> list[Any]:
         HttpOnly(store, traffic),
         UpgradeGuard(gate),  # before the gate: h2c headers go, other upgrades are refused
         gate,
-        UpstreamPinning(),
+        UpstreamPinning(sink),
         traffic,
         Readiness(),
     ]

@@ -1,8 +1,8 @@
-"""The policy's verdict on each request, and where allowed requests go.
+"""The policy's verdict on each request.
 
 PolicyGate judges at `requestheaders` and stores a Verdict on the flow; every
-later addon reads that Verdict (`verdict_of`), none decides again.
-UpstreamPinning sends allowed requests to the judged name.
+later addon reads that Verdict (`verdict_of`), none decides again (UpstreamPinning,
+upstream.py, may turn an allow into a private_address block or violation).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from loguru import logger
 from mitmproxy import http
 from mitmproxy.proxy.mode_specs import TransparentMode
 
@@ -60,6 +59,7 @@ class Verdict:
     port: int
     upstream_host: str
     started: float
+    address: str | None = None  # the upstream address the request was pinned to
     invalid: bool = False  # mitmproxy rejected the request itself (the client got a 400)
     logged: bool = False
     sent_out: Counter = field(default_factory=Counter)
@@ -218,28 +218,3 @@ class PolicyGate:
                 verdict.policy.source,
             )
             answer(flow, response, self.sink)
-
-
-class UpstreamPinning:
-    """Connects allowed requests to the judged name, never to the IP the client dialled.
-
-    mitmproxy resolves the name itself; the upstream SNI becomes that name and
-    the certificate is verified for it. An IP literal is connected to only when
-    it is the judged host (no SNI and no Host header), which a rule must allow.
-    """
-
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or flow.error is not None:
-            return
-        verdict = verdict_of(flow)
-        if verdict is None:
-            # The gate failed (mitmproxy logs an addon's exception and goes on):
-            # a request nobody judged is closed, never sent to the address dialled.
-            logger.error("no verdict for {} {}: closed unjudged", flow.request.method, flow.id)
-            flow.kill()
-            return
-        if verdict.decision.blocked:
-            return  # answered by the gate, or diverted to the block sink
-        # .data: the Host header / :authority the client sent stays as it was.
-        flow.request.data.host = verdict.upstream_host
-        flow.request.data.port = verdict.port
