@@ -178,7 +178,12 @@ def built_in_specs(share: Path | None = None) -> tuple[list[dict[str, object]], 
         return specs, tuple(registries)
     for name in registries:
         # Installs only read (GET, HEAD); publishing, and npm audit's POST, are refused.
-        specs += [{"host": host, "methods": REGISTRY_METHODS} for host in hosts.get(name, [])]
+        # The image's builder chose these hosts: a corporate mirror on a private
+        # address is reachable (the upstream-address check would refuse it).
+        specs += [
+            {"host": host, "methods": REGISTRY_METHODS, "allow_private_addresses": True}
+            for host in hosts.get(name, [])
+        ]
     return specs, ()
 
 

@@ -110,3 +110,13 @@ def test_policy_file_round_trip_and_atomic(tmp_path: Path, dirs, share) -> None:
     assert read_policy(target).to_json() == policy.to_json()
     assert [p.name for p in target.parent.iterdir()] == ["policy.json"]
     assert isinstance(read_policy(target), Policy)
+
+
+def test_registry_rules_are_read_only_and_reach_a_private_mirror(dirs, share) -> None:
+    """The image's builder chose the registry hosts: a mirror on 10.x stays reachable."""
+    project, home = dirs
+    write(project / ".copilot_here/network.json", REPO_CFG)
+    rules = [r for r in resolve(project, home, share).policy.rules if r.host == "npm.registry.test"]
+    assert [(sorted(r.methods or ()), r.allow_private_addresses) for r in rules] == [
+        (["GET", "HEAD"], True)
+    ]
