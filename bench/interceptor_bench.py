@@ -186,11 +186,14 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
+CURL_EXTRA: list[str] = []  # --http1 adds --http1.1
+
+
 def curl_transfer(
     topo: Topology, uid: int, cafile: Path, direction: str, size: int, upload: Path
 ) -> dict[str, Any]:
     """One large transfer with curl (one connection): seconds and MB/s, checked complete."""
-    argv = ["curl", "-sS", "--fail", "--cacert", str(cafile), "-o", "/dev/null"]
+    argv = ["curl", "-sS", "--fail", *CURL_EXTRA, "--cacert", str(cafile), "-o", "/dev/null"]
     argv += ["-w", "%{time_total} %{size_download} %{size_upload} %{http_code}"]
     if direction == "download":
         argv += [f"https://{NAME}/api/bulk?bytes={size}"]
@@ -258,11 +261,16 @@ def main() -> int:
     )
     ap.add_argument("--bulk-mb", type=int, default=200, help="bulk transfer size (MB)")
     ap.add_argument("--rounds", type=int, default=3, help="bulk rounds, paths interleaved")
+    ap.add_argument(
+        "--http1", action="store_true", help="bulk: curl --http1.1 (default: curl's h2 via ALPN)"
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("run as root (network namespaces, iptables)", file=sys.stderr)
         return 2
     scale = 0.1 if args.quick else 1.0
+    if args.http1:
+        CURL_EXTRA.append("--http1.1")
     counts = {1: int(3000 * scale), 32: int(12000 * scale)}
     new_conns = int(600 * scale)
     rss_requests = int(100000 * scale)
