@@ -46,17 +46,43 @@ from tests.harness.upstream import UpstreamCA  # noqa: E402
 
 PROXY_UID = 64201
 UID_INTERCEPTOR, UID_PLAIN, UID_DIRECT, UID_SPREAD = 64202, 64203, 64204, 64205
+UID_NOLOG = 64206  # a second interceptor whose policy does not log (bulk section)
 #: Interceptor processes listen on 58080 .. 58080+N-1, as supervisord numprocs would.
-PORT_INTERCEPTOR, PORT_SECOND, PORT_PLAIN = 58080, 58081, 58090
+PORT_INTERCEPTOR, PORT_SECOND, PORT_PLAIN, PORT_NOLOG = 58080, 58081, 58090, 58085
 NAME = "bench.test"
 
 UPSTREAM_JS = r"""
 const https = require('https'), fs = require('fs');
 const [cert, key] = process.argv.slice(2);
 const body = Buffer.from('{"ok":true}\n');
+const chunk = Buffer.alloc(256 * 1024, 120);
 const srv = https.createServer({cert: fs.readFileSync(cert), key: fs.readFileSync(key),
                                 keepAliveTimeout: 60000}, (req, res) => {
-  req.resume();
+  const bulk = req.url.match(/^\/api\/bulk\?bytes=(\d+)$/);
+  if (bulk) {  // a large download, written as fast as the socket takes it
+    req.resume();
+    let left = +bulk[1];
+    res.writeHead(200, {'content-type': 'application/octet-stream', 'content-length': left});
+    const pump = () => {
+      while (left > 0) {
+        const n = Math.min(left, chunk.length); left -= n;
+        if (!res.write(n === chunk.length ? chunk : chunk.subarray(0, n))) {
+          res.once('drain', pump); return;
+        }
+      }
+      res.end();
+    };
+    return pump();
+  }
+  let received = 0;  // an upload is counted and the count answered
+  req.on('data', (d) => { received += d.length; });
+  if (req.url.startsWith('/api/upload')) {
+    return req.on('end', () => {
+      const b = Buffer.from(JSON.stringify({received}) + '\n');
+      res.writeHead(200, {'content-type': 'application/json', 'content-length': b.length});
+      res.end(b);
+    });
+  }
   req.on('end', () => {
     res.writeHead(200, {'content-type': 'application/json', 'content-length': body.length});
     res.end(body);
@@ -160,15 +186,91 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
+CURL_EXTRA: list[str] = []  # --http1 adds --http1.1
+
+
+def curl_transfer(
+    topo: Topology, uid: int, cafile: Path, direction: str, size: int, upload: Path
+) -> dict[str, Any]:
+    """One large transfer with curl (one connection): seconds and MB/s, checked complete."""
+    argv = ["curl", "-sS", "--fail", *CURL_EXTRA, "--cacert", str(cafile), "-o", "/dev/null"]
+    argv += ["-w", "%{time_total} %{size_download} %{size_upload} %{http_code}"]
+    if direction == "download":
+        argv += [f"https://{NAME}/api/bulk?bytes={size}"]
+    else:  # -T streams the file; no Expect: 100-continue round trip
+        argv += ["-T", str(upload), "-X", "POST", "-H", "Expect:", f"https://{NAME}/api/upload"]
+    r = topo.box_run(argv, user=uid, timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(f"curl {direction}: {r.returncode} {r.stderr}")
+    secs, down, up, code = r.stdout.split()
+    moved = int(float(down if direction == "download" else up))
+    if code != "200" or moved != size:
+        raise RuntimeError(f"curl {direction}: status {code}, {moved} of {size} bytes")
+    return {"seconds": float(secs), "mb_s": size / 1e6 / float(secs)}
+
+
+def bulk_section(
+    topo: Topology, work: Path, paths: dict[str, tuple[int, Path]], mb: int, rounds: int
+) -> dict[str, Any]:
+    """A `mb` MB HTTPS download and upload per path, paths interleaved in each round
+    (order rotated) so that load on the machine hits every path alike; the median."""
+    size = mb * 1_000_000
+    upload = work / "upload.bin"
+    with upload.open("wb") as f:
+        block = os.urandom(1 << 20)
+        for _ in range(size // len(block)):
+            f.write(block)
+        f.write(block[: size % len(block)])
+    upload.chmod(0o644)
+    for uid, cafile in paths.values():  # warm up: certificates, connections
+        curl_transfer(topo, uid, cafile, "download", 1_000_000, upload)
+    names = list(paths)
+    got: dict[str, dict[str, list[float]]] = {
+        d: {n: [] for n in names} for d in ("download", "upload")
+    }
+    for rnd in range(rounds):
+        order = names[rnd % len(names) :] + names[: rnd % len(names)]
+        for direction in ("download", "upload"):
+            for name in order:
+                uid, cafile = paths[name]
+                out = curl_transfer(topo, uid, cafile, direction, size, upload)
+                got[direction][name].append(out["mb_s"])
+                print(f"bulk {direction} {mb} MB {name:22s} {out['mb_s']:7.1f} MB/s", flush=True)
+    summary: dict[str, Any] = {"mb": mb, "rounds": rounds, "mb_s": got, "median": {}}
+    print(f"\nbulk {mb} MB, median of {rounds} (MB/s and ratios):")
+    for direction, by_path in got.items():
+        med = {n: sorted(v)[len(v) // 2] for n, v in by_path.items()}
+        summary["median"][direction] = med
+        for n, v in med.items():
+            print(
+                f"  {direction:8s} {n:22s} {v:7.1f} MB/s  vs mitmproxy "
+                f"x{ratio(v, med['mitmproxy']):.2f}  vs direct x{ratio(v, med['direct']):.2f}",
+                flush=True,
+            )
+    return summary
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller counts (a smoke run)")
     ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    ap.add_argument(
+        "--bulk",
+        action="store_true",
+        help="only the bulk section: a large HTTPS download and upload per path",
+    )
+    ap.add_argument("--bulk-mb", type=int, default=200, help="bulk transfer size (MB)")
+    ap.add_argument("--rounds", type=int, default=3, help="bulk rounds, paths interleaved")
+    ap.add_argument(
+        "--http1", action="store_true", help="bulk: curl --http1.1 (default: curl's h2 via ALPN)"
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("run as root (network namespaces, iptables)", file=sys.stderr)
         return 2
     scale = 0.1 if args.quick else 1.0
+    if args.http1:
+        CURL_EXTRA.append("--http1.1")
     counts = {1: int(3000 * scale), 32: int(12000 * scale)}
     new_conns = int(600 * scale)
     rss_requests = int(100000 * scale)
@@ -194,6 +296,7 @@ def main() -> int:
 
         redirect(topo, UID_INTERCEPTOR, PORT_INTERCEPTOR)
         redirect(topo, UID_PLAIN, PORT_PLAIN)
+        redirect(topo, UID_NOLOG, PORT_NOLOG)
         # numprocs=2 emulated: every 2nd new connection to the second process. The nat
         # table sees only a connection's first packet, so nth counts connections.
         redirect(
@@ -204,7 +307,8 @@ def main() -> int:
         )
         redirect(topo, UID_SPREAD, PORT_INTERCEPTOR)
 
-        for d in ("run", "logs", "ca", "confdir", "plainconf", "run2", "confdir2", "ca2"):
+        dirs = ("run", "logs", "ca", "confdir", "plainconf", "run2", "confdir2", "ca2")
+        for d in (*dirs, "run3", "confdir3", "ca3"):
             (work / d).mkdir(mode=0o755)
             os.chown(work / d, PROXY_UID, PROXY_UID)
         policy = work / "run" / "policy.json"
@@ -212,7 +316,7 @@ def main() -> int:
         py_env = {"PYTHONPATH": source, "SECURE_PROXY_UPSTREAM_CA": str(ca.ca_cert)}
 
         def start_interceptor(
-            port: int, confdir: str, cadir: str, rundir: str
+            port: int, confdir: str, cadir: str, rundir: str, policy: Path = policy
         ) -> tuple[subprocess.Popen[Any], Path]:
             marker = work / rundir / "ready"
             err = work / f"interceptor-{port}.log"
@@ -296,6 +400,20 @@ def main() -> int:
                 f"p99 {out['p99_ms']:7.2f} ms  ({out['requests']})",
                 flush=True,
             )
+
+        if args.bulk:
+            nolog_policy = work / "run3" / "policy.json"
+            write_policy(Policy.build(Mode.ENFORCE, False, bench_rules(1), "bench"), nolog_policy)
+            nolog, _ = start_interceptor(PORT_NOLOG, "confdir3", "ca3", "run3", nolog_policy)
+            paths["interceptor, log off"] = (UID_NOLOG, work / "ca3" / "ca.pem")
+            results["bulk"] = bulk_section(topo, work, paths, args.bulk_mb, args.rounds)
+            results["machine"]["loadavg_after"] = Path("/proc/loadavg").read_text().strip()
+            for proc in (nolog, interceptor, plain, upstream):
+                topo.stop(proc)
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=1))
+            shutil.rmtree(work, ignore_errors=True)
+            return 0
 
         for path in paths:  # warm up: CA generation, cert cache, JIT
             client(path, 4, 200, True)

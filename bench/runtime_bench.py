@@ -113,7 +113,7 @@ def start_once(project: Path, internet: Internet) -> dict[str, float]:
         assert proc.stderr
         for line in proc.stderr:
             now = time.time()
-            if line.startswith("[sandbox] root built"):
+            if line.startswith("[sandbox]") and "root built" in line:
                 events["init exec"] = now
             m = re.match(r"\[init \+[\d.]+s\] (.*)", line.strip())
             if m:
@@ -156,7 +156,7 @@ def phases(ev: dict[str, float]) -> dict[str, float]:
         # The init makes the CA before supervisord and trusts it while the firewall
         # and the interceptor start, so these two overlap.
         "CA made (before supervisord)": ev["CA made"] - t0,
-        "CA trust (update-ca-certificates, env; from supervisord start)": ev["CA trusted"] - sup,
+        "CA trust (system bundle written, env; from supervisord start)": ev["CA trusted"] - sup,
         "init saw every marker": ready - t0,
         "command launch (setpriv, exec)": ev["first instruction"] - ready,
         "total: init exec to first instruction": ev["first instruction"] - t0,
