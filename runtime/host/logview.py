@@ -273,10 +273,37 @@ def end_of_run_line(entries: Iterable[Entry], command: str, top: int = 3) -> str
     return f"[Network] {' and '.join(what)} this run: {shown}{more}. See: {command}"
 
 
-def follow(path: Path, out: TextIO, render: Any, poll: float = 0.25) -> Iterator[None]:
-    """Print new entries as they are appended, reopening the file when it is replaced.
+def completed(lines: Iterable[str], held: dict[str, dict[str, Any]]) -> list[Entry]:
+    """Entries from lines appended to a log, each shown once: a request's start line is
+    held (in `held`, by id) until its end line comes, so a request prints when it is
+    over, with its status; a line of no phase (DNS, older versions) prints at once."""
+    records: list[Mapping[str, Any]] = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        key = record.get("id")
+        if key is not None and record.get("phase") == "start":
+            held[str(key)] = record
+            continue
+        if key is not None and str(key) in held:
+            start = held.pop(str(key))
+            record = {**start, **record, "ts": start.get("ts", record.get("ts"))}
+        records.append(record)
+    return [e for e in (Entry.from_record(r) for r in records) if e is not None]
+
+
+def follow(
+    path: Path, out: TextIO, render: Any, poll: float = 0.25, keep: Any = None
+) -> Iterator[None]:
+    """Print new entries as they are appended, reopening the file when it is replaced;
+    `keep` (an Entry predicate) filters them. A request prints once, when it is over.
 
     A generator so the caller decides when to stop (Ctrl-C, a test's bound)."""
+    held: dict[str, dict[str, Any]] = {}
     handle = None
     inode = None
     pending = ""
@@ -297,8 +324,9 @@ def follow(path: Path, out: TextIO, render: Any, poll: float = 0.25) -> Iterator
             if chunk:
                 pending += chunk
                 *lines, pending = pending.split("\n")
-                for entry in parse_lines(lines).entries:
-                    print(render(entry), file=out, flush=True)
+                for entry in completed(lines, held):
+                    if keep is None or keep(entry):
+                        print(render(entry), file=out, flush=True)
             try:
                 if os.stat(path).st_ino != inode:
                     handle.close()

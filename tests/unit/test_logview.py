@@ -188,3 +188,23 @@ def test_follow_prints_appended_lines_and_survives_replacement(tmp_path: Path) -
     next(steps)
     next(steps)
     assert out.getvalue().split() == ["/new", "/rotated"]
+
+
+def test_follow_prints_a_request_once_when_it_is_over(tmp_path: Path) -> None:
+    log = tmp_path / "traffic.jsonl"
+    log.write_text("")
+    out = io.StringIO()
+    steps = logview.follow(
+        log, out, lambda e: f"{e.path} {e.status}", poll=0, keep=lambda e: e.host != "skip.test"
+    )
+    next(steps)
+    with open(log, "a") as handle:
+        handle.write(json.dumps(rec(id="a", phase="start", path="/slow", status=None)) + "\n")
+        handle.write(json.dumps(rec(id="b", phase="start", host="skip.test", status=None)) + "\n")
+    next(steps)
+    assert out.getvalue() == ""  # in flight: not shown yet
+    with open(log, "a") as handle:
+        handle.write(json.dumps(rec(id="a", phase="end", path="/slow", status=201)) + "\n")
+        handle.write(json.dumps(rec(id="b", phase="end", host="skip.test")) + "\n")
+    next(steps)
+    assert out.getvalue().splitlines() == ["/slow 201"]
