@@ -54,7 +54,7 @@ class RuleChange:
 
     host: str
     allowed_paths: tuple[str, ...]  # () allows every path
-    methods: tuple[str, ...]  # the methods seen, never more
+    methods: tuple[str, ...] | None  # suggest: the methods seen, never more; None: every one
     extends: bool  # True: the config has a rule for this host with these methods
     requests: int  # how many of the seen requests this change allows
     warnings: tuple[str, ...] = ()  # how it widens access beyond what was seen
@@ -66,7 +66,8 @@ class RuleChange:
         data: dict[str, object] = {"host": self.host}
         if self.allowed_paths:
             data["allowed_paths"] = list(self.allowed_paths)
-        data["methods"] = list(self.methods)
+        if self.methods is not None:
+            data["methods"] = list(self.methods)
         return data
 
 
@@ -170,9 +171,6 @@ def suggest(seen: Iterable[Seen], policy: Policy, depth: int = DEFAULT_DEPTH) ->
                 warnings.append("the whole host, for requests to one path")
             else:
                 warnings.append("the whole host")
-        carried: tuple[dict[str, object], ...] = ()
-        if not own and policy.mode is not Mode.ALLOW_ALL and deciding:
-            carried = tuple(_carried(r, host) for r in deciding)
         changes.append(
             RuleChange(
                 host=host,
@@ -181,10 +179,21 @@ def suggest(seen: Iterable[Seen], policy: Policy, depth: int = DEFAULT_DEPTH) ->
                 extends=bool(own),
                 requests=len(items),
                 warnings=tuple(warnings),
-                carried=carried,
+                carried=() if own else carried_rules(policy, host),
             )
         )
     return changes
+
+
+def carried_rules(policy: Policy, host: str) -> tuple[dict[str, object], ...]:
+    """The rules deciding `host` now that a new rule of the config for it would replace
+    (built-in) or shadow (a wildcard): as rules of the config for exactly `host`."""
+    if policy.mode is Mode.ALLOW_ALL:
+        return ()
+    deciding = policy.rules_for_host(host)
+    if any(r.origin.kind != BUILT_IN and r.host == host for r in deciding):
+        return ()
+    return tuple(_carried(r, host) for r in deciding)
 
 
 def _same_host(rule: dict[str, object], host: str) -> bool:
@@ -215,7 +224,7 @@ def apply_changes(
                 r
                 for r in out
                 if _same_host(r, change.host)
-                and _methods(r) == frozenset(change.methods)
+                and _methods(r) == (None if change.methods is None else frozenset(change.methods))
                 and "schemes" not in r
                 and r.get("allowed_paths")  # [] already allows every path
             ),
