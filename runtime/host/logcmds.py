@@ -147,10 +147,15 @@ def cmd_suggest(
     accept_widening: bool,
     since: datetime | None,
     out: TextIO,
+    command: str = "copilot_here --network-suggest",
 ) -> int:
     """Rules for what was seen and is not allowed, as a diff of the config in use;
-    `apply` writes them, widening ones only with `accept_widening`."""
+    `apply` writes them, widening ones only with `accept_widening`. `command` is this
+    invocation (its options), for the command lines the output suggests."""
     resolved = resolve(project, home)
+    if not os.path.exists(log):
+        print(f"No traffic log at {log}: run in monitor mode first.", file=out)
+        return EXIT_OK
     read = logview.read_log(log)
     entries = _http(read.entries, since)
     what = "every request" if every else "monitor-mode violations"
@@ -193,7 +198,7 @@ def cmd_suggest(
         print(f"! {len(widening)} change(s) widen access beyond what was seen: {names}", file=out)
     if not apply:
         print(
-            "To write this: copilot_here --network-suggest --apply"
+            f"To write this: {command} --apply"
             + (f" (flagged changes only with {ACCEPT})" if widening else ""),
             file=out,
         )
@@ -201,8 +206,7 @@ def cmd_suggest(
     chosen = changes if accept_widening else [c for c in changes if not c.warnings]
     if not chosen:
         print(
-            f"Nothing written: every change is flagged; to apply them: "
-            f"copilot_here --network-suggest --apply {ACCEPT}",
+            f"Nothing written: every change is flagged; to apply them: {command} --apply {ACCEPT}",
             file=out,
         )
         return EXIT_OK
@@ -215,7 +219,7 @@ def cmd_suggest(
     if left:
         print(
             f"Not applied ({len(left)}, they widen access): {', '.join(c.host for c in left)}. "
-            f"To apply them too: copilot_here --network-suggest --apply {ACCEPT}",
+            f"To apply them too: {command} --apply {ACCEPT}",
             file=out,
         )
     return EXIT_OK
@@ -238,6 +242,9 @@ def cmd_replay(project: Path, home: Path, log: Path, since: datetime | None, out
     """Judge every recorded request against the config in use, as enforce mode would;
     print what changes. Exit 3 when something that went through would now be blocked."""
     resolved = resolve(project, home)
+    if not os.path.exists(log):
+        print(f"No traffic log at {log}: nothing to replay.", file=out)
+        return EXIT_OK
     entries = _http(logview.read_log(log).entries, since)
     seen = logview.to_seen(entries)
     report = replay(seen, resolved.policy)

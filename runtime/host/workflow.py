@@ -6,10 +6,12 @@ Parsed here, carried out by runtime.host.logcmds and runtime.host.editcmds."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
+from runtime.core.config import HTTP_METHODS
 from runtime.core.suggest import DEFAULT_DEPTH
 from runtime.host import editcmds, logcmds, logview
 from runtime.host.netcmds import UsageError, check_method
@@ -145,6 +147,20 @@ def check_companions(args: argparse.Namespace) -> None:
         raise UsageError("-f/--follow and --summary do not go together")
 
 
+def suggest_command(args: argparse.Namespace) -> str:
+    """This --network-suggest with its options, for the commands its output suggests."""
+    argv = ["copilot_here", "--network-suggest"]
+    if args.all:
+        argv.append("--all")
+    if args.depth != DEFAULT_DEPTH:
+        argv += ["--depth", str(args.depth)]
+    if args.since is not None:
+        argv += ["--since", args.since]
+    if args.logs_dir is not None:
+        argv += ["--logs-dir", str(args.logs_dir)]
+    return shlex.join(argv)
+
+
 def dispatch(
     args: argparse.Namespace, project: Path, home: Path, state: Path, out: Any
 ) -> int | None:
@@ -173,6 +189,7 @@ def dispatch(
             args.accept_widening,
             since,
             out,
+            suggest_command(args),
         )
     if args.network_replay is not None:
         chosen = Path(args.network_replay) if args.network_replay else log
@@ -189,6 +206,9 @@ def dispatch(
     t = editcmds.target(project, home, args.use_global)
     if args.network_allow is not None:
         methods = [check_method(m) for m in args.method or []]
+        for m in methods:
+            if m not in HTTP_METHODS:  # what a rule may list
+                raise UsageError(f"--method {m!r} is not an HTTP method: {', '.join(HTTP_METHODS)}")
         return editcmds.cmd_allow(t, args.network_allow, methods, state, home, out)
     if args.network_remove is not None:
         return editcmds.cmd_remove(t, args.network_remove, state, home, out)
