@@ -153,36 +153,49 @@ def suggest(seen: Iterable[Seen], policy: Policy, depth: int = DEFAULT_DEPTH) ->
             wanted.setdefault(host, []).append(item)
     changes = []
     for host, items in sorted(wanted.items()):
-        deciding = policy.rules_for_host(host)
-        own = [r for r in deciding if r.origin.kind != BUILT_IN and r.host == host]
-        paths = _minimal(fold_path(i.path, depth) for i in items)
-        methods_seen = tuple(sorted({i.method.upper() for i in items}))
-        warnings: list[str] = []
-        writes = [m for m in methods_seen if m not in SAFE_METHODS]
-        if writes:
-            warnings.append(f"allows writes ({', '.join(writes)})")
-        if _is_private(host):
-            warnings.append("a private or local address")
-        if paths == ("/",):
-            paths = ()
-        if not paths:
-            distinct = {normalize_path(i.path) for i in items}
-            if len(distinct) <= 1:
-                warnings.append("the whole host, for requests to one path")
-            else:
-                warnings.append("the whole host")
-        changes.append(
-            RuleChange(
-                host=host,
-                allowed_paths=paths,
-                methods=methods_seen,
-                extends=bool(own),
-                requests=len(items),
-                warnings=tuple(warnings),
-                carried=() if own else carried_rules(policy, host),
-            )
-        )
+        own = any(r.origin.kind != BUILT_IN and r.host == host for r in policy.rules_for_host(host))
+        carried = () if own else carried_rules(policy, host)
+        # Reads and writes apart: the reads can be taken while the writes stay flagged.
+        reads = [i for i in items if i.method.upper() in SAFE_METHODS]
+        writes = [i for i in items if i.method.upper() not in SAFE_METHODS]
+        for group in (reads, writes):
+            if group:
+                changes.append(_change(host, group, depth, own, carried))
     return changes
+
+
+def _change(
+    host: str,
+    items: list[Seen],
+    depth: int,
+    own: bool,
+    carried: tuple[dict[str, object], ...],
+) -> RuleChange:
+    paths = _minimal(fold_path(i.path, depth) for i in items)
+    methods_seen = tuple(sorted({i.method.upper() for i in items}))
+    warnings: list[str] = []
+    writes = [m for m in methods_seen if m not in SAFE_METHODS]
+    if writes:
+        warnings.append(f"allows writes ({', '.join(writes)})")
+    if _is_private(host):
+        warnings.append("a private or local address")
+    if paths == ("/",):
+        paths = ()
+    if not paths:
+        distinct = {normalize_path(i.path) for i in items}
+        if len(distinct) <= 1:
+            warnings.append("the whole host, for requests to one path")
+        else:
+            warnings.append("the whole host")
+    return RuleChange(
+        host=host,
+        allowed_paths=paths,
+        methods=methods_seen,
+        extends=own,
+        requests=len(items),
+        warnings=tuple(warnings),
+        carried=carried,
+    )
 
 
 def carried_rules(policy: Policy, host: str) -> tuple[dict[str, object], ...]:

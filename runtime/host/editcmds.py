@@ -248,11 +248,27 @@ def _not_enabled_note(t: Target, out: TextIO) -> None:
 
 
 def cmd_mode(t: Target, mode: str, state: Path, home: Path, out: TextIO) -> int:
-    before = t.data.get("mode")
-    save(t, {**t.data, "mode": mode}, state, home, out)
+    before = t.config.mode.value if t.exists else None
+    data = {**t.data, "mode": mode}
+    # Monitor mode logs whatever log_to_file says; leaving it for enforce keeps the log
+    # on (the end-of-run line and --network-logs read it), unless the file says false
+    # while already in enforce mode, i.e. the user chose so.
+    keep_log = mode == "enforce" and before != "enforce" and not t.config.log_to_file
+    if keep_log and t.airlock:
+        data["enable_logging"] = True
+    elif keep_log:
+        data["log_to_file"] = True
+    save(t, data, state, home, out)
     print(f"Mode in {t.path}: {mode}" + (f" (was {before})" if before else ""), file=out)
     if mode == "enforce":
         print("  enforce: requests the rules do not allow are blocked (403).", file=out)
+        if keep_log:
+            key = "enable_logging" if t.airlock else "log_to_file"
+            print(
+                f'  The traffic log stays on ("{key}": true, as monitor mode had it): '
+                "copilot_here --network-logs --blocked lists what was blocked.",
+                file=out,
+            )
     else:
         print("  monitor: nothing is blocked; what enforce would block is logged.", file=out)
     _not_enabled_note(t, out)

@@ -334,6 +334,8 @@ def test_allow_remove_and_mode_edit_the_config_in_use_and_record_the_approval(w:
     code, out, _ = w("--network-mode", "enforce")
     assert code == 0 and "Mode in" in out and "(was monitor)" in out
     assert json.loads(w.repo.read_text())["mode"] == "enforce"
+    # Monitor mode logged; enforce keeps the log on (the end-of-run line reads it).
+    assert json.loads(w.repo.read_text())["log_to_file"] is True and "stays on" in out
     assert trust.check(w.state, REPO, w.repo).trusted
     # --global: the global config, created.
     code, _, err = w("--network-allow", "a.test", "--global")
