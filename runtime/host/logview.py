@@ -53,29 +53,44 @@ class Entry:
     def from_record(cls, record: Mapping[str, Any]) -> Entry | None:
         try:
             ts = datetime.fromisoformat(str(record["ts"]).replace("Z", "+00:00"))
-            host = str(record.get("host") or "")
+            host = _text(record.get("host"))
             action = str(record["action"])
         except (KeyError, ValueError):
             return None
+        if ts.tzinfo is None:
+            ts = ts.replace(tzinfo=UTC)
         port = record.get("port")
         status = record.get("status")
+        rule = record.get("rule")
         return cls(
             ts=ts,
             kind=str(record.get("kind") or ("dns" if "qtype" in record else "http")),
             action=action,
             violation=bool(record.get("violation")),
-            reason=str(record.get("reason") or ""),
+            reason=_text(record.get("reason")),
             host=host,
-            method=str(record.get("method") or ""),
-            path=str(record.get("path") or ""),
-            scheme=str(record.get("scheme") or ""),
+            method=_text(record.get("method")),
+            path=_text(record.get("path")),
+            scheme=_text(record.get("scheme")),
             port=int(port) if isinstance(port, int) else None,
             status=int(status) if isinstance(status, int) else None,
-            rule=record.get("rule"),
-            mode=str(record.get("mode") or ""),
-            qtype=str(record.get("qtype") or ""),
+            rule=None if rule is None else _text(rule),
+            mode=_text(record.get("mode")),
+            qtype=_text(record.get("qtype")),
             raw=record,
         )
+
+
+def _text(value: Any) -> str:
+    """A field as text fit for a terminal: control and format characters escaped, so a
+    line of the log (which shows what the agent asked for) cannot move the cursor,
+    clear the screen or reorder what is shown."""
+    text = str(value or "")
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
 
 
 @dataclass
@@ -188,7 +203,8 @@ def format_entry(entry: Entry, colour: bool = False) -> str:
             if entry.port and entry.port not in (80, 443) and entry.port is not None
             else ""
         )
-        what = f"{entry.method or '-':<7} {entry.host}{port}{entry.path}"
+        plain = "http://" if entry.scheme == "http" else ""  # https is the rule: unmarked
+        what = f"{entry.method or '-':<7} {plain}{entry.host}{port}{entry.path}"
     rule = f" (rule: {entry.rule})" if entry.rule else ""
     status = f" {entry.status}" if entry.status is not None else ""
     return f"{when}  {shown} {what}  {entry.reason}{status}{rule}"
