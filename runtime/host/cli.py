@@ -1,10 +1,12 @@
 """`copilot_here`: the host CLI.
 
-Network configuration commands (init, show, enable/disable, check: runtime.host.netcmds)
-work on the same files and through the same core the container uses; anything else
-runs the container (runtime.host.run). Exit codes: 0 success, 1 a config or file
-problem (one line naming the file and the fix), 2 usage error, 3 `--network-check`:
-blocked (or, in monitor mode, would be); a run exits with the container's code.
+Network configuration commands (init, show, enable/disable, check: runtime.host.netcmds;
+the log, suggest, replay and editing commands: runtime.host.workflow) work on the same
+files and through the same core the container uses; anything else runs the container
+(runtime.host.run). Exit codes: 0 success, 1 a config or file problem (one line naming
+the file and the fix), 2 usage error, 3 `--network-check`: blocked (or, in monitor
+mode, would be), `--network-replay`: something would now be blocked; a run exits with
+the container's code.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="copilot_here",
         description="Run coding agents in a container whose outbound network is guarded.",
         epilog="Exit codes: 0 success (--network-check: allowed), 1 config or file problem, "
-        "2 usage error, 3 --network-check: blocked (or would be, in monitor mode); a run "
+        "2 usage error, 3 --network-check: blocked (or would be, in monitor mode), "
+        "--network-replay: something would now be blocked; a run "
         "exits with the container's code.",
         allow_abbrev=False,  # --network-sh is an error, never --network-show
     )

@@ -28,6 +28,7 @@ from runtime.host.netcmds import (
     template,
     write_config,
 )
+from runtime.host.trust import visible
 from runtime.resolve import AIRLOCK_GLOBAL, repo_config_path, resolve
 
 MIGRATE = "copilot_here --network-migrate"
@@ -131,7 +132,11 @@ def describe_change(change: RuleChange) -> list[str]:
 
 def diff(before: str, after: str, path: Path) -> str:
     lines = difflib.unified_diff(
-        before.splitlines(), after.splitlines(), f"{path} (now)", f"{path} (suggested)", lineterm=""
+        visible(before).splitlines(),
+        visible(after).splitlines(),
+        f"{path} (now)",
+        f"{path} (suggested)",
+        lineterm="",
     )
     return "".join(f"{line}\n" for line in lines)
 
