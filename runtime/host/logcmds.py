@@ -71,7 +71,7 @@ def cmd_logs(log: Path, view: LogView, out: TextIO, err: TextIO) -> int:
     def render(entry: logview.Entry) -> str:
         return json.dumps(dict(entry.raw)) if view.json else logview.format_entry(entry, colour)
 
-    read = logview.read_log(log)
+    read, offset = logview.read_whole_lines(log) if view.follow else (logview.read_log(log), 0)
     chosen = [e for e in read.entries if view.keep(e)]
     if view.summary:
         lines = logview.format_summary(logview.summarize(chosen))
@@ -96,7 +96,7 @@ def cmd_logs(log: Path, view: LogView, out: TextIO, err: TextIO) -> int:
     if view.follow:
         out.flush()
         try:
-            for _ in logview.follow(log, out, render, keep=view.keep):
+            for _ in logview.follow(log, out, render, keep=view.keep, offset=offset):
                 pass
         except KeyboardInterrupt:
             return EXIT_OK

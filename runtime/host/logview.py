@@ -312,11 +312,30 @@ def completed(lines: Iterable[str], held: dict[str, dict[str, Any]]) -> list[Ent
     return [e for e in (Entry.from_record(r) for r in records) if e is not None]
 
 
+def read_whole_lines(path: Path) -> tuple[Read, int]:
+    """The log up to its last complete line, and that line's end offset: where a
+    follow() picks up, so nothing written meanwhile (a half line included) is lost."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        return Read([], 0), 0
+    end = data.rfind(b"\n") + 1
+    text = data[:end].decode("utf-8", errors="replace")
+    return parse_lines(text.splitlines()), end
+
+
 def follow(
-    path: Path, out: TextIO, render: Any, poll: float = 0.25, keep: Any = None
+    path: Path,
+    out: TextIO,
+    render: Any,
+    poll: float = 0.25,
+    keep: Any = None,
+    offset: int | None = None,
 ) -> Iterator[None]:
     """Print new entries as they are appended, reopening the file when it is replaced;
     `keep` (an Entry predicate) filters them. A request prints once, when it is over.
+    The first file is followed from `offset` (read_whole_lines), else from its end.
 
     A generator so the caller decides when to stop (Ctrl-C, a test's bound)."""
     held: dict[str, dict[str, Any]] = {}
@@ -330,7 +349,9 @@ def follow(
                 handle = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
                 inode = os.fstat(handle.fileno()).st_ino
                 pending = ""  # a half line of the old file is not the start of a new one
-                if first:
+                if first and offset is not None:
+                    handle.seek(offset)
+                elif first:
                     handle.seek(0, os.SEEK_END)
             except FileNotFoundError:
                 handle = None

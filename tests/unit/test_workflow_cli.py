@@ -222,7 +222,7 @@ def test_follow_prints_what_is_appended_until_interrupted(w: World, monkeypatch)
 
     ticks = iter(range(3))
 
-    def fake_follow(path, out, render, poll=0.25, keep=None):
+    def fake_follow(path, out, render, poll=0.25, keep=None, offset=None):
         appended = [
             *request(7, "late.test", "/new"),
             *request(8, "skip.test", "/x", action="BLOCK", violation=False),
@@ -518,3 +518,37 @@ def test_a_waited_for_run_passes_sigterm_on_and_exits_with_the_engines_code(
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 7, err  # the engine's answer to the TERM, not the CLI's death
     assert "TERM-SEEN" in out
+
+
+CLI = (sys.executable, "-m", "runtime.host.cli")
+
+
+def test_follow_for_real_until_ctrl_c(w: World) -> None:
+    w.log(*request(1, "old.test", "/", action="BLOCK", violation=False))
+    with open(w.logs / "traffic.jsonl", "a") as handle:  # a line being written
+        handle.write(json.dumps(request(2, "half.test", "/", action="BLOCK")[1])[:30])
+    proc = subprocess.Popen(
+        [*CLI, "--network-logs", "-f", "--blocked", "--logs-dir", str(w.logs)],
+        cwd=w.project,
+        env={**os.environ, **w.env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        assert "BLOCK     GET     old.test/  host_not_allowed 403" in proc.stdout.readline()
+        time.sleep(0.5)
+        with open(w.logs / "traffic.jsonl", "a") as handle:  # the rest of the half line
+            handle.write(json.dumps(request(2, "half.test", "/", action="BLOCK")[1])[30:] + "\n")
+        w.log(*request(3, "ok.test", "/", violation=False, reason="rule_match"))
+        w.log(*request(4, "new.test", "/x", action="BLOCK", violation=False))
+        assert "half.test/" in proc.stdout.readline()  # not lost between reading and following
+        assert "new.test/x" in proc.stdout.readline()  # ok.test: not blocked, not shown
+        proc.send_signal(signal.SIGINT)  # Ctrl-C ends it, quietly
+        assert proc.wait(timeout=10) == 0
+        assert "Traceback" not in proc.stderr.read()  # type: ignore[union-attr]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
