@@ -133,6 +133,8 @@ def parse_host_path(value: str, option: str) -> tuple[str, str | None]:
             parts = urlsplit(text)
         except ValueError as exc:
             raise UsageError(f"{option} {value!r} is not a URL ({exc})") from None
+        if parts.scheme not in ("http", "https"):
+            raise UsageError(f"{option} {value!r}: rules are for http(s) URLs")
         if parts.query or parts.fragment:
             raise UsageError(f"{option} {value!r}: rules match paths without a query")
         host, path = parts.netloc, parts.path or None
@@ -219,7 +221,7 @@ def cmd_remove(t: Target, value: str, state: Path, home: Path, out: TextIO) -> i
             kept.append(rule)
     if not removed:
         what = f"no rule for {host}" if path is None else f"no rule for {host} lists {path}"
-        print(f"Nothing removed: {t.path} has {what}.", file=out)
+        print(f"copilot_here: nothing removed: {t.path} has {what}.", file=sys.stderr)
         return EXIT_CONFIG
     save(t, {**t.data, "allowed_rules": kept}, state, home, out)
     for line in removed:
@@ -358,7 +360,11 @@ def cmd_migrate(t: Target, home: Path, state: Path, out: TextIO) -> int:
         print("Where the native reading allows less than Airlock did:", file=out)
         print("".join(f"  - {n}\n" for n in t.config.notes), end="", file=out)
     if dest.exists() and dest != t.path:
-        print(f"Not written: {dest} exists already (it is used before {t.path}).", file=out)
+        print(
+            f"copilot_here: not written: {dest} exists already (it is used before {t.path}). "
+            f"Fix: move it away, or keep it and remove {t.path}",
+            file=sys.stderr,
+        )
         return EXIT_CONFIG
     write_config(dest, text, state, home, out)
     print(

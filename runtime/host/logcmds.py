@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -180,9 +181,10 @@ def cmd_suggest(
             print(line, file=out)
     if resolved.config.format == AIRLOCK or resolved.kind == AIRLOCK_GLOBAL:
         print(
-            f"{target} is in copilot_here's Airlock format; the CLI writes rules in the native "
-            f"format only. Fix: {MIGRATE}, then suggest again.",
-            file=out,
+            f"{'copilot_here: ' if apply else ''}{target} is in copilot_here's Airlock format; "
+            f"the CLI writes rules in the native format only. Fix: {MIGRATE}, then suggest "
+            "again.",
+            file=sys.stderr if apply else out,
         )
         return EXIT_CONFIG if apply else EXIT_OK
     if target.exists():

@@ -282,8 +282,8 @@ def test_suggest_shows_a_diff_flags_widening_and_applies_only_what_is_safe(w: Wo
 def test_suggest_for_an_airlock_config_asks_for_migration(w: World) -> None:
     w.write(w.repo, (AIRLOCK / "readme-example.json").read_text())
     w.log(*request(1, "example.com", "/x", mode="enforce", action="BLOCK", violation=False))
-    code, out, _ = w("--network-suggest", "--logs-dir", str(w.logs), "--all", "--apply")
-    assert code == 1 and "copilot_here --network-migrate" in out
+    code, _, err = w("--network-suggest", "--logs-dir", str(w.logs), "--all", "--apply")
+    assert code == 1 and "copilot_here --network-migrate" in err
     assert w.repo.read_text() == (AIRLOCK / "readme-example.json").read_text()
 
 
@@ -329,8 +329,8 @@ def test_allow_remove_and_mode_edit_the_config_in_use_and_record_the_approval(w:
     assert code == 0 and "Removed from" in out
     w("--network-remove", "docs.test/user")  # its last path: the rule goes, never []
     assert json.loads(w.repo.read_text())["allowed_rules"] == [{"host": "example.com"}]
-    code, out, _ = w("--network-remove", "docs.test")
-    assert code == 1 and "Nothing removed" in out
+    code, _, err = w("--network-remove", "docs.test")
+    assert code == 1 and "nothing removed" in err
     code, out, _ = w("--network-mode", "enforce")
     assert code == 0 and "Mode in" in out and "(was monitor)" in out
     assert json.loads(w.repo.read_text())["mode"] == "enforce"
