@@ -1,8 +1,10 @@
 """Finding, reading and compiling the config: the I/O around the pure core.
 
 Resolution: the repo config wins outright; else the
-global config; else the built-in defaults (allow-all). No merging between repo
-and global. The init, the reloader and the host CLI all resolve through here.
+global config; else copilot_here's own global Airlock config
+(~/.config/copilot_here/network.json, read as Airlock's format: runtime.core.airlock);
+else the built-in defaults (allow-all). No merging between them. The init, the
+reloader and the host CLI all resolve through here.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from runtime.registries import registry_hosts
 
 BUILT_IN_SOURCE = "built-in defaults"
 REPO, GLOBAL, BUILT_IN = "repo", "global", "built-in"
+#: copilot_here's global Airlock config: used when neither of ours exists.
+AIRLOCK_GLOBAL = "airlock-global"
+AIRLOCK_GLOBAL_RELATIVE = Path(".config") / "copilot_here" / "network.json"
 
 #: OWNER/REPO of the project's GitHub repository, for {{GITHUB_OWNER}}/{{GITHUB_REPO}}:
 #: set by the host CLI (from the project's approved origin remote), read by the init
@@ -70,7 +75,12 @@ class Resolved:
 
     @property
     def kind_label(self) -> str:
-        return {REPO: "repo config", GLOBAL: "global config", BUILT_IN: "no config file"}[self.kind]
+        return {
+            REPO: "repo config",
+            GLOBAL: "global config",
+            AIRLOCK_GLOBAL: "copilot_here's global Airlock config",
+            BUILT_IN: "no config file",
+        }[self.kind]
 
     @property
     def logging(self) -> str:
@@ -109,6 +119,10 @@ def global_config_path(home: Path) -> Path:
     return home / paths.REPO_CONFIG_RELATIVE
 
 
+def airlock_global_path(home: Path) -> Path:
+    return home / AIRLOCK_GLOBAL_RELATIVE
+
+
 def find_config(project_dir: Path, home: Path) -> tuple[str, Path | None]:
     """Which config is in force. A path that exists wins even if it is broken:
     a broken repo config is an error, never a silent fall-back to global."""
@@ -118,10 +132,13 @@ def find_config(project_dir: Path, home: Path) -> tuple[str, Path | None]:
     glob = global_config_path(home)
     if os.path.lexists(glob):
         return GLOBAL, glob
+    airlock = airlock_global_path(home)
+    if os.path.lexists(airlock):
+        return AIRLOCK_GLOBAL, airlock
     return BUILT_IN, None
 
 
-def read_config(path: Path) -> NetworkConfig:
+def read_config(path: Path, airlock: bool | None = None) -> NetworkConfig:
     """Read and validate one config file. A UTF-8 byte-order mark is accepted (editors
     on Windows write one); anything that is not UTF-8 is a ConfigError naming the fix."""
     try:
@@ -141,7 +158,7 @@ def read_config(path: Path) -> NetworkConfig:
                 )
             ],
         ) from None
-    return parse_config(text, str(path))
+    return parse_config(text, str(path), airlock)
 
 
 def _unreadable(exc: OSError) -> Problem:
@@ -204,7 +221,7 @@ def resolve(
 ) -> Resolved:
     """The config in force, compiled; `values` fill {{GITHUB_OWNER}}/{{GITHUB_REPO}}."""
     kind, path = find_config(project_dir, home)
-    config = read_config(path) if path else NetworkConfig()
+    config = read_config(path, kind == AIRLOCK_GLOBAL or None) if path else NetworkConfig()
     return compile_resolved(kind, path, config, share, values)
 
 

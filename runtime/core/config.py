@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from runtime.core.policy import (
     BUILT_IN_ORIGIN,
+    EXACT,
     SEGMENT_WILDCARD,
     HostError,
     Mode,
@@ -33,7 +34,8 @@ from runtime.core.policy import (
 )
 
 TOP_LEVEL_KEYS = ("$schema", "enabled", "inherit_defaults", "mode", "log_to_file", "allowed_rules")
-RULE_KEYS = ("host", "allowed_paths", "methods", "allow_private_addresses")
+RULE_KEYS = ("host", "allowed_paths", "methods", "schemes", "allow_private_addresses")
+SCHEMES = ("http", "https")
 #: The modes a config may name: the core's own vocabulary (allow-all comes from enabled).
 MODES = (Mode.MONITOR.value, Mode.ENFORCE.value)
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE")
@@ -55,6 +57,10 @@ ALIASES = {
     "allowedpaths": "allowed_paths",
     "path": "allowed_paths",
     "method": "methods",
+    "scheme": "schemes",
+    # copilot_here's Airlock names, in a file that is otherwise ours (see runtime.core.airlock)
+    "enable_logging": "log_to_file",
+    "inherit_default_rules": "inherit_defaults",
     "domain": "host",
     "hostname": "host",
     "allow_private": "allow_private_addresses",
@@ -100,6 +106,11 @@ class RuleSpec:
     allowed_paths: tuple[str, ...] = ()
     methods: tuple[str, ...] | None = None
     allow_private_addresses: bool = False
+    schemes: tuple[str, ...] | None = None
+
+
+NATIVE = "native"
+AIRLOCK = "airlock"
 
 
 @dataclass(frozen=True)
@@ -109,14 +120,22 @@ class NetworkConfig:
     mode: Mode = Mode.MONITOR
     log_to_file: bool = False
     allowed_rules: tuple[RuleSpec, ...] = field(default_factory=tuple)
+    #: NATIVE, or AIRLOCK: copilot_here's format, read through runtime.core.airlock
+    format: str = NATIVE
+    #: For AIRLOCK: the native document it maps to, and where the mapping allows less.
+    native: Any = field(default=None, compare=False, repr=False)
+    notes: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------
 # Parsing and validation
 
 
-def parse_config(text: str, source: str) -> NetworkConfig:
-    """Parse and validate a network.json document; raise ConfigError naming every problem."""
+def parse_config(text: str, source: str, airlock: bool | None = None) -> NetworkConfig:
+    """Parse and validate a network.json document; raise ConfigError naming every problem.
+
+    copilot_here's Airlock format is read too (runtime.core.airlock): when `airlock` is
+    True (its own global location), or when None and the document has its keys."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -130,6 +149,10 @@ def parse_config(text: str, source: str) -> NetworkConfig:
                 )
             ],
         ) from None
+    from runtime.core import airlock as airlock_format  # it builds on this module
+
+    if airlock or (airlock is None and airlock_format.is_airlock(data)):
+        return airlock_format.read(data, source)
     return validate_config(data, source)
 
 
@@ -201,6 +224,19 @@ def _validate_rule(raw: Any, pointer: str, problems: list[Problem]) -> RuleSpec 
     before = len(problems)
     problems += _unknown_keys(raw, RULE_KEYS, pointer)
     host = raw.get("host")
+    schemes = raw.get("schemes")
+    if schemes is not None and (
+        not isinstance(schemes, list)
+        or any(not isinstance(x, str) or x.lower() not in SCHEMES for x in schemes)
+        or len({x.lower() for x in schemes}) != len(schemes)
+    ):
+        problems.append(
+            Problem(
+                f"{pointer}/schemes",
+                f"must be a list of schemes (http, https), not {json.dumps(schemes)}",
+                'write "schemes": ["https"] to refuse plain HTTP, or leave it out for both',
+            )
+        )
     if "host" not in raw:
         problems.append(
             Problem(pointer, "the rule has no host", 'add "host": "example.com" to the rule')
@@ -260,6 +296,7 @@ def _validate_rule(raw: Any, pointer: str, problems: list[Problem]) -> RuleSpec 
         allowed_paths=tuple(paths),
         methods=None if methods is None else tuple(m.upper() for m in methods),
         allow_private_addresses=private,
+        schemes=None if schemes is None else tuple(x.lower() for x in schemes),
     )
 
 
@@ -362,6 +399,18 @@ def _check_path(path: Any, pointer: str, problems: list[Problem]) -> None:
             )
         )
         return
+    exact = path.startswith(EXACT)
+    if exact:
+        path = path[1:]
+        if SEGMENT_WILDCARD in path.split("/"):
+            problems.append(
+                Problem(
+                    pointer,
+                    f"{json.dumps(EXACT + path)}: an exact path ('=') cannot have '*' segments",
+                    f'write "{path}" (without "=") for a pattern',
+                )
+            )
+            return
     if not path.startswith("/"):
         problems.append(
             Problem(pointer, f"{json.dumps(path)} must start with '/'", f'write "/{path}"')
@@ -417,6 +466,11 @@ def _unknown_keys(data: Mapping[str, Any], known: tuple[str, ...], pointer: str)
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
             guess = close[0] if close else None
         fix = f'rename it to "{guess}"' if guess else "remove it; known keys: " + ", ".join(known)
+        if key == "allow_insecure" and "schemes" in known:
+            fix = (
+                'write "schemes": ["http", "https"] to allow plain HTTP (true), or '
+                '"schemes": ["https"] to refuse it (false)'
+            )
         problems.append(Problem(f"{pointer}/{_escape(key)}", f'unknown key "{key}"', fix))
     return problems
 
@@ -523,7 +577,12 @@ def _filled_rule(spec: RuleSpec, values: Mapping[str, str], origin: Origin) -> R
     if host is None or (spec.allowed_paths and not paths):
         return None
     return make_rule(
-        host, paths, spec.methods, origin, allow_private_addresses=spec.allow_private_addresses
+        host,
+        paths,
+        spec.methods,
+        origin,
+        spec.schemes,
+        allow_private_addresses=spec.allow_private_addresses,
     )
 
 

@@ -18,6 +18,8 @@ REASON_TEXT = {
     Reason.HOST_NOT_ALLOWED: "no allowed rule covers this host",
     Reason.PATH_NOT_ALLOWED: "the host is allowed, but not this path",
     Reason.METHOD_NOT_ALLOWED: "the host and path are allowed, but not this method",
+    Reason.SCHEME_NOT_ALLOWED: "the rule for this host does not allow this scheme (its "
+    '"schemes"; plain HTTP is refused where only "https" is listed)',
     Reason.HOST_MISMATCH: "the TLS server name (SNI) and the Host header name different hosts "
     "(domain fronting)",
     Reason.NOT_HTTP: "only HTTP requests and WebSockets can be judged; switching this "

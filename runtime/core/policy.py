@@ -43,6 +43,8 @@ class Reason(StrEnum):
     HOST_NOT_ALLOWED = "host_not_allowed"
     PATH_NOT_ALLOWED = "path_not_allowed"
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    #: The host, path and method are allowed, but not over this scheme (a rule's `schemes`).
+    SCHEME_NOT_ALLOWED = "scheme_not_allowed"
     HOST_MISMATCH = "host_mismatch"
     #: Set by the interceptor, never by `decide`: the connection was not HTTP (or asked to
     #: switch to a protocol other than WebSocket), so it cannot be judged and is closed.
@@ -359,6 +361,8 @@ def path_readings(raw: str) -> tuple[str, ...]:
 
 #: A whole path segment that matches any one segment: `/*/*/info/refs`.
 SEGMENT_WILDCARD = "*"
+#: An entry starting with this covers exactly one path: `=/user` is `/user`, not `/user/x`.
+EXACT = "="
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,16 +372,23 @@ class PathEntry:
     Ending in `/`: a prefix (`/repos/` covers `/repos/a/b`). Otherwise the path
     and what lies below it at a segment boundary (`/user` covers `/user/x`, not
     `/users`). A segment that is exactly `*` matches any one segment, never a
-    `/`: `/*/*/git-upload-pack` covers `/o/r.git/git-upload-pack`.
+    `/`: `/*/*/git-upload-pack` covers `/o/r.git/git-upload-pack`. Starting with
+    `=`: that one path only (`=/user` covers `/user`, not `/user/x` or `/user/`).
     """
 
     text: str
 
     @property
     def is_prefix(self) -> bool:
-        return self.text.endswith("/")
+        return self.text.endswith("/") and not self.is_exact
+
+    @property
+    def is_exact(self) -> bool:
+        return self.text.startswith(EXACT)
 
     def covers(self, path: str) -> bool:
+        if self.is_exact:
+            return path == self.text[1:]
         if SEGMENT_WILDCARD in self.text:
             return _covers_by_segments(self.text, path)
         if self.is_prefix:
@@ -433,6 +444,9 @@ class Rule:
     origin: Origin = BUILT_IN_ORIGIN
     #: The judged name may resolve to loopback, private, link-local ... addresses.
     allow_private_addresses: bool = False
+    #: The schemes allowed (`http`, `https`); None: both. Empty: none (the rule names the
+    #: host, replacing any built-in rule for it, and allows nothing).
+    schemes: frozenset[str] | None = None
 
     @property
     def is_wildcard(self) -> bool:
@@ -444,6 +458,9 @@ class Rule:
     def allows_method(self, method: str) -> bool:
         return self.methods is None or method in self.methods
 
+    def allows_scheme(self, scheme: str) -> bool:
+        return self.schemes is None or scheme in self.schemes
+
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "host": self.host,
@@ -453,6 +470,8 @@ class Rule:
             data["methods"] = sorted(self.methods)
         if self.allow_private_addresses:
             data["allow_private_addresses"] = True
+        if self.schemes is not None:
+            data["schemes"] = sorted(self.schemes)
         data["origin"] = self.origin.to_json()
         return data
 
@@ -465,8 +484,16 @@ class Rule:
             data.get("allowed_paths", ()),
             methods,
             Origin(origin.get("kind", BUILT_IN), origin.get("file")),
+            data.get("schemes"),
             allow_private_addresses=bool(data.get("allow_private_addresses", False)),
         )
+
+
+def normalize_entry(path: str) -> str:
+    """An `allowed_paths` entry as the policy compares it (`=` kept in front)."""
+    if path.startswith(EXACT):
+        return EXACT + normalize_path(path[1:])
+    return normalize_path(path)
 
 
 def make_rule(
@@ -474,6 +501,7 @@ def make_rule(
     allowed_paths: Iterable[str] = (),
     methods: Iterable[str] | None = None,
     origin: Origin = BUILT_IN_ORIGIN,
+    schemes: Iterable[str] | None = None,
     *,
     allow_private_addresses: bool = False,
 ) -> Rule:
@@ -481,11 +509,12 @@ def make_rule(
     return Rule(
         host=normalize_host_pattern(host),
         allowed_paths=tuple(
-            dict.fromkeys(PathEntry(normalize_path(path)) for path in allowed_paths)
+            dict.fromkeys(PathEntry(normalize_entry(path)) for path in allowed_paths)
         ),
         methods=None if methods is None else frozenset(m.upper() for m in methods),
         origin=origin,
         allow_private_addresses=allow_private_addresses,
+        schemes=None if schemes is None else frozenset(s.lower() for s in schemes),
     )
 
 
@@ -612,17 +641,23 @@ class Policy:
         else:
             readings = (path,)
         path_match: Rule | None = None
+        scheme_miss: Rule | None = None
         for rule in candidates:
             if (
                 rule.allows_path(path)
                 if len(readings) == 1
                 else all(rule.allows_path(reading) for reading in readings)
             ):
-                if rule.allows_method(method):
+                if not rule.allows_method(method):
+                    path_match = path_match or rule
+                elif rule.allows_scheme(request.scheme):
                     return Decision(
                         Action.ALLOW, Reason.RULE_MATCH, self.mode, host, path, rule, method
                     )
-                path_match = path_match or rule
+                else:
+                    scheme_miss = scheme_miss or rule
+        if scheme_miss is not None:
+            return self._verdict(Reason.SCHEME_NOT_ALLOWED, host, path, scheme_miss)
         if path_match is not None:
             return self._verdict(
                 Reason.METHOD_NOT_ALLOWED, host, path, path_match, method, candidates
@@ -705,6 +740,18 @@ def suggested_rules(decision: Decision) -> list[dict[str, Any]]:
         if not rule["allowed_paths"]:
             rule.pop("allowed_paths")
         return [{**rule, "allow_private_addresses": True}]
+    if (
+        decision.reason is Reason.SCHEME_NOT_ALLOWED
+        and decision.rule is not None
+        and decision.rule.schemes
+    ):
+        # The rule that matched, over plain HTTP too.
+        rule = decision.rule.to_json()
+        rule.pop("origin")
+        rule.pop("schemes")
+        if not rule["allowed_paths"]:
+            rule.pop("allowed_paths")
+        return [rule]
     if decision.reason not in (Reason.PATH_NOT_ALLOWED, Reason.METHOD_NOT_ALLOWED) or (
         decision.rule is None
     ):

@@ -26,6 +26,7 @@ from runtime.core.policy import (
     Mode,
     Policy,
     Request,
+    Rule,
     normalize_host,
     normalize_path,
 )
@@ -53,10 +54,13 @@ class RuleChange:
 
     host: str
     allowed_paths: tuple[str, ...]  # () allows every path
-    methods: tuple[str, ...] | None  # None allows every method
-    extends: bool  # True: the config has a rule for this host; these are added to it
+    methods: tuple[str, ...] | None  # suggest: the methods seen, never more; None: every one
+    extends: bool  # True: the config has a rule for this host with these methods
     requests: int  # how many of the seen requests this change allows
     warnings: tuple[str, ...] = ()  # how it widens access beyond what was seen
+    #: Rules that decide this host now (built-in, or a wildcard) and would stop doing so
+    #: once the config names the host: copied for it, so nothing allowed before is lost.
+    carried: tuple[dict[str, object], ...] = ()
 
     def to_json(self) -> dict[str, object]:
         data: dict[str, object] = {"host": self.host}
@@ -121,8 +125,24 @@ def _allowed(policy: Policy, item: Seen) -> bool:
     return not decision.blocked and not decision.violation
 
 
+def _carried(rule: Rule, host: str) -> dict[str, object]:
+    """`rule` as a rule of the config for exactly `host` (its origin dropped)."""
+    data = rule.to_json()
+    data.pop("origin", None)
+    data["host"] = host
+    if not data.get("allowed_paths"):
+        data.pop("allowed_paths", None)
+    return data
+
+
 def suggest(seen: Iterable[Seen], policy: Policy, depth: int = DEFAULT_DEPTH) -> list[RuleChange]:
-    """The rule changes that would allow every seen request `policy` does not allow."""
+    """The rule changes that would allow every seen request `policy` does not allow.
+
+    Methods are the ones seen (a write is flagged, never widened to every method).
+    When the config has no rule of its own for a host, the rules that decide it now
+    (built-in ones, a wildcard) are copied with the new rule: a rule of the config for
+    a host replaces the built-in rules for it and shadows a wildcard.
+    """
     wanted: dict[str, list[Seen]] = {}
     for item in seen:
         try:
@@ -133,36 +153,71 @@ def suggest(seen: Iterable[Seen], policy: Policy, depth: int = DEFAULT_DEPTH) ->
             wanted.setdefault(host, []).append(item)
     changes = []
     for host, items in sorted(wanted.items()):
-        existing = [r for r in policy.rules_for_host(host) if r.origin.kind != BUILT_IN]
-        exact = [r for r in existing if r.host == host]
-        paths = _minimal(fold_path(i.path, depth) for i in items)
-        methods_seen = sorted({i.method.upper() for i in items})
-        only_safe = set(methods_seen) <= SAFE_METHODS
-        warnings: list[str] = []
-        if not only_safe:
-            writes = ", ".join(m for m in methods_seen if m not in SAFE_METHODS)
-            warnings.append(f"allows writes ({writes})")
-        if _is_private(host):
-            warnings.append("a private or local address")
-        if paths == ("/",):
-            paths = ()
-        if not paths:
-            distinct = {normalize_path(i.path) for i in items}
-            if len(distinct) <= 1:
-                warnings.append("the whole host, for requests to one path")
-            else:
-                warnings.append("the whole host")
-        changes.append(
-            RuleChange(
-                host=host,
-                allowed_paths=paths,
-                methods=tuple(methods_seen) if only_safe else None,
-                extends=bool(exact),
-                requests=len(items),
-                warnings=tuple(warnings),
-            )
-        )
+        own = any(r.origin.kind != BUILT_IN and r.host == host for r in policy.rules_for_host(host))
+        carried = () if own else carried_rules(policy, host)
+        # Reads and writes apart: the reads can be taken while the writes stay flagged.
+        reads = [i for i in items if i.method.upper() in SAFE_METHODS]
+        writes = [i for i in items if i.method.upper() not in SAFE_METHODS]
+        for group in (reads, writes):
+            if group:
+                changes.append(_change(host, group, depth, own, carried))
     return changes
+
+
+def _change(
+    host: str,
+    items: list[Seen],
+    depth: int,
+    own: bool,
+    carried: tuple[dict[str, object], ...],
+) -> RuleChange:
+    paths = _minimal(fold_path(i.path, depth) for i in items)
+    methods_seen = tuple(sorted({i.method.upper() for i in items}))
+    warnings: list[str] = []
+    writes = [m for m in methods_seen if m not in SAFE_METHODS]
+    if writes:
+        warnings.append(f"allows writes ({', '.join(writes)})")
+    if _is_private(host):
+        warnings.append("a private or local address")
+    if paths == ("/",):
+        paths = ()
+    if not paths:
+        distinct = {normalize_path(i.path) for i in items}
+        if len(distinct) <= 1:
+            warnings.append("the whole host, for requests to one path")
+        else:
+            warnings.append("the whole host")
+    return RuleChange(
+        host=host,
+        allowed_paths=paths,
+        methods=methods_seen,
+        extends=own,
+        requests=len(items),
+        warnings=tuple(warnings),
+        carried=carried,
+    )
+
+
+def carried_rules(policy: Policy, host: str) -> tuple[dict[str, object], ...]:
+    """The rules deciding `host` now that a new rule of the config for it would replace
+    (built-in) or shadow (a wildcard): as rules of the config for exactly `host`."""
+    if policy.mode is Mode.ALLOW_ALL:
+        return ()
+    deciding = policy.rules_for_host(host)
+    if any(r.origin.kind != BUILT_IN and r.host == host for r in deciding):
+        return ()
+    return tuple(_carried(r, host) for r in deciding)
+
+
+def _same_host(rule: dict[str, object], host: str) -> bool:
+    return str(rule.get("host", "")).strip().lower().rstrip(".") == host
+
+
+def _methods(rule: dict[str, object]) -> frozenset[str] | None:
+    methods = rule.get("methods")
+    if not isinstance(methods, list):
+        return None
+    return frozenset(str(m).upper() for m in methods)
 
 
 def apply_changes(
@@ -170,32 +225,32 @@ def apply_changes(
 ) -> list[dict[str, object]]:
     """The `allowed_rules` list of a config with the changes applied (order and keys kept).
 
-    A change for a host the config already names extends that rule's paths and
-    methods; a rule that allows every path or method stays as wide as it was.
+    A change extends a rule of the config for the same host with the same methods
+    (and no `schemes`): its paths are added. Otherwise the change is a rule of its
+    own after the others, so no rule allows a method on a path it did not before.
     """
     out = [dict(rule) for rule in rules]
     for change in changes:
+        out += [dict(rule) for rule in change.carried if rule not in out]
         target = next(
-            (r for r in out if str(r.get("host", "")).lower().rstrip(".") == change.host), None
+            (
+                r
+                for r in out
+                if _same_host(r, change.host)
+                and _methods(r) == (None if change.methods is None else frozenset(change.methods))
+                and "schemes" not in r
+                and r.get("allowed_paths")  # [] already allows every path
+            ),
+            None,
         )
         if target is None:
             out.append(change.to_json())
             continue
-        paths = list(target.get("allowed_paths", []) or [])  # type: ignore[arg-type]
-        if paths:  # [] already allows every path
-            if not change.allowed_paths:
-                target["allowed_paths"] = []
-            else:
-                target["allowed_paths"] = paths + [
-                    p for p in change.allowed_paths if p not in paths
-                ]
-        methods = target.get("methods")
-        if methods is not None:
-            if change.methods is None:
-                target.pop("methods")
-            else:
-                known = [str(m).upper() for m in methods]  # type: ignore[union-attr]
-                target["methods"] = list(methods) + [m for m in change.methods if m not in known]  # type: ignore[operator]
+        paths = list(target["allowed_paths"])  # type: ignore[call-overload]
+        if not change.allowed_paths:
+            target["allowed_paths"] = []
+        else:
+            target["allowed_paths"] = paths + [p for p in change.allowed_paths if p not in paths]
     return out
 
 

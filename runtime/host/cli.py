@@ -1,10 +1,12 @@
 """`copilot_here`: the host CLI.
 
-Network configuration commands (init, show, enable/disable, check: runtime.host.netcmds)
-work on the same files and through the same core the container uses; anything else
-runs the container (runtime.host.run). Exit codes: 0 success, 1 a config or file
-problem (one line naming the file and the fix), 2 usage error, 3 `--network-check`:
-blocked (or, in monitor mode, would be); a run exits with the container's code.
+Network configuration commands (init, show, enable/disable, check: runtime.host.netcmds;
+the log, suggest, replay and editing commands: runtime.host.workflow) work on the same
+files and through the same core the container uses; anything else runs the container
+(runtime.host.run). Exit codes: 0 success, 1 a config or file problem (one line naming
+the file and the fix), 2 usage error, 3 `--network-check`: blocked (or, in monitor
+mode, would be), `--network-replay`: something would now be blocked; a run exits with
+the container's code.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from runtime.core.config import ConfigError
-from runtime.host import hoststate, run, trust
+from runtime.host import hoststate, run, trust, workflow
 from runtime.host.fileproblems import FileProblem
 from runtime.host.fileproblems import describe as describe_os_error
 from runtime.host.netcmds import (
@@ -42,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="copilot_here",
         description="Run coding agents in a container whose outbound network is guarded.",
         epilog="Exit codes: 0 success (--network-check: allowed), 1 config or file problem, "
-        "2 usage error, 3 --network-check: blocked (or would be, in monitor mode); a run "
+        "2 usage error, 3 --network-check: blocked (or would be, in monitor mode), "
+        "--network-replay: something would now be blocked; a run "
         "exits with the container's code.",
         allow_abbrev=False,  # --network-sh is an error, never --network-show
     )
@@ -85,7 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="explain how the effective policy treats a request to URL",
     )
-    net.add_argument("--method", help="HTTP method for --network-check (default GET)")
+    net.add_argument(
+        "--method",
+        action="append",
+        help="HTTP method for --network-check (default GET), or for --network-allow "
+        "(repeatable; default every method)",
+    )
     net.add_argument(
         "--no-inherit",
         action="store_true",
@@ -99,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="mount the network config writable in the container (live edits)",
     )
+    workflow.add_arguments(net, actions)
     run.add_run_arguments(parser)
     return parser
 
@@ -110,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _options(parser: argparse.ArgumentParser) -> dict[str, bool]:
     """Every option string -> whether it takes a value."""
     return {opt: action.nargs != 0 for action in parser._actions for opt in action.option_strings}
+
+
+def _optional_value(parser: argparse.ArgumentParser) -> set[str]:
+    """The options whose value may be left out (--network-replay [LOG])."""
+    return {o for a in parser._actions if a.nargs == "?" for o in a.option_strings}
 
 
 def _did_you_mean(word: str, options: Sequence[str]) -> str:
@@ -137,6 +151,9 @@ def precheck(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
                 )
             if options[name] and "=" not in arg:
                 value = argv[i + 1] if i + 1 < len(argv) else None
+                if name in _optional_value(parser) and (value is None or value.startswith("-")):
+                    i += 1
+                    continue
                 if value is None or (value.startswith("-") and value != "-"):
                     raise UsageError(
                         f"{name} needs a value"
@@ -209,8 +226,11 @@ def dispatch(args: argparse.Namespace) -> int:
     out = sys.stdout
     if (args.no_inherit or args.force) and not (args.network_init or args.network_init_global):
         raise UsageError("--no-inherit and --force go with --network-init or --network-init-global")
-    if args.method is not None and args.network_check is None:
-        raise UsageError("--method goes with --network-check")
+    if args.method is not None and args.network_check is None and args.network_allow is None:
+        raise UsageError("--method goes with --network-check or --network-allow")
+    if args.method is not None and args.network_check is not None and len(args.method) > 1:
+        raise UsageError("--network-check takes one --method")
+    workflow.check_companions(args)
     if args.network_init_global:
         target = global_config_path(home)
         return cmd_init(target, args.no_inherit, args.force, state, home, out)
@@ -237,8 +257,11 @@ def dispatch(args: argparse.Namespace) -> int:
         target = path if path is not None else repo_config_path(project)
         return cmd_set_enabled(target, args.network_enable, state, home, out)
     if args.network_check is not None:
-        method = "GET" if args.method is None else args.method
+        method = "GET" if args.method is None else args.method[0]
         return cmd_check(project, home, args.network_check, method, out, state)
+    code = workflow.dispatch(args, project, home, state, out)
+    if code is not None:
+        return code
     return run.run_from_args(args, project, home)
 
 

@@ -53,29 +53,44 @@ class Entry:
     def from_record(cls, record: Mapping[str, Any]) -> Entry | None:
         try:
             ts = datetime.fromisoformat(str(record["ts"]).replace("Z", "+00:00"))
-            host = str(record.get("host") or "")
+            host = _text(record.get("host"))
             action = str(record["action"])
         except (KeyError, ValueError):
             return None
+        if ts.tzinfo is None:
+            ts = ts.replace(tzinfo=UTC)
         port = record.get("port")
         status = record.get("status")
+        rule = record.get("rule")
         return cls(
             ts=ts,
             kind=str(record.get("kind") or ("dns" if "qtype" in record else "http")),
             action=action,
             violation=bool(record.get("violation")),
-            reason=str(record.get("reason") or ""),
+            reason=_text(record.get("reason")),
             host=host,
-            method=str(record.get("method") or ""),
-            path=str(record.get("path") or ""),
-            scheme=str(record.get("scheme") or ""),
+            method=_text(record.get("method")),
+            path=_text(record.get("path")),
+            scheme=_text(record.get("scheme")),
             port=int(port) if isinstance(port, int) else None,
             status=int(status) if isinstance(status, int) else None,
-            rule=record.get("rule"),
-            mode=str(record.get("mode") or ""),
-            qtype=str(record.get("qtype") or ""),
+            rule=None if rule is None else _text(rule),
+            mode=_text(record.get("mode")),
+            qtype=_text(record.get("qtype")),
             raw=record,
         )
+
+
+def _text(value: Any) -> str:
+    """A field as text fit for a terminal: control and format characters escaped, so a
+    line of the log (which shows what the agent asked for) cannot move the cursor,
+    clear the screen or reorder what is shown."""
+    text = str(value or "")
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
 
 
 @dataclass
@@ -188,7 +203,8 @@ def format_entry(entry: Entry, colour: bool = False) -> str:
             if entry.port and entry.port not in (80, 443) and entry.port is not None
             else ""
         )
-        what = f"{entry.method or '-':<7} {entry.host}{port}{entry.path}"
+        plain = "http://" if entry.scheme == "http" else ""  # https is the rule: unmarked
+        what = f"{entry.method or '-':<7} {plain}{entry.host}{port}{entry.path}"
     rule = f" (rule: {entry.rule})" if entry.rule else ""
     status = f" {entry.status}" if entry.status is not None else ""
     return f"{when}  {shown} {what}  {entry.reason}{status}{rule}"
@@ -273,10 +289,56 @@ def end_of_run_line(entries: Iterable[Entry], command: str, top: int = 3) -> str
     return f"[Network] {' and '.join(what)} this run: {shown}{more}. See: {command}"
 
 
-def follow(path: Path, out: TextIO, render: Any, poll: float = 0.25) -> Iterator[None]:
-    """Print new entries as they are appended, reopening the file when it is replaced.
+def completed(lines: Iterable[str], held: dict[str, dict[str, Any]]) -> list[Entry]:
+    """Entries from lines appended to a log, each shown once: a request's start line is
+    held (in `held`, by id) until its end line comes, so a request prints when it is
+    over, with its status; a line of no phase (DNS, older versions) prints at once."""
+    records: list[Mapping[str, Any]] = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        key = record.get("id")
+        if key is not None and record.get("phase") == "start":
+            held[str(key)] = record
+            continue
+        if key is not None and str(key) in held:
+            start = held.pop(str(key))
+            record = {**start, **record, "ts": start.get("ts", record.get("ts"))}
+        records.append(record)
+    return [e for e in (Entry.from_record(r) for r in records) if e is not None]
+
+
+def read_whole_lines(path: Path) -> tuple[Read, int]:
+    """The log up to its last complete line, and that line's end offset: where a
+    follow() picks up, so nothing written meanwhile (a half line included) is lost."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        return Read([], 0), 0
+    end = data.rfind(b"\n") + 1
+    text = data[:end].decode("utf-8", errors="replace")
+    return parse_lines(text.splitlines()), end
+
+
+def follow(
+    path: Path,
+    out: TextIO,
+    render: Any,
+    poll: float = 0.25,
+    keep: Any = None,
+    offset: int | None = None,
+) -> Iterator[None]:
+    """Print new entries as they are appended, reopening the file when it is replaced;
+    `keep` (an Entry predicate) filters them. A request prints once, when it is over.
+    The first file is followed from `offset` (read_whole_lines), else from its end.
 
     A generator so the caller decides when to stop (Ctrl-C, a test's bound)."""
+    held: dict[str, dict[str, Any]] = {}
     handle = None
     inode = None
     pending = ""
@@ -287,7 +349,9 @@ def follow(path: Path, out: TextIO, render: Any, poll: float = 0.25) -> Iterator
                 handle = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
                 inode = os.fstat(handle.fileno()).st_ino
                 pending = ""  # a half line of the old file is not the start of a new one
-                if first:
+                if first and offset is not None:
+                    handle.seek(offset)
+                elif first:
                     handle.seek(0, os.SEEK_END)
             except FileNotFoundError:
                 handle = None
@@ -297,8 +361,9 @@ def follow(path: Path, out: TextIO, render: Any, poll: float = 0.25) -> Iterator
             if chunk:
                 pending += chunk
                 *lines, pending = pending.split("\n")
-                for entry in parse_lines(lines).entries:
-                    print(render(entry), file=out, flush=True)
+                for entry in completed(lines, held):
+                    if keep is None or keep(entry):
+                        print(render(entry), file=out, flush=True)
             try:
                 if os.stat(path).st_ino != inode:
                     handle.close()

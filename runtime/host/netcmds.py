@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from runtime import fsutil, paths
-from runtime.core.config import parse_config, validate_config
+from runtime.core.config import AIRLOCK, parse_config
 from runtime.core.explain import explain
 from runtime.core.policy import HostError, Mode, Request, normalize_host
 from runtime.host import github, hostlogs, trust
@@ -21,6 +21,7 @@ from runtime.resolve import (
     GLOBAL,
     REPO,
     Resolved,
+    airlock_global_path,
     find_config,
     global_config_path,
     resolve,
@@ -59,7 +60,15 @@ class UsageError(Exception):
 
 
 def dump(data: dict[str, Any]) -> str:
-    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    """The config as the CLI writes it: keys in their order, one rule per line (so a
+    diff of a change shows the rules that changed, and nothing else)."""
+    rules = data.get("allowed_rules")
+    if not isinstance(rules, list) or not rules:
+        return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    marker = "\x00rules\x00"
+    text = json.dumps({**data, "allowed_rules": marker}, indent=2, ensure_ascii=False)
+    lines = ",\n".join(f"    {json.dumps(rule, ensure_ascii=False)}" for rule in rules)
+    return text.replace(json.dumps(marker), "[\n" + lines + "\n  ]") + "\n"
 
 
 def atomic_write(path: Path, text: str, follow: bool = False) -> None:
@@ -77,7 +86,8 @@ def atomic_write(path: Path, text: str, follow: bool = False) -> None:
 
 
 def config_kind(path: Path, home: Path) -> str:
-    return GLOBAL if path == global_config_path(home) else REPO
+    """GLOBAL for the user's own files (ours, and copilot_here's global Airlock config)."""
+    return GLOBAL if path in (global_config_path(home), airlock_global_path(home)) else REPO
 
 
 def read_text(path: Path) -> str:
@@ -114,10 +124,10 @@ def write_config(path: Path, text: str, state: Path, home: Path, out) -> None:
         )
 
 
-def load_ordered(path: Path) -> dict[str, Any]:
+def load_ordered(path: Path, airlock: bool | None = None) -> dict[str, Any]:
     """The file as written (key order kept), validated so we never write a broken config."""
     text = read_text(path)
-    parse_config(text, str(path))  # raises ConfigError naming the file, field and fix
+    parse_config(text, str(path), airlock)  # ConfigError naming the file, field and fix
     return json.loads(text)
 
 
@@ -148,14 +158,16 @@ def cmd_init(target: Path, no_inherit: bool, force: bool, state: Path, home: Pat
 
 
 def cmd_set_enabled(target: Path, enabled: bool, state: Path, home: Path, out) -> int:
+    airlock = True if target == airlock_global_path(home) else None
     if target.exists():
-        data = load_ordered(target)
+        data = load_ordered(target, airlock)
         created = False
     else:
         data = template(no_inherit=False)
         created = True
     data["enabled"] = enabled
-    validate_config(data, str(target))
+    # Either format (an Airlock file keeps its own keys); copilot_here's global is Airlock's.
+    parse_config(dump(data), str(target), airlock)
     write_config(target, dump(data), state, home, out)
     created_text = " (created)" if created else ""
     if not enabled:
@@ -198,7 +210,21 @@ def describe_rules(resolved: Resolved) -> list[str]:
     for rule in resolved.policy.rules:
         paths_text = ", ".join(e.text for e in rule.allowed_paths) or "all paths"
         methods = ", ".join(sorted(rule.methods)) if rule.methods else "all methods"
+        if rule.schemes is not None:  # https only, or nothing at all
+            methods += f" ({', '.join(sorted(rule.schemes)) or 'no scheme'})"
         lines.append(f"  {rule.host:<40} {paths_text:<24} {methods:<14} [{rule.origin.label}]")
+    return lines
+
+
+def format_lines(resolved: Resolved) -> list[str]:
+    """For --network-show: the file's format, and for Airlock's, how it is read."""
+    if resolved.config.format != AIRLOCK:
+        return []
+    lines = [
+        "Format: Airlock (copilot_here's network.json), read as the native rules below "
+        "(copilot_here --network-migrate writes them as a native file)"
+    ]
+    lines += [f"  narrower here: {note}" for note in resolved.config.notes]
     return lines
 
 
@@ -247,6 +273,8 @@ def cmd_show(
     resolved = resolve(project, home, values=github.check(state, project).values)
     policy = resolved.policy
     print(f"Config source: {resolved.source} ({resolved.kind_label})", file=out)
+    for line in format_lines(resolved):
+        print(line, file=out)
     for line in trust_lines(state, project, home):
         print(line, file=out)
     for line in repository_lines(resolved, state, project):

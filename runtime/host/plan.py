@@ -16,18 +16,21 @@ would in any case refuse an unapproved repo config: runtime.host.trust).
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime import paths
+from runtime import fsutil, paths
 from runtime.host import hostlogs, hoststate, trust
 from runtime.host.fileproblems import FileProblem, problem
-from runtime.resolve import GLOBAL, REPO, find_config
+from runtime.resolve import AIRLOCK_GLOBAL, GLOBAL, REPO, find_config, read_config
 
 CONTAINER_CONFIG_REPO = "/work/.copilot_here"
 CONTAINER_CONFIG_GLOBAL = str(paths.CONTAINER_HOME / ".copilot_here")
 CONTAINER_LOGS = "/logs"
+#: Where the native translation of copilot_here's global Airlock config is kept for a run.
+AIRLOCK_COPY = "airlock-global"
 
 
 @dataclass(frozen=True)
@@ -122,11 +125,45 @@ def config_mounts(
         return [Mount(str(path.parent), CONTAINER_CONFIG_REPO, not config_write)]
     empty = empty_dir or hoststate.state_root(home, environ) / trust.EMPTY
     mounts = [Mount(str(empty), CONTAINER_CONFIG_REPO, True)]
+    if kind == AIRLOCK_GLOBAL and path is not None:
+        mounts.append(airlock_global_mount(path, home, config_write, environ))
     if kind == GLOBAL and path is not None:
         mounts.append(
             Mount(str(global_mount_source(path)), CONTAINER_CONFIG_GLOBAL, not config_write)
         )
     return mounts
+
+
+def airlock_global_mount(
+    path: Path, home: Path, config_write: bool, environ: dict[str, str]
+) -> Mount:
+    """copilot_here's global Airlock config is never mounted itself (its directory holds
+    copilot_here's other files): its native translation is, read-only, as the global
+    config (prepare_airlock_copy writes it), so the container reads what the host did."""
+    if config_write:
+        raise RunError(
+            f"--network-config-write: the config in use is copilot_here's Airlock config "
+            f"{path}, which a run never mounts writable. Fix: copilot_here --network-migrate "
+            "(it writes the native global config), then run again"
+        )
+    copy = hoststate.state_root(home, environ) / AIRLOCK_COPY
+    return Mount(str(copy), CONTAINER_CONFIG_GLOBAL, True)
+
+
+def prepare_airlock_copy(p: Plan, home: Path) -> None:
+    """Write the native translation of copilot_here's global Airlock config where the
+    plan mounts it (state root, out of the agent's reach). Nothing when not in use."""
+    mount = next((m for m in p.mounts if m.source.endswith("/" + AIRLOCK_COPY)), None)
+    if mount is None:
+        return
+    kind, path = find_config(Path(p.project), home)
+    if kind != AIRLOCK_GLOBAL or path is None:
+        return
+    config = read_config(path, airlock=True)
+    copy = hoststate.ensure_private_dir(Path(mount.source), hoststate.state_root(home))
+    os.chmod(copy, 0o755)  # the container's users read it
+    text = json.dumps(config.native, indent=2, ensure_ascii=False) + "\n"
+    fsutil.atomic_write(copy / paths.REPO_CONFIG_RELATIVE.name, text, 0o644)
 
 
 def global_mount_source(path: Path) -> Path:

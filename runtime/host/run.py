@@ -2,11 +2,14 @@
 
 One plan (runtime.host.plan: what to mount where, which environment) and three engines:
 
-    docker / podman   argv for `docker run` / `podman run` (runtime.host.engines; exec'd:
-                      the exit code and signals are the engine's own, the container's)
+    docker / podman   argv for `docker run` / `podman run` (runtime.host.engines; waited
+                      for: the exit code is the container's, SIGTERM/SIGHUP are passed
+                      on, a terminal's Ctrl-C reaches the command: runtime.host.writable)
     sandbox           the same init as PID 1 in Linux namespaces (runtime.host.sandbox)
 
-A run that mounts a config writable is waited for instead (runtime.host.writable).
+Every run is waited for so that the CLI can report at exit: what the agent changed
+in a writable config (runtime.host.writable), and what was blocked or flagged
+(runtime.host.afterrun).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 from runtime.core.config import ConfigError
 from runtime.core.github import repository_of
 from runtime.core.policy import Mode
-from runtime.host import github, hoststate, trust
+from runtime.host import afterrun, github, hoststate, trust
 from runtime.host.engines import (
     default_engine,
     engine_argv,
@@ -30,7 +33,15 @@ from runtime.host.engines import (
     refuse_engine_args,
 )
 from runtime.host.fileproblems import FileProblem
-from runtime.host.plan import Plan, RunError, plan, prepare_config_mountpoint, prepare_logs
+from runtime.host.plan import (
+    CONTAINER_LOGS,
+    Plan,
+    RunError,
+    plan,
+    prepare_airlock_copy,
+    prepare_config_mountpoint,
+    prepare_logs,
+)
 from runtime.host.writable import report_config_changes, wait_for, watch_writable_config
 from runtime.resolve import GITHUB_REPO_ENV, resolve
 
@@ -181,17 +192,18 @@ def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
             return 0
         prepare_config_mountpoint(project)
         prepare_logs(p, args.logs_dir is not None, home)
+        prepare_airlock_copy(p, home)
         if not shutil.which(engine):
             raise RunError(f"{engine} is not installed; try --engine sandbox (as root)")
         watched = watch_writable_config(state, project, home, args.network_config_write)
+        log_mark = afterrun.mark(logs_dir(p)) if p.active else None
         sys.stdout.flush()
         sys.stderr.flush()
-        if watched is None:
-            os.execvp(engine, argv)
         try:
             return wait_for(argv)
         finally:
             report_config_changes(state, watched)
+            afterrun.report(log_mark, args.logs_dir)
     except RunError as exc:
         print(f"copilot_here: {exc}", file=sys.stderr)
         return 2
@@ -213,10 +225,17 @@ def run_sandbox(args: argparse.Namespace, p: Plan, state: Path, project: Path, h
         return 0
     prepare_config_mountpoint(project)
     prepare_logs(p, args.logs_dir is not None, home)
+    prepare_airlock_copy(p, home)
     watched = watch_writable_config(state, project, home, args.network_config_write)
+    log_mark = afterrun.mark(logs_dir(p)) if p.active else None
     try:
         return sandbox.run(spec)
     except sandbox.SandboxError as exc:
         raise RunError(str(exc)) from None
     finally:
         report_config_changes(state, watched)
+        afterrun.report(log_mark, args.logs_dir)
+
+
+def logs_dir(p: Plan) -> Path:
+    return Path(next(m.source for m in p.mounts if m.target == CONTAINER_LOGS))

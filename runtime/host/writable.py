@@ -1,5 +1,6 @@
-"""A run that mounts a config writable is waited for instead of exec'd: at exit the
-CLI shows what the agent changed in it (a later run uses that only once approved)."""
+"""Runs are waited for instead of exec'd (wait_for), so the CLI can report at exit:
+for a run that mounts a config writable, what the agent changed in it (a later run
+uses that only once approved); for every run, what was blocked (runtime.host.afterrun)."""
 
 from __future__ import annotations
 

@@ -261,7 +261,7 @@ def test_a_utf8_bom_is_accepted_and_dropped_by_a_cli_write(env: Env) -> None:
 
 def test_a_logs_path_that_is_a_file(env: Env, tmp_path: Path) -> None:
     logs = write(tmp_path / "logsfile", "x")
-    env.monkeypatch.setattr(os, "execvp", lambda *a: pytest.fail("the engine was started"))
+    env.monkeypatch.setattr(run, "wait_for", lambda *a: pytest.fail("the engine was started"))
     env.monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
     fake = write(tmp_path / "docker", "#!/bin/sh\nexit 0\n")
     fake.chmod(0o755)

@@ -162,7 +162,7 @@ def test_cli_refuses_with_one_line_and_exit_1(tmp_path, monkeypatch, capsys) -> 
     def no_engine(*_args: object) -> None:
         raise AssertionError("the engine was started")
 
-    monkeypatch.setattr(run.os, "execvp", no_engine)
+    monkeypatch.setattr(run, "wait_for", no_engine)
     monkeypatch.setattr(run.shutil, "which", lambda _name: "/usr/bin/docker")
     code = cli_main(["--engine", "docker", "--logs-dir", str(tmp_path / "link"), "--", "true"])
     err = capsys.readouterr().err

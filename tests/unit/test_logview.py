@@ -188,3 +188,43 @@ def test_follow_prints_appended_lines_and_survives_replacement(tmp_path: Path) -
     next(steps)
     next(steps)
     assert out.getvalue().split() == ["/new", "/rotated"]
+
+
+def test_follow_prints_a_request_once_when_it_is_over(tmp_path: Path) -> None:
+    log = tmp_path / "traffic.jsonl"
+    log.write_text("")
+    out = io.StringIO()
+    steps = logview.follow(
+        log, out, lambda e: f"{e.path} {e.status}", poll=0, keep=lambda e: e.host != "skip.test"
+    )
+    next(steps)
+    with open(log, "a") as handle:
+        handle.write(json.dumps(rec(id="a", phase="start", path="/slow", status=None)) + "\n")
+        handle.write(json.dumps(rec(id="b", phase="start", host="skip.test", status=None)) + "\n")
+    next(steps)
+    assert out.getvalue() == ""  # in flight: not shown yet
+    with open(log, "a") as handle:
+        handle.write(json.dumps(rec(id="a", phase="end", path="/slow", status=201)) + "\n")
+        handle.write(json.dumps(rec(id="b", phase="end", host="skip.test")) + "\n")
+    next(steps)
+    assert out.getvalue().splitlines() == ["/slow 201"]
+
+
+def test_what_the_agent_sent_cannot_drive_the_terminal() -> None:
+    """Paths and hosts in the log are the agent's choice: shown escaped, never raw."""
+    hostile = rec(path="/x\x1b[2J\x1b]0;owned\x07\u202e", host="a.test\r", method="GET\x1b")
+    (entry,) = logview.parse_lines(lines(hostile)).entries
+    shown = [
+        logview.format_entry(entry),
+        *logview.format_summary(logview.summarize([entry])),
+        logview.end_of_run_line([logview.Entry.from_record({**hostile, "action": "BLOCK"})], "c"),
+    ]
+    for text in shown:
+        assert text is not None
+        assert not any(ord(c) < 32 or c in "\x7f\u202e" for c in text), repr(text)
+    assert "\\x1b[2J" in shown[0] and "\\u202e" in shown[0]
+
+
+def test_plain_http_is_marked() -> None:
+    (entry,) = logview.parse_lines(lines(rec(scheme="http", port=80, path="/p"))).entries
+    assert "GET     http://api.github.com/p  rule_match 200" in logview.format_entry(entry)

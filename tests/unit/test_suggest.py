@@ -7,7 +7,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.core.config import compile_policy, parse_config
+from runtime.core.config import built_in_rules, compile_policy, parse_config
 from runtime.core.policy import Mode, Policy, make_rule
 from runtime.core.suggest import Seen, apply_changes, fold_path, replay, suggest
 
@@ -58,7 +58,7 @@ def test_writes_private_addresses_and_whole_hosts_are_flagged() -> None:
             EMPTY,
         )
     }
-    assert changes["uploads.test"].methods is None
+    assert changes["uploads.test"].methods == ("POST",)  # the methods seen, never every one
     assert "allows writes (POST)" in changes["uploads.test"].warnings
     assert "a private or local address" in changes["10.1.2.3"].warnings
     assert changes["one.test"].allowed_paths == ()
@@ -69,20 +69,63 @@ def test_what_the_policy_already_allows_is_not_suggested() -> None:
     policy = policy_of([{"host": "api.github.com", "allowed_paths": ["/user"]}])
     seen = [Seen("GET", "api.github.com", "/user/repos"), Seen("GET", "api.github.com", "/meta")]
     (change,) = suggest(seen, policy, depth=1)
-    assert change.extends and change.allowed_paths == ("/meta",)
+    assert change.extends and change.allowed_paths == ("/meta",) and not change.carried
     rules = apply_changes([{"host": "api.github.com", "allowed_paths": ["/user"]}], [change])
-    assert rules == [{"host": "api.github.com", "allowed_paths": ["/user", "/meta"]}]
+    # The rule allows every method: /meta gets a rule of its own, for GET only.
+    assert rules == [
+        {"host": "api.github.com", "allowed_paths": ["/user"]},
+        {"host": "api.github.com", "allowed_paths": ["/meta"], "methods": ["GET"]},
+    ]
+    same = [{"host": "api.github.com", "allowed_paths": ["/user"], "methods": ["get"]}]
+    assert apply_changes(same, [change]) == [
+        {"host": "api.github.com", "allowed_paths": ["/user", "/meta"], "methods": ["get"]}
+    ]
 
 
-def test_apply_keeps_wide_rules_wide() -> None:
+def test_apply_never_widens_a_rule_to_other_methods_or_paths() -> None:
     rules = [{"host": "a.test"}, {"host": "b.test", "allowed_paths": ["/x"], "methods": ["GET"]}]
     changes = suggest(
         [Seen("POST", "a.test", "/p"), Seen("DELETE", "b.test", "/y")],
         policy_of([{"host": "a.test", "methods": ["GET"]}, rules[1]]),
     )
     out = apply_changes(rules, changes)
-    assert out[0] == {"host": "a.test"}
-    assert out[1] == {"host": "b.test", "allowed_paths": ["/x", "/y"]}  # methods: any now
+    assert out[:2] == rules  # unchanged: DELETE is not added to GET's paths
+    assert out[2:] == [
+        {"host": "a.test", "allowed_paths": ["/p"], "methods": ["POST"]},
+        {"host": "b.test", "allowed_paths": ["/y"], "methods": ["DELETE"]},
+    ]
+
+
+WILD = {"host": "*.example.com", "methods": ["GET"]}
+
+
+def test_rules_a_new_rule_would_replace_are_carried() -> None:
+    """A rule of the config for a host replaces the built-in rules for it and shadows
+    a wildcard: what they allowed is copied, so it stays allowed."""
+    built_in = built_in_rules(
+        [{"host": "api.github.com", "allowed_paths": ["/user"], "methods": ["GET"]}]
+    )
+    config = parse_config(
+        json.dumps({"enabled": True, "mode": "monitor", "allowed_rules": [WILD]}),
+        "t",
+    )
+    policy = compile_policy(config, "t", built_in)
+    seen = [Seen("GET", "api.github.com", "/meta"), Seen("PUT", "a.example.com", "/x")]
+    changes = suggest(seen, policy)
+    assert [c.carried for c in changes] == [
+        ({"host": "a.example.com", "methods": ["GET"]},),
+        ({"host": "api.github.com", "allowed_paths": ["/user"], "methods": ["GET"]},),
+    ]
+    rules = apply_changes([WILD], changes)
+    after = compile_policy(
+        parse_config(json.dumps({"enabled": True, "allowed_rules": rules}), "t"), "t", built_in
+    )
+    for item in [
+        *seen,
+        Seen("GET", "a.example.com", "/y"),
+        Seen("GET", "api.github.com", "/user"),
+    ]:
+        assert not replay([item], after).newly_blocked, item
 
 
 _segment = st.text(alphabet="abcxyz019-_.", min_size=1, max_size=6).filter(
