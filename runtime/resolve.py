@@ -17,18 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from runtime import fsutil, paths
-from runtime.core.config import (
-    ConfigError,
-    NetworkConfig,
-    Problem,
-    RuleSpec,
-    built_in_rules,
-    compile_policy,
-    parse_config,
-    unfilled_entries,
-)
+from runtime.core.compile import built_in_rules, compile_policy, unfilled_entries
+from runtime.core.config import ConfigError, NetworkConfig, Problem, RuleSpec, parse_config
 from runtime.core.github import repository_of, repository_values
-from runtime.core.policy import HostError, Mode, Policy, Rule, normalize_host_pattern
+from runtime.core.hosts import HostError, normalize_host_pattern
+from runtime.core.policy import Mode, Policy, Rule
 from runtime.registries import registry_hosts
 
 BUILT_IN_SOURCE = "built-in defaults"

@@ -34,7 +34,8 @@ from typing import Any
 from dnslib import QTYPE, RCODE, DNSError, DNSRecord
 from loguru import logger
 
-from runtime.core.policy import Action, Decision, HostError, Mode, Policy, Reason, normalize_host
+from runtime.core.hosts import HostError, normalize_host
+from runtime.core.policy import Action, Decision, Mode, Policy, Reason
 from runtime.core.record import DnsRecord, format_ts
 
 #: How long one upstream resolver gets before the next is tried.

@@ -44,11 +44,11 @@ from runtime.core.config import (
     _bool,
     _check_host,
     _check_path,
-    _sample,
     _type_name,
     _unknown_keys,
     validate_config,
 )
+from runtime.core.placeholders import sample
 
 TOP_KEYS = ("enabled", "enable_logging", "inherit_default_rules", "mode", "allowed_rules")
 RULE_KEYS = ("host", "allowed_paths", "allow_insecure")
@@ -192,7 +192,7 @@ def _rule(
         )
         hosts.add(key)
         return None
-    _check_host(_sample(host), f"{pointer}/host", problems)
+    _check_host(sample(host), f"{pointer}/host", problems)
     if len(problems) > before:
         return None
     if key in hosts:
@@ -243,7 +243,7 @@ def _path(path: str, pointer: str, notes: list[str]) -> str | None:
     else:
         entry = EXACT + path
     checked: list[Problem] = []
-    _check_path(_sample(entry), pointer, checked)
+    _check_path(sample(entry), pointer, checked)
     if checked or "*" in entry:
         notes.append(
             f"{pointer}: {json.dumps(path)} can match no request path as Airlock compares "

@@ -11,27 +11,16 @@ import contextlib
 import difflib
 import ipaddress
 import json
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 from urllib.parse import urlsplit
 
-from runtime.core.policy import (
-    BUILT_IN_ORIGIN,
-    EXACT,
-    SEGMENT_WILDCARD,
-    HostError,
-    Mode,
-    Origin,
-    Policy,
-    Rule,
-    make_rule,
-    normalize_host_pattern,
-    normalize_path,
-    normalize_path_escapes,
-)
+from runtime.core.hosts import HostError, normalize_host_pattern
+from runtime.core.paths import EXACT, SEGMENT_WILDCARD, normalize_path, normalize_path_escapes
+from runtime.core.placeholders import sample, unknown_placeholders
+from runtime.core.policy import Mode
 
 TOP_LEVEL_KEYS = ("$schema", "enabled", "inherit_defaults", "mode", "log_to_file", "allowed_rules")
 RULE_KEYS = ("host", "allowed_paths", "methods", "schemes", "allow_private_addresses")
@@ -192,7 +181,7 @@ def validate_config(data: Any, source: str) -> NetworkConfig:
         )
     else:
         for index, raw in enumerate(raw_rules):
-            rule = _validate_rule(raw, f"/allowed_rules/{index}", problems)
+            rule = validate_rule(raw, f"/allowed_rules/{index}", problems)
             if rule is not None:
                 rules.append(rule)
     if problems:
@@ -206,7 +195,7 @@ def validate_config(data: Any, source: str) -> NetworkConfig:
     )
 
 
-def _validate_rule(raw: Any, pointer: str, problems: list[Problem]) -> RuleSpec | None:
+def validate_rule(raw: Any, pointer: str, problems: list[Problem]) -> RuleSpec | None:
     if isinstance(raw, str):
         problems.append(
             Problem(pointer, "a rule must be an object", f'write {{"host": {json.dumps(raw)}}}')
@@ -250,8 +239,8 @@ def _validate_rule(raw: Any, pointer: str, problems: list[Problem]) -> RuleSpec 
             )
         )
     else:
-        _check_placeholders(host, f"{pointer}/host", problems)
-        _check_host(_sample(host), f"{pointer}/host", problems)
+        problems += [Problem(f"{pointer}/host", m, f) for m, f in unknown_placeholders(host)]
+        _check_host(sample(host), f"{pointer}/host", problems)
     paths = raw.get("allowed_paths", [])
     if not isinstance(paths, list):
         problems.append(
@@ -265,8 +254,8 @@ def _validate_rule(raw: Any, pointer: str, problems: list[Problem]) -> RuleSpec 
         for index, path in enumerate(paths):
             where = f"{pointer}/allowed_paths/{index}"
             if isinstance(path, str):
-                _check_placeholders(path, where, problems)
-                path = _sample(path)
+                problems += [Problem(where, m, f) for m, f in unknown_placeholders(path)]
+                path = sample(path)
             _check_path(path, where, problems)
     methods = raw.get("methods")
     if methods is not None:
@@ -503,151 +492,3 @@ def _type_name(value: Any) -> str:
         float: "a number",
         type(None): "null",
     }.get(type(value), type(value).__name__)
-
-
-# ---------------------------------------------------------------------------
-# Compilation
-
-
-# ---------------------------------------------------------------------------
-# Placeholders: {{GITHUB_OWNER}} and {{GITHUB_REPO}}, filled from the project's
-# origin remote at start. A rule whose placeholders have no value drops out.
-
-PLACEHOLDERS = ("GITHUB_OWNER", "GITHUB_REPO")
-_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_]+)\s*\}\}")
-# What GitHub allows: owners are [A-Za-z0-9-], repositories also '.' and '_'.
-_VALID_VALUE = {
-    "GITHUB_OWNER": re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})"),
-    "GITHUB_REPO": re.compile(r"[A-Za-z0-9._-]{1,100}"),
-}
-_SAMPLE = {"GITHUB_OWNER": "owner", "GITHUB_REPO": "repo"}
-
-
-def placeholder_values(owner: str | None, repo: str | None) -> dict[str, str]:
-    """Checked values for the placeholders; an unusable one is left out (its rules drop)."""
-    values = {}
-    for name, value in (("GITHUB_OWNER", owner), ("GITHUB_REPO", repo)):
-        if value and _VALID_VALUE[name].fullmatch(value) and value not in (".", ".."):
-            values[name] = value
-    return values
-
-
-def _sample(text: str) -> str:
-    return _PLACEHOLDER.sub(lambda m: _SAMPLE.get(m.group(1), m.group(0)), text)
-
-
-def _check_placeholders(text: str, pointer: str, problems: list[Problem]) -> None:
-    for name in _PLACEHOLDER.findall(text):
-        if name not in PLACEHOLDERS:
-            problems.append(
-                Problem(
-                    pointer,
-                    f"unknown placeholder {{{{{name}}}}}",
-                    "use " + " or ".join(f"{{{{{p}}}}}" for p in PLACEHOLDERS),
-                )
-            )
-
-
-def fill(text: str, values: Mapping[str, str]) -> str | None:
-    """`text` with its placeholders filled, or None when one has no value."""
-    missing = False
-
-    def one(match: re.Match[str]) -> str:
-        nonlocal missing
-        value = values.get(match.group(1))
-        if value is None:
-            missing = True
-            return ""
-        return value
-
-    filled = _PLACEHOLDER.sub(one, text)
-    return None if missing else filled
-
-
-def uses_placeholders(spec: RuleSpec) -> bool:
-    return any(_PLACEHOLDER.search(t) for t in (spec.host, *spec.allowed_paths))
-
-
-def _filled_rule(spec: RuleSpec, values: Mapping[str, str], origin: Origin) -> Rule | None:
-    """The rule with its placeholders filled. A path without values drops out; a rule
-    whose host, or every one of whose paths, dropped out is None (never widened to
-    every path)."""
-    host = fill(spec.host, values)
-    paths = [p for p in (fill(p, values) for p in spec.allowed_paths) if p is not None]
-    if host is None or (spec.allowed_paths and not paths):
-        return None
-    return make_rule(
-        host,
-        paths,
-        spec.methods,
-        origin,
-        spec.schemes,
-        allow_private_addresses=spec.allow_private_addresses,
-    )
-
-
-def unfilled_entries(
-    specs: Iterable[RuleSpec | Mapping[str, Any]], values: Mapping[str, str]
-) -> tuple[str, ...]:
-    """`host/path` of every rule entry left out because a placeholder has no value."""
-    out: list[str] = []
-    for spec in specs:
-        if isinstance(spec, RuleSpec):
-            host, paths = spec.host, tuple(spec.allowed_paths)
-        else:
-            host, paths = str(spec.get("host", "")), tuple(spec.get("allowed_paths") or ())
-        for path in paths or ("",):
-            if fill(host, values) is None or (path and fill(str(path), values) is None):
-                out.append(f"{host}{path}")
-    return tuple(out)
-
-
-def user_rules(
-    config: NetworkConfig, source_file: str, values: Mapping[str, str] | None = None
-) -> list[Rule]:
-    origin = Origin("user", source_file)
-    rules = (_filled_rule(r, values or {}, origin) for r in config.allowed_rules)
-    return [rule for rule in rules if rule is not None]
-
-
-def merge_rules(user: Iterable[Rule], built_in: Iterable[Rule]) -> tuple[Rule, ...]:
-    """User rules first; a built-in rule is added unless the user wrote a rule for its host."""
-    user = tuple(user)
-    overridden = {rule.host for rule in user}
-    return user + tuple(rule for rule in built_in if rule.host not in overridden)
-
-
-def compile_policy(
-    config: NetworkConfig,
-    source: str,
-    built_in: Iterable[Rule] = (),
-    values: Mapping[str, str] | None = None,
-) -> Policy:
-    """The behaviour matrix (README), in one place.
-
-    enabled false -> allow-all (log only if log_to_file); enabled true ->
-    rules apply in monitor (logging forced on) or enforce mode.
-    """
-    if not config.enabled:
-        return Policy.build(Mode.ALLOW_ALL, config.log_to_file, (), source)
-    rules = user_rules(config, source, values)
-    merged = merge_rules(rules, built_in) if config.inherit_defaults else tuple(rules)
-    return Policy.build(Mode(config.mode), config.log_to_file, merged, source)
-
-
-def built_in_rules(
-    specs: Iterable[Mapping[str, Any]],
-    source: str = "built-in defaults",
-    values: Mapping[str, str] | None = None,
-) -> tuple[Rule, ...]:
-    """The image's built-in rules, validated exactly as a user's rules are; those
-    whose placeholders have no value drop out."""
-    problems: list[Problem] = []
-    checked = [
-        _validate_rule(dict(spec), f"/allowed_rules/{index}", problems)
-        for index, spec in enumerate(specs)
-    ]
-    if problems:
-        raise ConfigError(source, problems)
-    rules = (_filled_rule(r, values or {}, BUILT_IN_ORIGIN) for r in checked if r)
-    return tuple(rule for rule in rules if rule is not None)

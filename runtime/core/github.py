@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping
 from urllib.parse import urlsplit, urlunsplit
 
-from runtime.core.config import placeholder_values
+from runtime.core.placeholders import placeholder_values
 
 GITHUB_HOST = "github.com"
 SCHEMES = ("https", "http", "ssh", "git", "git+ssh", "ssh+git")

@@ -20,16 +20,9 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from runtime.core.policy import (
-    BUILT_IN,
-    HostError,
-    Mode,
-    Policy,
-    Request,
-    Rule,
-    normalize_host,
-    normalize_path,
-)
+from runtime.core.hosts import HostError, normalize_host
+from runtime.core.paths import normalize_path
+from runtime.core.policy import BUILT_IN, Mode, Policy, Request, Rule
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 DEFAULT_DEPTH = 2

@@ -29,13 +29,8 @@ from runtime.core.config import (
     _check_path,
     parse_config,
 )
-from runtime.core.policy import (
-    BUILT_IN,
-    Mode,
-    Policy,
-    Request,
-    normalize_host_pattern,
-)
+from runtime.core.hosts import normalize_host_pattern
+from runtime.core.policy import BUILT_IN, Mode, Policy, Request
 from runtime.core.suggest import RuleChange, apply_changes, carried_rules
 from runtime.host.netcmds import (
     EXIT_CONFIG,

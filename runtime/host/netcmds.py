@@ -13,7 +13,8 @@ from urllib.parse import urlsplit
 from runtime import fsutil, paths
 from runtime.core.config import AIRLOCK, parse_config
 from runtime.core.explain import explain
-from runtime.core.policy import HostError, Mode, Request, normalize_host
+from runtime.core.hosts import HostError, normalize_host
+from runtime.core.policy import Mode, Request
 from runtime.host import github, hostlogs, trust
 from runtime.host.fileproblems import FileProblem, problem
 from runtime.registries import REGISTRIES_FILE

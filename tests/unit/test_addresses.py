@@ -13,7 +13,8 @@ from runtime.core.addresses import (
     refused_range,
     rule_allows_address,
 )
-from runtime.core.config import compile_policy, parse_config
+from runtime.core.compile import compile_policy
+from runtime.core.config import parse_config
 from runtime.core.explain import explain
 from runtime.core.policy import Action, Mode, Origin, Policy, Reason, Request, make_rule
 

@@ -13,14 +13,8 @@ from pathlib import Path
 import pytest
 
 from runtime.core import airlock
-from runtime.core.config import (
-    AIRLOCK,
-    NATIVE,
-    ConfigError,
-    built_in_rules,
-    compile_policy,
-    parse_config,
-)
+from runtime.core.compile import built_in_rules, compile_policy
+from runtime.core.config import AIRLOCK, NATIVE, ConfigError, parse_config
 from runtime.core.policy import Mode, Policy, Reason, Request, make_rule
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "airlock"

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from runtime.core.config import ConfigError, NetworkConfig, RuleSpec, compile_policy, parse_config
+from runtime.core.compile import compile_policy
+from runtime.core.config import ConfigError, NetworkConfig, RuleSpec, parse_config
 from runtime.core.policy import Action, Mode, Reason, Request, make_rule
 
 SRC = "/work/.copilot_here/network.json"
@@ -201,7 +202,7 @@ def test_user_rules_are_never_dropped() -> None:
 
 
 def test_built_in_rules_are_validated_like_user_rules() -> None:
-    from runtime.core.config import built_in_rules
+    from runtime.core.compile import built_in_rules
 
     rules = built_in_rules([{"host": "GitHub.com"}, {"host": "*.x.test", "methods": ["get"]}])
     assert [r.host for r in rules] == ["github.com", "*.x.test"]
@@ -234,7 +235,8 @@ def test_whole_segment_wildcards_are_valid() -> None:
 
 
 def test_placeholders_are_filled_and_rules_without_values_drop_out() -> None:
-    from runtime.core.config import built_in_rules, placeholder_values
+    from runtime.core.compile import built_in_rules
+    from runtime.core.placeholders import placeholder_values
 
     doc = {
         "enabled": True,
@@ -270,7 +272,7 @@ def test_placeholders_are_filled_and_rules_without_values_drop_out() -> None:
 
 @pytest.mark.parametrize("owner", ["..", "a/b", "-x", "a" * 40, "", "o%2f"])
 def test_placeholder_values_refuse_what_github_would_not_name(owner: str) -> None:
-    from runtime.core.config import placeholder_values
+    from runtime.core.placeholders import placeholder_values
 
     assert "GITHUB_OWNER" not in placeholder_values(owner, "repo")
     assert placeholder_values("ok", "..") == {"GITHUB_OWNER": "ok"}

@@ -11,14 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime.core.config import (
-    NetworkConfig,
-    built_in_rules,
-    compile_policy,
-    placeholder_values,
-    validate_config,
-)
+from runtime.core.compile import built_in_rules, compile_policy
+from runtime.core.config import NetworkConfig, validate_config
 from runtime.core.explain import explain
+from runtime.core.placeholders import placeholder_values
 from runtime.core.policy import Mode, Policy, Request, suggested_rules
 from runtime.resolve import GITHUB_REPO_ENV, resolve, values_from_environ
 

@@ -15,15 +15,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtime import trafficlog
+from runtime.core import hosts as core_hosts
+from runtime.core import paths as core_paths
 from runtime.core import policy
 from runtime.core import record as log_record
-from runtime.core.policy import HostError, normalize_host, normalize_path
+from runtime.core.hosts import HostError, normalize_host
+from runtime.core.paths import normalize_path
 
 # --------------------------------------------------------------------------- references
 
 
 def ref_normalize_path(raw: str) -> str:
-    path = policy.normalize_path_escapes(raw.split("#", 1)[0].split("?", 1)[0])
+    path = core_paths.normalize_path_escapes(raw.split("#", 1)[0].split("?", 1)[0])
 
     def dot(segment: str, dots: str) -> bool:
         return segment.split(";", 1)[0] == dots
@@ -107,7 +110,7 @@ hosts = st.lists(HOST_ALPHABET, max_size=40).map("".join)
 @settings(max_examples=3000, deadline=None)
 @given(hosts)
 def test_ip_literal_same_as_reference(text: str) -> None:
-    assert policy._ip_literal(text) == ref_ip_literal(text)
+    assert core_hosts.ip_literal(text) == ref_ip_literal(text)
 
 
 @pytest.mark.parametrize(
@@ -132,7 +135,7 @@ def test_ip_literal_same_as_reference(text: str) -> None:
     ],
 )
 def test_ip_literal_edges(text: str) -> None:
-    assert policy._ip_literal(text) == ref_ip_literal(text)
+    assert core_hosts.ip_literal(text) == ref_ip_literal(text)
 
 
 def test_normalize_host_cache_returns_the_same_and_raises_every_time() -> None:
@@ -194,7 +197,7 @@ READINGS_RULE = READINGS_POLICY.rules[0]
 
 def ref_decide_path(raw: str, method: str = "GET") -> tuple[policy.Reason, str]:
     """decide() without its shortcut: every path goes through path_readings."""
-    readings = policy.path_readings(raw)
+    readings = core_paths.path_readings(raw)
     if all(READINGS_RULE.allows_path(r) for r in readings):
         reason = policy.Reason.RULE_MATCH if method == "GET" else policy.Reason.METHOD_NOT_ALLOWED
         return reason, readings[0]
@@ -213,6 +216,6 @@ def test_decide_shortcut_same_as_all_readings(head: str, tail: str, method: str)
 @settings(max_examples=3000, deadline=None)
 @given(paths)
 def test_first_reading_is_the_normalised_path(raw: str) -> None:
-    readings = policy.path_readings(raw)
+    readings = core_paths.path_readings(raw)
     assert readings[0] == normalize_path(raw)
     assert len(set(readings)) == len(readings)

@@ -6,6 +6,7 @@ import json
 import time
 
 from runtime.core.explain import explain
+from runtime.core.paths import normalize_path
 from runtime.core.policy import (
     Action,
     Mode,
@@ -14,7 +15,6 @@ from runtime.core.policy import (
     Reason,
     Request,
     make_rule,
-    normalize_path,
     suggested_rule,
 )
 

@@ -6,17 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runtime.core.policy import (
-    HostError,
-    Mode,
-    Policy,
-    Reason,
-    Request,
-    make_rule,
-    normalize_host,
-    normalize_host_pattern,
-    split_host_port,
-)
+from runtime.core.hosts import HostError, normalize_host, normalize_host_pattern, split_host_port
+from runtime.core.policy import Mode, Policy, Reason, Request, make_rule
 
 
 @pytest.mark.parametrize(

@@ -12,17 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.core.policy import (
-    MAX_READINGS,
-    Action,
-    Mode,
-    PathEntry,
-    Policy,
-    Request,
-    make_rule,
-    normalize_path,
-    path_readings,
-)
+from runtime.core.paths import MAX_READINGS, PathEntry, normalize_path, path_readings
+from runtime.core.policy import Action, Mode, Policy, Request, make_rule
 
 
 @pytest.mark.parametrize(

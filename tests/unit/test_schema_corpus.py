@@ -8,7 +8,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from runtime.core.config import ConfigError, built_in_rules, parse_config
+from runtime.core.compile import built_in_rules
+from runtime.core.config import ConfigError, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "tests" / "corpus"

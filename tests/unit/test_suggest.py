@@ -7,7 +7,8 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.core.config import built_in_rules, compile_policy, parse_config
+from runtime.core.compile import built_in_rules, compile_policy
+from runtime.core.config import parse_config
 from runtime.core.policy import Mode, Policy, make_rule
 from runtime.core.suggest import Seen, apply_changes, fold_path, replay, suggest
 

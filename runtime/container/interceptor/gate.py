@@ -15,15 +15,8 @@ from mitmproxy import http
 from mitmproxy.proxy.mode_specs import TransparentMode
 
 from runtime.core.explain import explain
-from runtime.core.policy import (
-    Action,
-    Decision,
-    HostError,
-    Policy,
-    Reason,
-    Request,
-    normalize_host,
-)
+from runtime.core.hosts import HostError, normalize_host
+from runtime.core.policy import Action, Decision, Policy, Reason, Request
 
 if TYPE_CHECKING:
     from runtime.container.interceptor.blocksink import BlockSink

@@ -18,7 +18,7 @@ from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers import ClientTLSLayer, HttpLayer, ServerTLSLayer
 
 from runtime.container.interceptor.gate import not_http_decision, scheme_of
-from runtime.core.policy import HostError, normalize_host
+from runtime.core.hosts import HostError, normalize_host
 
 if TYPE_CHECKING:
     from runtime.container.interceptor.gate import PolicyGate
