@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+from runtime.core.credentials import TOKEN_HOSTS
 from runtime.core.policy import Decision, Reason, suggested_rule
 
 REASON_TEXT = {
@@ -23,6 +24,8 @@ REASON_TEXT = {
     "connection to another protocol is refused in every mode",
     Reason.LOG_UNAVAILABLE: "the traffic log cannot be written (disk full or I/O error) and "
     "this policy logs every request, so nothing is sent unlogged",
+    Reason.CREDENTIAL_LEAK: "the request carries the sign-in token's placeholder (the agent's "
+    "GH_TOKEN / GITHUB_TOKEN) to a host that never gets the token; it is refused in every mode",
 }
 
 
@@ -52,6 +55,13 @@ def explain(decision: Decision, method: str, url: str, config_source: str) -> st
         elif decision.reason is Reason.NOT_HTTP:
             # No rule can help: the proxy has nothing to judge once the protocol changes.
             lines.append("fix: none in the config; use plain HTTP(S) or a WebSocket")
+        elif decision.reason is Reason.CREDENTIAL_LEAK:
+            # No rule can help: the token goes only to GitHub's and Copilot's hosts.
+            lines.append(
+                "fix: none in the config; the token is sent only to "
+                + ", ".join(TOKEN_HOSTS)
+                + " (drop it from this request)"
+            )
         elif decision.reason is Reason.LOG_UNAVAILABLE:
             lines.append(
                 "fix: free space where the traffic log is written (/logs in the container: "

@@ -50,6 +50,9 @@ class Reason(StrEnum):
     #: Set by the interceptor, never by `decide`: the policy requires every request to be
     #: logged and the traffic log cannot be written, so nothing may go out unlogged.
     LOG_UNAVAILABLE = "log_unavailable"
+    #: Set by the interceptor, never by `decide`: the request carries the sign-in token's
+    #: placeholder to a host that may not get the token (runtime.core.credentials).
+    CREDENTIAL_LEAK = "credential_leak"
 
 
 BUILT_IN = "built-in"
