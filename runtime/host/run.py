@@ -20,7 +20,7 @@ from pathlib import Path
 
 from runtime.core.config import ConfigError
 from runtime.core.policy import Mode
-from runtime.host import hoststate, trust
+from runtime.host import copilotstate, hoststate, signin, trust
 from runtime.host.engines import (
     default_engine,
     engine_argv,
@@ -108,6 +108,7 @@ def sandbox_spec(p: Plan, netns: str | None):  # -> runtime.host.sandbox.Spec
         add_hosts=p.add_hosts,
         netns=netns,
         cap_drop=[c.upper().removeprefix("CAP_") for c in p.cap_drop],
+        env_by_name=list(p.env_by_name),
     )
 
 
@@ -149,8 +150,12 @@ def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
             active=guard_active(project, home, args.network_config_write),
         )
         p.cap_drop = list(args.cap_drop)
+        copilot_dir = copilotstate.attach(p, home, os.environ)
+        sign = signin.find(os.environ, interactive)
+        p.env.update(sign.container_env())
+        p.env_by_name = sign.names()
         if engine == "sandbox":
-            return run_sandbox(args, p, state, project, home)
+            return run_sandbox(args, p, state, project, home, sign, copilot_dir)
         argv = engine_argv(
             engine,
             args.image,
@@ -161,19 +166,24 @@ def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
             pull=args.pull or "missing",
         )
         if args.dry_run:
+            signin.announce(sign, project, home)
             print(shlex.join(argv))
             return 0
         prepare_config_mountpoint(project)
         prepare_logs(p, args.logs_dir is not None, home)
+        copilotstate.prepare(copilot_dir, p)
         if not shutil.which(engine):
             raise RunError(f"{engine} is not installed; try --engine sandbox (as root)")
         watched = watch_writable_config(state, project, home, args.network_config_write)
+        signin.announce(sign, project, home)
         sys.stdout.flush()
         sys.stderr.flush()
+        # The token by name: its value is in the engine's environment, not its argv.
+        env = {**os.environ, **sign.values()}
         if watched is None:
-            os.execvp(engine, argv)
+            os.execvpe(engine, argv, env)
         try:
-            return wait_for(argv)
+            return wait_for(argv, env)
         finally:
             report_config_changes(state, watched)
     except RunError as exc:
@@ -183,23 +193,34 @@ def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
         head = "" if len(exc.problems) == 1 else "invalid network config\n"
         print(f"copilot_here: {head}{exc}", file=sys.stderr)
         return 1
-    except (trust.TrustError, hoststate.StateError, FileProblem) as exc:
+    except (trust.TrustError, hoststate.StateError, FileProblem, signin.SignInError) as exc:
         print(f"copilot_here: {exc}", file=sys.stderr)
         return 1
 
 
-def run_sandbox(args: argparse.Namespace, p: Plan, state: Path, project: Path, home: Path) -> int:
+def run_sandbox(
+    args: argparse.Namespace,
+    p: Plan,
+    state: Path,
+    project: Path,
+    home: Path,
+    sign: signin.SignIn,
+    copilot_dir: Path,
+) -> int:
     from runtime.host import sandbox
 
     spec = sandbox_spec(p, args.sandbox_netns)
     if args.dry_run:
+        signin.announce(sign, project, home)
         print(f"sandbox {spec.to_json()}")
         return 0
     prepare_config_mountpoint(project)
     prepare_logs(p, args.logs_dir is not None, home)
+    copilotstate.prepare(copilot_dir, p)
     watched = watch_writable_config(state, project, home, args.network_config_write)
+    signin.announce(sign, project, home)
     try:
-        return sandbox.run(spec)
+        return sandbox.run(spec, sign.values())
     except sandbox.SandboxError as exc:
         raise RunError(str(exc)) from None
     finally:
