@@ -356,3 +356,30 @@ def test_the_init_hands_the_file_to_proxy_user_only(tmp_path):
     st = path.stat()
     assert (st.st_uid, st.st_mode & 0o777) == (os.getuid(), 0o400)
     assert Path(path).read_text().count(REAL) == 1
+
+
+def test_the_interceptor_reads_the_file_the_init_writes_by_default(tmp_path, monkeypatch):
+    """No flag given: the option is still set (to credentials.json in the run dir), so
+    the guard's `configure` loads the pairs at start."""
+    import asyncio
+
+    from runtime.container.interceptor import main as interceptor_main
+
+    monkeypatch.setenv("SECURE_PROXY_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.delenv("SECURE_PROXY_UPSTREAM_CA", raising=False)
+    (tmp_path / "run" / "interceptor").mkdir(parents=True)
+    signin.write(
+        {REAL: PH}, (os.getuid(), os.getgid()), tmp_path / "run/interceptor/credentials.json"
+    )
+
+    async def scenario() -> dict[str, str]:
+        master = interceptor_main.make_master()
+        args = interceptor_main.parse_args(master.options, ["--confdir", str(tmp_path / "c")])
+        opts = interceptor_main.mitmproxy_options(args)
+        guard = next(a for a in master.addons.chain if isinstance(a, CredentialGuard))
+        master.options.update(
+            **{k: v for k, v in opts.items() if k.startswith("secure_proxy_credentials")}
+        )
+        return guard.real_of
+
+    assert asyncio.run(scenario()) == {PH: REAL}
