@@ -35,7 +35,14 @@ from .source import python_bin
 from .upstream import UpstreamCA, wait_ready
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-NAMES = ("api.github.com", "example.com", "evil.test", "npm.registry.test", "v6.test")
+NAMES = (
+    "api.github.com",
+    "api.githubcopilot.com",  # the Copilot CLI's second stop (tests/e2e/test_signin.py)
+    "example.com",
+    "evil.test",
+    "npm.registry.test",
+    "v6.test",
+)
 
 
 # The CLI's host state (traffic logs) for tests that do not give their own
@@ -67,6 +74,8 @@ def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
         "PYTHONPATH": str(REPO_ROOT),
         "HOME": os.environ.get("SP_TEST_HOME", "/nonexistent-home"),
         "XDG_STATE_HOME": state_home(),
+        # The Copilot CLI's state directory (runtime.host.copilotstate) goes here too.
+        "XDG_CONFIG_HOME": os.path.join(state_home(), "config"),
         "LANG": "C.UTF-8",
     }
     env.update(extra or {})
@@ -90,20 +99,32 @@ class Internet:
         self.proc = proc
 
     @classmethod
-    def start(cls, topo: Topology, workdir: Path, source_path: str) -> Internet:
+    def start(
+        cls,
+        topo: Topology,
+        workdir: Path,
+        source_path: str,
+        record: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Internet:
+        """`record`: the server's --record file; `env`: more of its environment (the
+        real token of /copilot_internal/user: tests.harness.upstream)."""
         ca = UpstreamCA.create(workdir / "ca", names=list(NAMES))
+        argv = [
+            python_bin(),
+            "-m",
+            "tests.harness.upstream",
+            "serve",
+            "--cert",
+            str(ca.server_cert),
+            "--key",
+            str(ca.server_key),
+        ]
+        if record is not None:
+            argv += ["--record", str(record)]
         proc = topo.net_popen(
-            [
-                python_bin(),
-                "-m",
-                "tests.harness.upstream",
-                "serve",
-                "--cert",
-                str(ca.server_cert),
-                "--key",
-                str(ca.server_key),
-            ],
-            env={"PYTHONPATH": source_path},
+            argv,
+            env={"PYTHONPATH": source_path, **(env or {})},
             text=True,
         )
         wait_ready(proc)
