@@ -26,7 +26,8 @@ sign-in check: 200 only when the `Authorization` header carries the real token
 (`token T`, `Bearer T`, or Basic with T as user or password) named by the
 environment variable SP_UPSTREAM_REAL_TOKEN (never an argument: tests look for the
 token in every process's argv), else 401; each such request is recorded
-(`"ev": "auth"`, with the header as it arrived).
+(`"ev": "auth"`, with the header as it arrived). `/echo-headers` reflects the
+request's headers (body, and Authorization in `X-Echo-Authorization`).
 """
 
 from __future__ import annotations
@@ -349,6 +350,15 @@ class Handler(BaseHTTPRequestHandler):
         body = self._body()
         if self.path.split("?", 1)[0] == "/copilot_internal/user":
             return self._copilot_user()
+        if self.path.split("?", 1)[0] == "/echo-headers":  # a server that reflects them
+            echoed = json.dumps(dict(self.headers.items())).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("X-Echo-Authorization", self.headers.get("Authorization", ""))
+            self.send_header("Content-Length", str(len(echoed)))
+            self.end_headers()
+            self.wfile.write(echoed)
+            return None
         upgrade = self.headers.get("Upgrade", "")
         if upgrade.lower() == "websocket":
             return self._websocket()
