@@ -220,6 +220,12 @@ def sign_in(plan: Plan, ids: Ids, tokens: signin.Tokens) -> signin.Tokens:
     (before it starts); otherwise the tokens as they came (runtime.container.signin)."""
     if plan.level is LockLevel.FULL and tokens.by_name and not tokens.pass_through:
         signin.swap(tokens, ids.proxy)
+        kept = sorted(n for n, v in tokens.by_name.items() if v not in tokens.placeholders)
+        if kept:
+            say(
+                f"[Network] Sign-in: {', '.join(kept)} too short to stand in for "
+                "with a placeholder: the agent gets it itself"
+            )
         checkpoint("sign-in token swapped for a placeholder")
     return tokens
 

@@ -383,3 +383,31 @@ def test_the_interceptor_reads_the_file_the_init_writes_by_default(tmp_path, mon
         return guard.real_of
 
     assert asyncio.run(scenario()) == {PH: REAL}
+
+
+def test_the_init_swaps_only_with_rules_enabled(tmp_path, monkeypatch, capsys):
+    """init.sign_in: placeholders at level full, the token as it came otherwise (and
+    when the host asked for pass-through); a token too short to stand in for is said."""
+    from firewall.level import LockLevel
+    from runtime.container import init
+
+    monkeypatch.setenv("SECURE_PROXY_RUN_DIR", str(tmp_path))
+    (tmp_path / "interceptor").mkdir()
+    ids = init.Ids(1000, 1000, 1000, 1000, (os.getuid(), os.getgid()))
+    for level, through, swapped in (
+        (LockLevel.FULL, False, True),
+        (LockLevel.FULL, True, False),
+        (LockLevel.INTERCEPT, False, False),
+        (LockLevel.NONE, False, False),
+    ):
+        environ = {"GH_TOKEN": REAL, **({"SECURE_PROXY_SIGNIN": "pass-through"} if through else {})}
+        tokens = init.sign_in(init.Plan(level, False), ids, signin.take(environ))
+        given = tokens.for_command()["GH_TOKEN"]
+        assert (given != REAL) is swapped, level
+        assert (tmp_path / "interceptor" / "credentials.json").exists() is swapped
+        (tmp_path / "interceptor" / "credentials.json").unlink(missing_ok=True)
+    tokens = init.sign_in(
+        init.Plan(LockLevel.FULL, False), ids, signin.take({"GITHUB_TOKEN": "ghp_tooshort"})
+    )
+    assert tokens.for_command() == {"GITHUB_TOKEN": "ghp_tooshort"}
+    assert "GITHUB_TOKEN too short to stand in for" in capsys.readouterr().err
