@@ -251,9 +251,12 @@ def test_the_token_replaces_the_placeholder_for_github_and_copilot(guarded, url,
 
 
 def test_plain_http_to_github_never_gets_the_token(guarded):
+    """In clear text the token would cross the network: not swapped, and refused."""
     run, *_ = guarded
     flow = run(make_flow("http://api.github.com/x", {"Authorization": f"token {PH}"}))
     assert flow.request.headers["Authorization"] == f"token {PH}"
+    assert flow.response is not None and flow.response.status_code == 403
+    assert verdict_of(flow).decision.reason is Reason.CREDENTIAL_LEAK
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,9 @@ anything is forwarded (UpstreamPinning, the traffic log's start line):
   the placeholder in its `Authorization` header (`token P`, `Bearer P`, Basic
   with P as user or password); its response is scrubbed of the token on the way
   back (headers, and an uncompressed body), so the agent cannot read it there;
-- a request that carries a placeholder to any other host (any header, the URL)
-  is refused with 403 `credential_leak`, in every mode: nothing of it goes out.
+- any other request that carries a placeholder (any header, the URL), to
+  another host or in clear text to GitHub, is refused with 403
+  `credential_leak`, in every mode: nothing of it goes out.
 
 The pairs come from credentials.json (runtime.container.signin), which the init
 writes only when rules are enabled and a token was passed; without it this addon
