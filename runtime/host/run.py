@@ -179,11 +179,11 @@ def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         # The token by name: its value is in the engine's environment, not its argv.
-        env = {**os.environ, **sign.values()}
+        os.environ.update(sign.values())
         if watched is None:
-            os.execvpe(engine, argv, env)
+            os.execvp(engine, argv)
         try:
-            return wait_for(argv, env)
+            return wait_for(argv)
         finally:
             report_config_changes(state, watched)
     except RunError as exc:

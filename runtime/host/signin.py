@@ -22,8 +22,8 @@ a placeholder (runtime.container.signin).
 
 from __future__ import annotations
 
+import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -102,11 +102,20 @@ def find(
         value = environ.get(name, "").strip()
         if value:
             return SignIn(f"{name} from the host environment", value, through)
-    gh = gh or shutil.which("gh", path=environ.get("PATH"))
+    gh = gh or on_path("gh", environ.get("PATH", ""))
     if not gh:
         return SignIn("")
     token = from_gh(gh, interactive, ask or ask_on_terminal)
     return SignIn("from gh auth token", token, through) if token else SignIn("")
+
+
+def on_path(name: str, path: str) -> str | None:
+    """The program `name` in the directories of `path`, as a shell finds it."""
+    for directory in path.split(os.pathsep):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
 
 
 def _gh(gh: str, *args: str) -> subprocess.CompletedProcess[str] | None:

@@ -37,7 +37,7 @@ FORWARDED = (signal.SIGTERM, signal.SIGHUP)
 TERMINAL = (signal.SIGINT, signal.SIGQUIT)
 
 
-def wait_for(argv: list[str], env: dict[str, str] | None = None) -> int:
+def wait_for(argv: list[str]) -> int:
     """Run the engine as a child and return its exit code (128+N for signal N), as
     exec would have: SIGTERM/SIGHUP are passed on; SIGINT/SIGQUIT come from the
     terminal, which sends them to the engine too (or, in raw mode, the engine reads
@@ -63,7 +63,7 @@ def wait_for(argv: list[str], env: dict[str, str] | None = None) -> int:
         for sig in TERMINAL:
             signal.signal(sig, survive)
         try:
-            proc = subprocess.Popen(argv, env=env)
+            proc = subprocess.Popen(argv)
         except OSError as exc:
             raise RunError(f"cannot start {argv[0]}: {exc.strerror}") from None
         child.append(proc)

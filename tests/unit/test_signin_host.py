@@ -288,3 +288,33 @@ def test_a_file_or_another_users_directory_is_refused(tmp_path):
         os.chown(path, 4321, 4321)
         with pytest.raises(StateError, match=r"belongs to uid 4321.*chown -R 1000:1000"):
             copilotstate.prepare(path, p)
+
+
+def test_the_engine_gets_the_value_in_its_environment_not_its_argv(tmp_path, monkeypatch, capsys):
+    from runtime.host import run
+
+    started: list[tuple[list[str], dict[str, str]]] = []
+
+    class Exec(BaseException):
+        """What exec is to the CLI: nothing after it runs."""
+
+    def engine(_file: str, argv: list[str]) -> None:
+        started.append((list(argv), dict(os.environ)))
+        raise Exec
+
+    monkeypatch.setattr(run.os, "execvp", engine)
+    monkeypatch.setattr(run.shutil, "which", lambda *_a, **_k: "/usr/bin/docker")
+    # Recorded, so the value the CLI puts in its environment for the engine is undone.
+    monkeypatch.setenv("GH_TOKEN", "")
+    monkeypatch.delenv("GH_TOKEN")
+    argv = ["--engine", "docker", "--", "copilot"]
+    with pytest.raises(Exec):
+        run_cli(tmp_path, monkeypatch, capsys, argv, GITHUB_TOKEN=TOKEN)
+    err = capsys.readouterr().err
+    [(engine_argv, engine_env)] = started
+    assert TOKEN not in " ".join(engine_argv)
+    assert "-e GH_TOKEN -e GITHUB_TOKEN" in " ".join(engine_argv)
+    assert engine_env["GH_TOKEN"] == engine_env["GITHUB_TOKEN"] == TOKEN
+    assert err.strip().splitlines()[-1].startswith("[Network] Sign-in: GITHUB_TOKEN from the host")
+    state = tmp_path / ".config" / "copilot-cli-docker"
+    assert state.is_dir() and stat.S_IMODE(state.stat().st_mode) == 0o700
