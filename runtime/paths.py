@@ -62,6 +62,12 @@ def dnsguard_marker() -> Path:
     return interceptor_run_dir() / "dnsguard.ready"
 
 
+def credentials_file() -> Path:
+    """The sign-in token and its placeholder, for the interceptor alone: proxy-user's,
+    0400, written by the init (runtime.container.signin) when rules are enabled."""
+    return interceptor_run_dir() / "credentials.json"
+
+
 def logs_dir() -> Path:
     return _path("SECURE_PROXY_LOGS_DIR", "/logs")
 

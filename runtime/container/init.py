@@ -10,6 +10,9 @@ main() is the start-up as a straight line of phases, then the wait and the end:
                  run dir, the CA made and published (ca.py), policy.json,
                  session.json (session.py), /logs for the interceptor, supervisord
                  with the programs of the level (services.py)
+    sign-in      the token (taken out of the environment first thing) swapped for a
+                 placeholder when rules are enabled, the pair for the interceptor
+                 alone (signin.py)
     appuser      created from PUID/PGID while the services start (users.py)
     trust        the CA for every client, while the services start (ca.py)
     readiness    the firewall's verified lock and every service's marker; fail closed
@@ -40,7 +43,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from firewall.level import LockLevel, lock_level
 from runtime import paths
-from runtime.container import command, leftovers, signals, users
+from runtime.container import command, leftovers, signals, signin, users
 from runtime.container.console import SetupFailed, say, trace
 from runtime.container.session import Session, read_only
 from runtime.container.signals import Interrupted
@@ -174,7 +177,12 @@ def prepare_run_dir(proxy: tuple[int, int]) -> None:
     own.mkdir(exist_ok=True)
     os.chown(own, *proxy)
     os.chmod(own, 0o755)
-    stale = (paths.firewall_marker(), paths.interceptor_marker(), paths.dnsguard_marker())
+    stale = (
+        paths.firewall_marker(),
+        paths.interceptor_marker(),
+        paths.dnsguard_marker(),
+        paths.credentials_file(),
+    )
     for path in (*stale, paths.ca_cert()):
         path.unlink(missing_ok=True)
     paths.component_log_dir().mkdir(parents=True, exist_ok=True)
@@ -218,6 +226,21 @@ def prepare_services(plan: Plan, resolved: Resolved, ids: Ids, run: Run) -> byte
     logguard.prepare()
     checkpoint("policy, session and logs prepared")
     return pem
+
+
+def sign_in(plan: Plan, ids: Ids, tokens: signin.Tokens) -> signin.Tokens:
+    """With rules enabled the command gets placeholders and the interceptor the tokens
+    (before it starts); otherwise the tokens as they came (runtime.container.signin)."""
+    if plan.level is LockLevel.FULL and tokens.by_name and not tokens.pass_through:
+        signin.swap(tokens, ids.proxy)
+        kept = sorted(n for n, v in tokens.by_name.items() if v not in tokens.placeholders)
+        if kept:
+            say(
+                f"[Network] Sign-in: {', '.join(kept)} too short to stand in for "
+                "with a placeholder: the agent gets it itself"
+            )
+        checkpoint("sign-in token swapped for a placeholder")
+    return tokens
 
 
 def start_services(plan: Plan, run: Run) -> None:
@@ -328,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         say("secure-proxy-init must run as root (it is the container's entrypoint)")
         return EXIT_SETUP
     trace("started")
+    # First of all: the token leaves the environment every child inherits.
+    tokens = signin.take(os.environ)
     signals.block()
     if os.getpid() != 1:
         leftovers.become_subreaper()
@@ -338,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         run.app_uid = ids.app_uid
         checkpoint("config read")
         pem = prepare_services(plan, resolved, ids, run)
+        sign_in(plan, ids, tokens)
         start_services(plan, run)
         name = users.ensure_appuser(ids.app_uid, ids.app_gid)
         checkpoint("appuser ready")
@@ -347,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             argv or command.default_command(),
             ids.app_uid,
             ids.app_gid,
-            command.user_env(name, ca_env),
+            command.user_env(name, {**ca_env, **tokens.for_command()}),
         )
     except SetupFailed as exc:
         say(f"[Network] {exc}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 from runtime.core.addresses import refused_range
+from runtime.core.credentials import TOKEN_HOSTS
 from runtime.core.policy import BUILT_IN, Decision, Reason, Rule, suggested_rule, suggested_rules
 
 REASON_TEXT = {
@@ -30,6 +31,8 @@ REASON_TEXT = {
     "internet (loopback, private, link-local such as the cloud metadata service, ...), "
     "which a rule must allow by name: a DNS answer pointing there would reach services "
     "of the container, the host or the local network",
+    Reason.CREDENTIAL_LEAK: "the request carries the sign-in token's placeholder (the agent's "
+    "GH_TOKEN / GITHUB_TOKEN) to a host that never gets the token; it is refused in every mode",
 }
 
 
@@ -75,6 +78,13 @@ def explain(decision: Decision, method: str, url: str, config_source: str) -> st
         elif decision.reason is Reason.NOT_HTTP:
             # No rule can help: the proxy has nothing to judge once the protocol changes.
             lines.append("fix: none in the config; use plain HTTP(S) or a WebSocket")
+        elif decision.reason is Reason.CREDENTIAL_LEAK:
+            # No rule can help: the token goes only to GitHub's and Copilot's hosts.
+            lines.append(
+                "fix: none in the config; the token is sent only to "
+                + ", ".join(TOKEN_HOSTS)
+                + " (drop it from this request)"
+            )
         elif decision.reason is Reason.LOG_UNAVAILABLE:
             lines.append(
                 "fix: free space where the traffic log is written (/logs in the container: "

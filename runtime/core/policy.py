@@ -66,6 +66,9 @@ class Reason(StrEnum):
     #: off the internet (loopback, private, link-local, ...) and the rule does not allow
     #: them (runtime/core/addresses.py).
     PRIVATE_ADDRESS = "private_address"
+    #: Set by the interceptor, never by `decide`: the request carries the sign-in token's
+    #: placeholder to a host that may not get the token (runtime.core.credentials).
+    CREDENTIAL_LEAK = "credential_leak"
 
 
 BUILT_IN = "built-in"

@@ -96,6 +96,8 @@ def engine_argv(
         argv += ["--userns=keep-id", "--user=0:0"]
     for key, value in p.env.items():
         argv += ["-e", f"{key}={value}"]
+    for key in p.env_by_name:  # the value comes from the engine's environment
+        argv += ["-e", key]
     argv += [mount_arg(m) for m in p.mounts]
     for host, ip in p.add_hosts:
         argv += ["--add-host", f"{host}:{ip}"]

@@ -51,6 +51,9 @@ class Plan:
     cap_drop: list[str] = field(default_factory=list)
     project: str = ""  # the host path mounted at /work (names and labels the container)
     active: bool = True  # the guard starts (a config in force, or mounted writable)
+    # Passed by name only (`-e NAME`): the values (the sign-in token) stay out of every
+    # argv and dry run; they go in the engine's environment (runtime.host.signin).
+    env_by_name: list[str] = field(default_factory=list)
 
 
 class RunError(Exception):

@@ -24,7 +24,7 @@ from pathlib import Path
 from runtime.core.config import ConfigError
 from runtime.core.github import repository_of
 from runtime.core.policy import Mode
-from runtime.host import afterrun, github, hoststate, trust
+from runtime.host import afterrun, copilotstate, github, hoststate, signin, trust
 from runtime.host.engines import (
     default_engine,
     engine_argv,
@@ -120,6 +120,7 @@ def sandbox_spec(p: Plan, netns: str | None):  # -> runtime.host.sandbox.Spec
         add_hosts=p.add_hosts,
         netns=netns,
         cap_drop=[c.upper().removeprefix("CAP_") for c in p.cap_drop],
+        env_by_name=list(p.env_by_name),
     )
 
 
@@ -176,8 +177,12 @@ def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
         repository = repository_of(values)
         if repository:
             p.env[GITHUB_REPO_ENV] = repository
+        copilot_dir = copilotstate.attach(p, home, os.environ)
+        sign = signin.find(os.environ, interactive)
+        p.env.update(sign.container_env())
+        p.env_by_name = sign.names()
         if engine == "sandbox":
-            return run_sandbox(args, p, state, project, home)
+            return run_sandbox(args, p, state, project, home, sign, copilot_dir)
         argv = engine_argv(
             engine,
             args.image,
@@ -188,17 +193,22 @@ def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
             pull=args.pull or "missing",
         )
         if args.dry_run:
+            signin.announce(sign, project, home)
             print(shlex.join(argv))
             return 0
         prepare_config_mountpoint(project)
         prepare_logs(p, args.logs_dir is not None, home)
         prepare_airlock_copy(p, home)
+        copilotstate.prepare(copilot_dir, p)
         if not shutil.which(engine):
             raise RunError(f"{engine} is not installed; try --engine sandbox (as root)")
         watched = watch_writable_config(state, project, home, args.network_config_write)
         log_mark = afterrun.mark(logs_dir(p)) if p.active else None
+        signin.announce(sign, project, home)
         sys.stdout.flush()
         sys.stderr.flush()
+        # The token by name: its value is in the engine's environment, not its argv.
+        os.environ.update(sign.values())
         try:
             return wait_for(argv)
         finally:
@@ -211,25 +221,36 @@ def run_from_args(args: argparse.Namespace, project: Path, home: Path) -> int:
         head = "" if len(exc.problems) == 1 else "invalid network config\n"
         print(f"copilot_here: {head}{exc}", file=sys.stderr)
         return 1
-    except (trust.TrustError, hoststate.StateError, FileProblem) as exc:
+    except (trust.TrustError, hoststate.StateError, FileProblem, signin.SignInError) as exc:
         print(f"copilot_here: {exc}", file=sys.stderr)
         return 1
 
 
-def run_sandbox(args: argparse.Namespace, p: Plan, state: Path, project: Path, home: Path) -> int:
+def run_sandbox(
+    args: argparse.Namespace,
+    p: Plan,
+    state: Path,
+    project: Path,
+    home: Path,
+    sign: signin.SignIn,
+    copilot_dir: Path,
+) -> int:
     from runtime.host import sandbox
 
     spec = sandbox_spec(p, args.sandbox_netns)
     if args.dry_run:
+        signin.announce(sign, project, home)
         print(f"sandbox {spec.to_json()}")
         return 0
     prepare_config_mountpoint(project)
     prepare_logs(p, args.logs_dir is not None, home)
     prepare_airlock_copy(p, home)
+    copilotstate.prepare(copilot_dir, p)
     watched = watch_writable_config(state, project, home, args.network_config_write)
     log_mark = afterrun.mark(logs_dir(p)) if p.active else None
+    signin.announce(sign, project, home)
     try:
-        return sandbox.run(spec)
+        return sandbox.run(spec, sign.values())
     except sandbox.SandboxError as exc:
         raise RunError(str(exc)) from None
     finally:

@@ -275,7 +275,8 @@ def test_no_config_is_untouched_and_needs_no_net_admin(net, project):
             "END",
         ], status
     assert network_lines(s.stderr) == [
-        "[Network] Inactive (no config found): allow-all, nothing logged, network untouched"
+        "[Network] Sign-in: none: copilot will ask you to /login",  # the CLI's, on the host
+        "[Network] Inactive (no config found): allow-all, nothing logged, network untouched",
     ], s.stderr
     assert traffic(project) == []
 
@@ -457,7 +458,7 @@ def test_writable_config_switches_rules_on_and_off_during_the_run(net, project):
                 "logguard",
                 "reloader",
             ], running
-        assert len(network_lines(s.stderr)) == 1, s.stderr
-        assert "takes effect live" in network_lines(s.stderr)[0]
+        assert len(network_lines(s.stderr)) == 2, s.stderr  # the CLI's Sign-in, the init's
+        assert "takes effect live" in network_lines(s.stderr)[1]
     finally:
         shutil.rmtree(home, ignore_errors=True)

@@ -39,6 +39,7 @@ NAMES = (
     "api.github.com",
     "github.com",
     "gist.github.com",
+    "api.githubcopilot.com",  # the Copilot CLI's second stop (tests/e2e/test_signin.py)
     "example.com",
     "evil.test",
     "npm.registry.test",
@@ -75,6 +76,8 @@ def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
         "PYTHONPATH": str(REPO_ROOT),
         "HOME": os.environ.get("SP_TEST_HOME", "/nonexistent-home"),
         "XDG_STATE_HOME": state_home(),
+        # The Copilot CLI's state directory (runtime.host.copilotstate) goes here too.
+        "XDG_CONFIG_HOME": os.path.join(state_home(), "config"),
         "LANG": "C.UTF-8",
     }
     env.update(extra or {})
@@ -105,9 +108,11 @@ class Internet:
         source_path: str,
         git_root: Path | None = None,
         record: Path | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> Internet:
         """With `git_root`, git smart HTTP for its repositories (tests.harness.gitserver);
-        with `record`, the server's account of every request it received."""
+        with `record`, the server's account of every request it received; `env`: more
+        of its environment (the real token of /copilot_internal/user)."""
         ca = UpstreamCA.create(workdir / "ca", names=list(NAMES))
         module = "tests.harness.gitserver" if git_root else "tests.harness.upstream"
         argv = [python_bin(), "-m", module, "serve"]
@@ -116,7 +121,7 @@ class Internet:
             argv += ["--git-root", str(git_root)]
         if record:
             argv += ["--record", str(record)]
-        proc = topo.net_popen(argv, env={"PYTHONPATH": source_path}, text=True)
+        proc = topo.net_popen(argv, env={"PYTHONPATH": source_path, **(env or {})}, text=True)
         wait_ready(proc)
         return cls(topo, ca, proc)
 

@@ -20,6 +20,14 @@ accepted (`"ev": "open"`) and one when it ends (`"ev": "data"`, with every byte
 received on it, after TLS), and one per request as soon as its head is read
 (`"ev": "request"`, method and raw path): the upstream's own account of what
 reached it. `/slow/<ms>[/...]` answers only after that many milliseconds.
+
+`/copilot_internal/user` (the Copilot CLI's first request) stands in for GitHub's
+sign-in check: 200 only when the `Authorization` header carries the real token
+(`token T`, `Bearer T`, or Basic with T as user or password) named by the
+environment variable SP_UPSTREAM_REAL_TOKEN (never an argument: tests look for the
+token in every process's argv), else 401; each such request is recorded
+(`"ev": "auth"`, with the header as it arrived). `/echo-headers` reflects the
+request's headers (body, and Authorization in `X-Echo-Authorization`).
 """
 
 from __future__ import annotations
@@ -340,6 +348,17 @@ class Handler(BaseHTTPRequestHandler):
         local = self.connection.getsockname()[0]
         self.recorder.write(ev="request", local=local, method=self.command, path=self.path)
         body = self._body()
+        if self.path.split("?", 1)[0] == "/copilot_internal/user":
+            return self._copilot_user()
+        if self.path.split("?", 1)[0] == "/echo-headers":  # a server that reflects them
+            echoed = json.dumps(dict(self.headers.items())).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("X-Echo-Authorization", self.headers.get("Authorization", ""))
+            self.send_header("Content-Length", str(len(echoed)))
+            self.end_headers()
+            self.wfile.write(echoed)
+            return None
         upgrade = self.headers.get("Upgrade", "")
         if upgrade.lower() == "websocket":
             return self._websocket()
@@ -371,6 +390,19 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, json.dumps(info).encode() + b"\n")
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _handle
+
+    def _copilot_user(self) -> None:
+        """GitHub's answer to a signed-in Copilot user, for the real token only."""
+        auth = self.headers.get("Authorization", "")
+        real = os.environ.get(REAL_TOKEN_VARIABLE, "")
+        ok = bool(real) and carries_token(auth, real)
+        self.recorder.write(
+            ev="auth", host=self.headers.get("Host"), path=self.path, authorization=auth, ok=ok
+        )
+        if not ok:
+            return self._send(401, b'{"message": "Bad credentials"}\n')
+        user = {"login": "sp-test", "copilot_plan": "individual", "chat_enabled": True}
+        return self._send(200, json.dumps(user).encode() + b"\n")
 
     # -- a server that switches to a raw byte stream after 101 (no WebSocket framing)
     def _switch_to_raw(self, protocol: str) -> None:
@@ -428,6 +460,24 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(frame + reply)
                 self.wfile.flush()
         self.close_connection = True
+
+
+REAL_TOKEN_VARIABLE = "SP_UPSTREAM_REAL_TOKEN"
+
+
+def carries_token(authorization: str, token: str) -> bool:
+    """Whether an Authorization value presents `token` (token, Bearer, Basic)."""
+    scheme, _, value = authorization.strip().partition(" ")
+    value = value.strip()
+    if scheme.lower() in ("token", "bearer"):
+        return value == token
+    if scheme.lower() == "basic":
+        try:
+            user, _, password = base64.b64decode(value).decode().partition(":")
+        except ValueError:
+            return False
+        return token in (user, password)
+    return False
 
 
 class Server(socketserver.ThreadingTCPServer):

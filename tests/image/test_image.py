@@ -533,3 +533,44 @@ def test_size_the_runtime_adds(image: str, base_image: str) -> None:
     added = size(image) - size(base_image)
     print(f"[image] runtime adds {added / 1e6:.1f} MB to {base_image}", file=sys.stderr)
     assert added < 200e6, f"the runtime adds {added / 1e6:.0f} MB"
+
+
+def test_podman_gets_the_sign_in_token_by_name_and_the_copilot_state_persists(
+    image: str, net: Topology, project: Path, env: dict[str, str], tmp_path: Path
+) -> None:
+    """The real engine: `-e GH_TOKEN` with the value in podman's environment reaches the
+    init; with rules the agent holds a placeholder of the same shape, without rules the
+    token itself. ~/.copilot is the host's directory, across runs."""
+    import hashlib
+    import os
+
+    token = "gho_" + "Tk4" * 12
+    env = {**env, "GH_TOKEN": token, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    env.pop("GITHUB_TOKEN", None)
+    show = (
+        'printf %s "$GH_TOKEN" | sha256sum | cut -c1-64 | sed "s/^/SHA /"; '
+        'echo "SHAPE ${#GH_TOKEN} $(printf %s "$GH_TOKEN" | cut -c1-4)"; '
+    )
+    dry = run_cli(cli_argv(image, net, ["true"], ["--dry-run"]), project, env)
+    assert dry.returncode == 0 and "-e GH_TOKEN" in dry.stdout, dry.stderr
+    assert token not in dry.stdout + dry.stderr
+
+    write_config(project, [{"host": ALLOWED}], env)
+    script = show + "echo kept > ~/.copilot/marker && echo WROTE"
+    result = run_cli(cli_argv(image, net, ["sh", "-c", script]), project, env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    real = hashlib.sha256(token.encode()).hexdigest()
+    assert "WROTE" in lines and f"SHAPE {len(token)} gho_" in lines, lines
+    assert f"SHA {real}" not in lines and token not in result.stdout + result.stderr
+    assert "(the agent sees a placeholder)" in result.stderr
+
+    other = tmp_path / "project2"  # no config: the token itself, and the same ~/.copilot
+    other.mkdir()
+    other.chmod(0o777)
+    script = show + "cat ~/.copilot/marker"
+    result = run_cli(cli_argv(image, net, ["sh", "-c", script], drop_net_caps_args()), other, env)
+    assert result.returncode == 0, result.stderr
+    assert f"SHA {real}" in result.stdout.splitlines() and "kept" in result.stdout
+    state = tmp_path / "config" / "copilot-cli-docker"
+    assert state.stat().st_uid == (os.getuid() or 1000)

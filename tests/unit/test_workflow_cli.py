@@ -487,14 +487,15 @@ def test_a_run_ends_with_one_line_about_what_was_blocked(w: World, tmp_path: Pat
     w.monkeypatch.setenv("LINES", "\n".join(json.dumps(x) for x in lines))
     code, _, err = w("--engine", "docker", "--logs-dir", str(w.logs), "--", "true")
     assert code == 5  # the engine's code
-    (line,) = [x for x in err.splitlines() if x.startswith("[Network]")]
+    # The start's "[Network] Sign-in:" line aside, one line about this run.
+    (line,) = [x for x in err.splitlines() if x.startswith("[Network] ") and "Sign-in" not in x]
     assert line.startswith("[Network] 2 blocked and 1 flagged (monitor) this run: evil.test x2, ")
     assert "old.test" not in line
     assert "See: copilot_here --network-logs --blocked --violations --since 20" in line
     assert line.endswith(f"--logs-dir {w.logs}")
     w.monkeypatch.setenv("LINES", json.dumps(request(5, "a.test", "/", violation=False)[1]))
     code, _, err = w("--engine", "docker", "--logs-dir", str(w.logs), "--", "true")
-    assert code == 5 and "[Network]" not in err
+    assert code == 5 and not [x for x in err.splitlines() if "this run" in x]
 
 
 def test_a_waited_for_run_passes_sigterm_on_and_exits_with_the_engines_code(

@@ -19,6 +19,11 @@ Small addons, one concern each, in the order mitmproxy calls them:
   policy core at `requestheaders` -- before any byte of the request can reach
   upstream, even when the body is streamed -- stores the Verdict on the flow
   and answers blocked requests with a 403.
+- CredentialGuard (credentials.py): after the verdict, before anything is
+  forwarded: puts the real sign-in token in place of the agent's placeholder in
+  `Authorization` on requests to GitHub's and Copilot's hosts (and keeps it out
+  of their responses), and refuses a request carrying the placeholder anywhere
+  else (403 `credential_leak`, every mode).
 - UpstreamPinning (upstream.py): resolves the judged name once, checks every
   address (no loopback, private or link-local address unless the rule allows
   it: `private_address`) and connects to the checked address itself, with the
@@ -41,6 +46,7 @@ from typing import Any
 # First: it defers modules mitmproxy would import below and we never use.
 from runtime.container.interceptor import lazy  # noqa: F401  (installs itself)
 from runtime.container.interceptor.blocksink import BlockSink
+from runtime.container.interceptor.credentials import CredentialGuard
 from runtime.container.interceptor.gate import PolicyGate
 from runtime.container.interceptor.httponly import HttpOnly, UpgradeGuard
 from runtime.container.interceptor.logger import TrafficLogger
@@ -61,6 +67,7 @@ def make_addons() -> list[Any]:
         HttpOnly(store, traffic),
         UpgradeGuard(gate),  # before the gate: h2c headers go, other upgrades are refused
         gate,
+        CredentialGuard(sink),  # after the verdict, before forwarding and the log's start
         UpstreamPinning(sink),
         traffic,
         Readiness(),

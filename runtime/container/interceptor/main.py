@@ -92,6 +92,7 @@ CLI: tuple[Flag, ...] = (
     Flag("--confdir", "confdir", default=lambda: str(paths.confdir())),
     Flag("--policy", "secure_proxy_policy", default=lambda: str(paths.policy_file())),
     Flag("--traffic-log", "secure_proxy_traffic_log"),
+    Flag("--credentials", "secure_proxy_credentials"),
     Flag("--ca-cert", "secure_proxy_ca_cert"),
     Flag("--ready-marker", "secure_proxy_ready_marker"),
     Flag(

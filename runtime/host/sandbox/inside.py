@@ -93,6 +93,7 @@ def inner() -> int:
     """PID 1 of the new pid namespace: build the root, install, become init."""
     started = time.monotonic()
     spec = Spec.from_json(os.environ.pop("SP_SANDBOX_SPEC"))
+    by_name = {k: os.environ.pop(k) for k in spec.env_by_name if os.environ.get(k)}
     try:
         socket.sethostname(HOSTNAME)
         new = build_root(spec)
@@ -115,6 +116,7 @@ def inner() -> int:
         "LANG": os.environ.get("LANG", "C.UTF-8"),
         "container": "secure-proxy-sandbox",
         **spec.env,
+        **by_name,
     }
     init = str(paths.venv_dir() / "bin" / "secure-proxy-init")
     argv = [init, "--", *spec.command]

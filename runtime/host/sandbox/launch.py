@@ -10,6 +10,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 from runtime.host.sandbox.network import REGISTRY, Network, cleanup_leftovers, starttime
@@ -51,8 +52,10 @@ def check_venv(venv: Path) -> None:
         )
 
 
-def run(spec: Spec) -> int:
-    """Run the sandbox to completion; the return value is the command's exit code."""
+def run(spec: Spec, by_name: Mapping[str, str] | None = None) -> int:
+    """Run the sandbox to completion; the return value is the command's exit code.
+    `by_name`: the values of spec.env_by_name (the sign-in token), passed to PID 1 in
+    its environment, as `docker run -e NAME` passes them."""
     preflight()
     check_venv(Path(spec.reuse_venv))
     cleanup_leftovers()
@@ -83,6 +86,7 @@ def run(spec: Spec) -> int:
             "PYTHONPATH": spec.source,
             "SP_SANDBOX_SPEC": spec.to_json(),
         }
+        env.update({k: v for k, v in (by_name or {}).items() if k in spec.env_by_name})
         argv = [
             *("nsenter", f"--net=/run/netns/{net.ns}", "--"),
             *("unshare", "--mount", "--pid", "--uts", "--ipc", "--fork", "--kill-child"),

@@ -35,6 +35,9 @@ class Spec:
     stage: str = ""
     run_id: str = ""
     cap_drop: list[str] = field(default_factory=list)
+    # Variables whose values the launcher's environment carries, never the spec (which
+    # a dry run prints, and which is in the environment of the processes up to init).
+    env_by_name: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
