@@ -252,7 +252,25 @@ def _family_spec(
     v6 = family == 6
     host_len = 128 if v6 else 32
     loopback = "::1/128" if v6 else "127.0.0.1/32"
-    filter_rules: list[Rule] = [
+    port_unreach = "icmp6-port-unreachable" if v6 else "icmp-port-unreachable"
+    filter_rules: list[Rule] = []
+    if dns_port is not None:
+        # A user's UDP DNS still aimed at port 53 here escaped the REDIRECT: NAT is
+        # decided on a flow's first packet only, and a query sent from the source port
+        # of one the guard just forwarded (same resolver) belongs to the guard's
+        # conntrack entry. The ESTABLISHED rule below would carry it to the resolver
+        # unjudged, so it is refused first (before the loopback rule too: the guard
+        # may forward to a loopback resolver). TCP cannot hit this: a SYN on an old
+        # entry starts a new flow, which is redirected.
+        filter_rules.append(
+            Rule(
+                "REJECT",
+                proto="udp",
+                matches=(_udp(DNS_PORT), _owner(proxy_uid, negated=True)),
+                target_opts=_reject(port_unreach),
+            )
+        )
+    filter_rules += [
         Rule("ACCEPT", out_iface="lo"),
         # Traffic REDIRECTed to the interceptor. The loopback rule does not catch it:
         # filter OUTPUT still sees the *original* output interface (the route looked
@@ -293,7 +311,6 @@ def _family_spec(
                     matches=(match, *resolver_owner),
                 )
             )
-    port_unreach = "icmp6-port-unreachable" if v6 else "icmp-port-unreachable"
     prohibited = "icmp6-adm-prohibited" if v6 else "icmp-admin-prohibited"
     filter_rules += [
         # QUIC: fail at once so clients fall back to TCP (and so to the interceptor).

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -107,7 +108,14 @@ def servfail(query: Query) -> bytes:
 
 
 class Upstream:
-    """The resolv.conf servers, asked in order (blocking sockets in a thread pool)."""
+    """The resolv.conf servers, asked in order (blocking sockets in a thread pool).
+
+    UDP goes out through one connected socket per worker thread and server, kept for
+    the guard's life. A user's query sent from a source port the guard used for the
+    same resolver a moment earlier belongs to the guard's conntrack entry and is not
+    redirected to us; the firewall refuses it (a failed lookup). Ports the guard keeps
+    bound are never given to another socket, so that cannot happen by chance.
+    """
 
     def __init__(
         self, servers: Sequence[str], timeout: float = UPSTREAM_TIMEOUT, port: int = 53
@@ -116,25 +124,68 @@ class Upstream:
         self.timeout = timeout
         self.port = port
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="dns-upstream")
+        self._local = threading.local()  # .udp: server -> this thread's socket to it
 
     def ask(self, data: bytes, tcp: bool) -> bytes | None:
         for server in self.servers:
             with contextlib.suppress(OSError):
-                return self._ask_one(server, data, tcp)
+                return self._ask_tcp(server, data) if tcp else self._ask_udp(server, data)
         return None
 
-    def _ask_one(self, server: str, data: bytes, tcp: bool) -> bytes:
+    def _udp_socket(self, server: str) -> socket.socket:
+        sockets: dict[str, socket.socket] = self._local.__dict__.setdefault("udp", {})
+        sock = sockets.get(server)
+        if sock is None:
+            family = socket.AF_INET6 if ":" in server else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock.connect((server, self.port))
+            except OSError:
+                sock.close()
+                raise
+            sockets[server] = sock
+        return sock
+
+    def _ask_udp(self, server: str, data: bytes) -> bytes:
+        sock = self._udp_socket(server)
+        deadline = time.monotonic() + self.timeout
+        try:
+            sock.send(data)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{server} did not answer")
+                sock.settimeout(left)
+                reply = sock.recv(MAX_TCP_MESSAGE)
+                if answers(data, reply):
+                    return reply
+                # A late answer to an earlier query on this socket that timed out.
+        except TimeoutError:
+            raise
+        except OSError:
+            # Refused or unreachable: a fresh socket next time.
+            self._local.udp.pop(server, None)
+            sock.close()
+            raise
+
+    def _ask_tcp(self, server: str, data: bytes) -> bytes:
         family = socket.AF_INET6 if ":" in server else socket.AF_INET
-        kind = socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM
-        with socket.socket(family, kind) as sock:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.settimeout(self.timeout)
             sock.connect((server, self.port))
-            if not tcp:
-                sock.send(data)
-                return sock.recv(MAX_TCP_MESSAGE)
             sock.sendall(struct.pack("!H", len(data)) + data)
             (length,) = struct.unpack("!H", _recv_exact(sock, 2))
             return _recv_exact(sock, length)
+
+
+def answers(query: bytes, reply: bytes) -> bool:
+    """Whether `reply` is the answer to `query`: the same id and the same question."""
+    if len(reply) < 12 or reply[:2] != query[:2]:
+        return False
+    try:
+        return DNSRecord.parse(reply).questions == DNSRecord.parse(query).questions
+    except (DNSError, ValueError, IndexError, struct.error, UnicodeError):
+        return False
 
 
 def _recv_exact(sock: socket.socket, count: int) -> bytes:

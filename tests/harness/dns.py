@@ -202,8 +202,10 @@ def query(
     tcp: bool = False,
     port: int = 53,
     timeout: float = 2.0,
+    source_port: int = 0,
 ) -> dict[str, Any]:
-    """Send one query; report {"status", "answers", "elapsed", "error"}."""
+    """Send one query (from `source_port`, 0: any); report {"status", "answers",
+    "elapsed", "error"}."""
     family = socket.AF_INET6 if ":" in server else socket.AF_INET
     msg = build_query(name, qtype)
     start = time.monotonic()
@@ -211,6 +213,8 @@ def query(
     try:
         with socket.socket(family, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM) as s:
             s.settimeout(timeout)
+            if source_port:
+                s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", source_port))
             s.connect((server, port))
             if tcp:
                 s.sendall(struct.pack("!H", len(msg)) + msg)
@@ -263,13 +267,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     q.add_argument("--tcp", action="store_true")
     q.add_argument("--port", type=int, default=53)
     q.add_argument("--timeout", type=float, default=2.0)
+    q.add_argument("--source-port", type=int, default=0)
     args = ap.parse_args(argv)
     if args.cmd == "serve":
         DnsServer(args.bind, json.loads(args.records), args.port, log=sys.stdout).start()
         print("READY", flush=True)
         threading.Event().wait()
         return 0
-    res = query(args.server, args.name, args.type, args.tcp, args.port, args.timeout)
+    res = query(
+        args.server, args.name, args.type, args.tcp, args.port, args.timeout, args.source_port
+    )
     print(json.dumps(res))
     return 0 if res["status"] == "ok" else 1
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 
 import pytest
-from dnslib import QTYPE, RCODE, DNSRecord
+from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
 from runtime.container import dnsguard
 from runtime.container.dnsguard import Guard, Upstream, judge_name, parse_query
@@ -211,3 +212,45 @@ def test_owed_lines_are_bounded(upstream, monkeypatch) -> None:
     _ask(guard, "d.evil.test")
     assert [r.host for r in records] == ["b.evil.test", "c.evil.test", "d.evil.test"]
     assert guard.lost == 0
+
+
+class _Recorder:
+    """A UDP resolver on loopback that answers every query twice: first a stale
+    answer (another id), then the real one; it records each query's source port."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.sources: list[int] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            data, peer = self.sock.recvfrom(4096)
+            self.sources.append(peer[1])
+            query = DNSRecord.parse(data)
+            stale = query.reply()
+            stale.header.id = (query.header.id + 1) % 65536
+            stale.add_answer(RR(query.q.qname, rdata=A("198.18.0.99")))
+            self.sock.sendto(stale.pack(), peer)
+            reply = query.reply()
+            reply.add_answer(RR(query.q.qname, rdata=A("198.18.0.7")))
+            self.sock.sendto(reply.pack(), peer)
+
+
+def test_udp_upstream_keeps_its_source_port_and_skips_answers_not_to_its_query() -> None:
+    """The guard's source ports stay bound (no user socket can be given one of them and
+    ride the guard's conntrack entry); a late answer to another query is not taken."""
+    server = _Recorder()
+    up = Upstream(["127.0.0.1"], timeout=1.0, port=server.port)
+
+    def ask(name: str) -> list[str]:
+        reply = up.pool.submit(up.ask, build_query(name), False).result()
+        assert reply is not None
+        return [str(rr.rdata) for rr in DNSRecord.parse(reply).rr]
+
+    assert [ask("api.github.com") for _ in range(3)] == [["198.18.0.7"]] * 3
+    assert len(server.sources) == 3 and len(set(server.sources)) == 1, server.sources
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other, pytest.raises(OSError):
+        other.bind(("0.0.0.0", server.sources[0]))  # taken while the guard runs

@@ -259,3 +259,15 @@ def test_full_level_leaves_nothing_absent_and_redirects_dns_first():
         "-p udp -m udp --dport 53 -m owner ! --uid-owner 999 -j REDIRECT --to-ports 58053",
         "-p tcp -m tcp --dport 53 -m owner ! --uid-owner 999 -j REDIRECT --to-ports 58053",
     ]
+
+
+def test_with_the_dns_guard_unredirected_user_dns_is_refused_before_any_accept():
+    """A user's query that matched a conntrack entry of the guard's is not redirected;
+    it must be refused before the loopback and ESTABLISHED accepts can let it out."""
+    for fam, unreach in ((4, "icmp-port-unreachable"), (6, "icmp6-port-unreachable")):
+        with_guard = rules(build_ruleset(999, 58080, ["198.18.0.1"], dns_port=58053), fam, "filter")
+        assert with_guard[0] == (
+            f"-p udp -m udp --dport 53 -m owner ! --uid-owner 999 -j REJECT --reject-with {unreach}"
+        )
+        without = rules(build_ruleset(999, 58080, ["198.18.0.1"]), fam, "filter")
+        assert without[0] == "-o lo -j ACCEPT"
