@@ -47,7 +47,9 @@ def net(module_topology, staged_source) -> Iterator[Net]:
         work / "git", with_content=["anyone/lib", "octo-org/proj"], empty=["attacker/drop"]
     )
     record = work / "requests.jsonl"
-    internet = Internet.start(module_topology, work, staged_source, git_root, record)
+    internet = Internet.start(
+        module_topology, work, staged_source, git_root=git_root, record=record
+    )
     yield Net(internet, git_root, record)
     shutil.rmtree(work, ignore_errors=True)
 

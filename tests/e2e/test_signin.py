@@ -75,7 +75,11 @@ def net(module_topology, staged_source, real_token) -> Iterator[Net]:
     os.chmod(work, 0o755)
     record = work / "upstream.jsonl"
     internet = Internet.start(
-        module_topology, work, staged_source, record, {REAL_TOKEN_VARIABLE: real_token}
+        module_topology,
+        work,
+        staged_source,
+        record=record,
+        env={REAL_TOKEN_VARIABLE: real_token},
     )
     yield Net(internet, record)
     shutil.rmtree(work, ignore_errors=True)

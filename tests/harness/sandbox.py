@@ -106,6 +106,7 @@ class Internet:
         topo: Topology,
         workdir: Path,
         source_path: str,
+        *,
         git_root: Path | None = None,
         record: Path | None = None,
         env: Mapping[str, str] | None = None,
