@@ -28,8 +28,7 @@ from runtime import paths
 from runtime.container.interceptor.gate import (
     Counter,
     Verdict,
-    answer,
-    block_response,
+    refuse,
     scheme_of,
     verdict_of,
 )
@@ -143,14 +142,7 @@ class CredentialGuard:
             verdict.decision.host,
             where,
         )
-        response = block_response(
-            verdict.decision,
-            flow.request.method,
-            scheme_of(flow),
-            verdict.port,
-            verdict.policy.source,
-        )
-        answer(flow, response, self.sink)
+        refuse(flow, verdict, self.sink)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """The response of a swapped request: the token never comes back to the agent."""

@@ -167,6 +167,15 @@ def answer(flow: http.HTTPFlow, response: http.Response, sink: BlockSink | None)
     flow.response = response
 
 
+def refuse(flow: http.HTTPFlow, verdict: Verdict, sink: BlockSink | None) -> None:
+    """Answer a request with the explanation of its verdict's refusal (403, or 503 for
+    log_unavailable), locally: nothing of it goes upstream."""
+    response = block_response(
+        verdict.decision, flow.request.method, scheme_of(flow), verdict.port, verdict.policy.source
+    )
+    answer(flow, response, sink)
+
+
 class PolicyGate:
     """Judges every request with the policy core; answers blocked ones with a 403.
 
@@ -203,11 +212,4 @@ class PolicyGate:
         if invalid or flow.response is not None:
             return
         if verdict.decision.blocked:
-            response = block_response(
-                verdict.decision,
-                flow.request.method,
-                scheme_of(flow),
-                verdict.port,
-                verdict.policy.source,
-            )
-            answer(flow, response, self.sink)
+            refuse(flow, verdict, self.sink)

@@ -14,9 +14,8 @@ from mitmproxy import ctx, http
 from runtime import paths
 from runtime.container.interceptor.gate import (
     Verdict,
-    answer,
-    block_response,
     log_unavailable_decision,
+    refuse,
     scheme_of,
     verdict_of,
 )
@@ -78,14 +77,7 @@ class TrafficLogger:
         if verdict.decision.blocked or verdict.invalid or answered:
             return  # refused already
         verdict.decision = log_unavailable_decision(verdict.policy, verdict.decision)
-        response = block_response(
-            verdict.decision,
-            flow.request.method,
-            scheme_of(flow),
-            verdict.port,
-            verdict.policy.source,
-        )
-        answer(flow, response, self.sink)
+        refuse(flow, verdict, self.sink)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         verdict = verdict_of(flow)

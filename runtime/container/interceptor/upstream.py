@@ -25,7 +25,7 @@ from mitmproxy.proxy import server_hooks
 from runtime.container.interceptor.gate import (
     Verdict,
     answer,
-    block_response,
+    refuse,
     scheme_of,
     verdict_of,
 )
@@ -106,14 +106,7 @@ class UpstreamPinning:
             client.resolved[(name, port)] = (addresses, time.monotonic() + ANSWER_SECONDS)
         address, verdict.decision = choose_address(verdict.decision, addresses)
         if verdict.decision.blocked:
-            response = block_response(
-                verdict.decision,
-                flow.request.method,
-                scheme_of(flow),
-                port,
-                verdict.policy.source,
-            )
-            answer(flow, response, self.sink)
+            refuse(flow, verdict, self.sink)
             return
         if address is None:
             self._bad_gateway(flow, f"{name} has no address")
