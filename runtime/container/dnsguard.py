@@ -21,6 +21,7 @@ all (see Guard). Wire format: dnslib, never hand-written parsing.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import socket
 import struct
@@ -41,6 +42,9 @@ from runtime.core.record import DnsRecord, format_ts
 
 #: How long one upstream resolver gets before the next is tried.
 UPSTREAM_TIMEOUT = 2.0
+#: Source ports of the guard's upstream UDP sockets: below Linux's ephemeral range
+#: (32768-60999), so no other socket is ever given one by the kernel (see Upstream).
+UPSTREAM_PORTS = range(20053, 20053 + 128)
 #: Refusals kept to be logged once the log can be written again (the oldest go first).
 MAX_OWED_LINES = 1024
 MAX_TCP_MESSAGE = 65535
@@ -111,10 +115,13 @@ class Upstream:
     """The resolv.conf servers, asked in order (blocking sockets in a thread pool).
 
     UDP goes out through one connected socket per worker thread and server, kept for
-    the guard's life. A user's query sent from a source port the guard used for the
-    same resolver a moment earlier belongs to the guard's conntrack entry and is not
-    redirected to us; the firewall refuses it (a failed lookup). Ports the guard keeps
-    bound are never given to another socket, so that cannot happen by chance.
+    the guard's life and bound to a port of UPSTREAM_PORTS. A user's query sent from
+    a source port the guard used for the same resolver (its conntrack entry lives on
+    for minutes, across a restart of the guard) belongs to the guard's flow and is
+    not redirected to us; the firewall refuses it, a failed lookup. Ports outside the
+    ephemeral range are never handed to a user socket, and a restarted guard binds
+    the same ones again, so that cannot happen by chance. (A port it cannot bind is
+    skipped; with none left it takes an ephemeral one.)
     """
 
     def __init__(
@@ -125,6 +132,8 @@ class Upstream:
         self.port = port
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="dns-upstream")
         self._local = threading.local()  # .udp: server -> this thread's socket to it
+        self._free_ports = list(UPSTREAM_PORTS)
+        self._ports_lock = threading.Lock()
 
     def ask(self, data: bytes, tcp: bool) -> bytes | None:
         for server in self.servers:
@@ -139,12 +148,35 @@ class Upstream:
             family = socket.AF_INET6 if ":" in server else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_DGRAM)
             try:
+                self._bind(sock, family)
                 sock.connect((server, self.port))
             except OSError:
-                sock.close()
+                self._release(sock)
                 raise
             sockets[server] = sock
         return sock
+
+    def _bind(self, sock: socket.socket, family: int) -> None:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        anywhere = "::" if family == socket.AF_INET6 else "0.0.0.0"
+        with self._ports_lock:
+            for port in list(self._free_ports):
+                try:
+                    sock.bind((anywhere, port))
+                except OSError:
+                    continue  # taken by another process: the next one
+                self._free_ports.remove(port)
+                return
+        logger.warning("dns guard: no upstream port free in {}: an ephemeral one", UPSTREAM_PORTS)
+
+    def _release(self, sock: socket.socket) -> None:
+        """Close the socket; its port goes back to the free ones."""
+        with contextlib.suppress(OSError), self._ports_lock:
+            port = sock.getsockname()[1]
+            if port in UPSTREAM_PORTS:
+                bisect.insort(self._free_ports, port)
+        sock.close()
 
     def _ask_udp(self, server: str, data: bytes) -> bytes:
         sock = self._udp_socket(server)
@@ -165,7 +197,7 @@ class Upstream:
         except OSError:
             # Refused or unreachable: a fresh socket next time.
             self._local.udp.pop(server, None)
-            sock.close()
+            self._release(sock)
             raise
 
     def _ask_tcp(self, server: str, data: bytes) -> bytes:

@@ -23,6 +23,7 @@ import jsonschema
 import pytest
 
 from runtime import paths
+from runtime.container.dnsguard import UPSTREAM_PORTS
 from runtime.core.policy import Mode, Policy, make_rule
 from runtime.trafficlog import schema_path
 from tests.harness import python_bin
@@ -210,6 +211,21 @@ def test_a_user_query_on_a_flow_of_the_guard_is_refused(guarded, fam):
     second = guarded.query("secret-data.evil.test", server=server, source=port)
     assert second["status"] != "ok", second
     assert guarded.names_upstream() == []
+
+
+def test_the_guard_asks_from_ports_no_user_socket_is_given(guarded):
+    """Its upstream ports lie below the ephemeral range and stay bound: a user socket
+    never gets one by chance (and so never rides one of the guard's flows)."""
+    guarded.names_upstream(0)
+    for _ in range(3):
+        assert guarded.query("example.com")["status"] == "ok"
+    time.sleep(0.3)
+    seen = []
+    while not guarded.upstream_seen.empty():
+        seen.append(guarded.upstream_seen.get())
+    ports = {q["port"] for q in seen}
+    assert len(seen) == 3 and len(ports) == 1, seen
+    assert ports <= set(UPSTREAM_PORTS), seen
 
 
 def test_every_query_is_a_log_record(guarded):

@@ -168,7 +168,7 @@ class DnsServer:
             resp, entry = build_response(data, self.records)
         except (IndexError, struct.error, KeyError):
             return None
-        entry.update(proto=proto, client=client[0])
+        entry.update(proto=proto, client=client[0], port=client[1], t=time.time())
         with self._lock:
             self.queries.append(entry)
             if self._log is not None:

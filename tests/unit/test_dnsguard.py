@@ -14,7 +14,7 @@ import pytest
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
 from runtime.container import dnsguard
-from runtime.container.dnsguard import Guard, Upstream, judge_name, parse_query
+from runtime.container.dnsguard import UPSTREAM_PORTS, Guard, Upstream, judge_name, parse_query
 from runtime.core.policy import Action, Mode, Policy, Reason, make_rule
 from runtime.core.record import DnsRecord
 from tests.harness.dns import DnsServer, build_query
@@ -223,11 +223,22 @@ class _Recorder:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.sources: list[int] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        """No thread left behind: one with signals unblocked would take a SIGTERM that
+        another test sends itself, blocked, and the test process would end."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as waker:
+            waker.sendto(b"stop", ("127.0.0.1", self.port))
+        self.thread.join(timeout=5)
+        self.sock.close()
 
     def _serve(self) -> None:
         while True:
             data, peer = self.sock.recvfrom(4096)
+            if data == b"stop":
+                return
             self.sources.append(peer[1])
             query = DNSRecord.parse(data)
             stale = query.reply()
@@ -240,11 +251,19 @@ class _Recorder:
 
 
 def test_udp_upstream_keeps_its_source_port_and_skips_answers_not_to_its_query() -> None:
-    """The guard's source ports stay bound (no user socket can be given one of them and
-    ride the guard's conntrack entry); a late answer to another query is not taken."""
+    """The guard's source port stays bound, below the ephemeral range (no user socket
+    is ever given it and so rides the guard's conntrack entry); a late answer to
+    another query is not taken."""
     server = _Recorder()
     up = Upstream(["127.0.0.1"], timeout=1.0, port=server.port)
+    try:
+        _check_ports_and_answers(server, up)
+    finally:
+        up.pool.shutdown(wait=True)
+        server.close()
 
+
+def _check_ports_and_answers(server: _Recorder, up: Upstream) -> None:
     def ask(name: str) -> list[str]:
         reply = up.pool.submit(up.ask, build_query(name), False).result()
         assert reply is not None
@@ -252,5 +271,6 @@ def test_udp_upstream_keeps_its_source_port_and_skips_answers_not_to_its_query()
 
     assert [ask("api.github.com") for _ in range(3)] == [["198.18.0.7"]] * 3
     assert len(server.sources) == 3 and len(set(server.sources)) == 1, server.sources
+    assert server.sources[0] in UPSTREAM_PORTS
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other, pytest.raises(OSError):
         other.bind(("0.0.0.0", server.sources[0]))  # taken while the guard runs
