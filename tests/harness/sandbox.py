@@ -93,12 +93,26 @@ def host_logs(project: Path, env: Mapping[str, str] | None = None) -> Path:
 
 
 class Internet:
-    """The test internet on the Topology's net host: one HTTPS/HTTP server for all names."""
+    """The test internet on the Topology's net host: one HTTPS/HTTP server for all names.
 
-    def __init__(self, topo: Topology, ca: Any, proc: subprocess.Popen[Any]) -> None:
+    `names`: the names its certificate is for; `hosts`: the names the sandbox's
+    /etc/hosts lists (add_hosts; default `names`; others resolve through DNS).
+    `record`: the server's own per-request record (upstream.py). `alt_certs`: SNI
+    name -> (cert, key) shown instead, e.g. one signed by a CA nobody trusts."""
+
+    def __init__(
+        self,
+        topo: Topology,
+        ca: Any,
+        proc: subprocess.Popen[Any],
+        hosts: Sequence[str] = NAMES,
+        record: Path | None = None,
+    ) -> None:
         self.topo = topo
         self.ca = ca
         self.proc = proc
+        self.hosts = tuple(hosts)
+        self.record = record
 
     @classmethod
     def start(
@@ -110,11 +124,15 @@ class Internet:
         git_root: Path | None = None,
         record: Path | None = None,
         env: Mapping[str, str] | None = None,
+        names: Sequence[str] = NAMES,
+        hosts: Sequence[str] | None = None,
+        alt_certs: Mapping[str, tuple[Path, Path]] | None = None,
     ) -> Internet:
         """With `git_root`, git smart HTTP for its repositories (tests.harness.gitserver);
         with `record`, the server's account of every request it received; `env`: more
-        of its environment (the real token of /copilot_internal/user)."""
-        ca = UpstreamCA.create(workdir / "ca", names=list(NAMES))
+        of its environment (the real token of /copilot_internal/user). `names`, `hosts`
+        and `alt_certs`: see the class."""
+        ca = UpstreamCA.create(workdir / "ca", names=list(names))
         module = "tests.harness.gitserver" if git_root else "tests.harness.upstream"
         argv = [python_bin(), "-m", module, "serve"]
         argv += ["--cert", str(ca.server_cert), "--key", str(ca.server_key)]
@@ -122,13 +140,18 @@ class Internet:
             argv += ["--git-root", str(git_root)]
         if record:
             argv += ["--record", str(record)]
+        if alt_certs and git_root:
+            raise ValueError("alt_certs: the git server takes none (tests.harness.upstream does)")
+        for name, (cert, key) in (alt_certs or {}).items():
+            argv += ["--alt-cert", f"{name}={cert}:{key}"]
         proc = topo.net_popen(argv, env={"PYTHONPATH": source_path, **(env or {})}, text=True)
         wait_ready(proc)
-        return cls(topo, ca, proc)
+        return cls(topo, ca, proc, names if hosts is None else hosts, record)
 
     def add_hosts(self) -> dict[str, str]:
-        hosts = {name: self.topo.net_ip for name in NAMES if name != "v6.test"}
-        hosts["v6.test"] = self.topo.net_ip6
+        hosts = {name: self.topo.net_ip for name in self.hosts if name != "v6.test"}
+        if "v6.test" in self.hosts:
+            hosts["v6.test"] = self.topo.net_ip6
         return hosts
 
     def env(self) -> dict[str, str]:

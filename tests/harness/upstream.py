@@ -18,8 +18,8 @@ stream (what a hostile server would do to turn the connection into a tunnel).
 With `--record FILE` the server appends one JSON line per connection when it is
 accepted (`"ev": "open"`) and one when it ends (`"ev": "data"`, with every byte
 received on it, after TLS), and one per request as soon as its head is read
-(`"ev": "request"`, method and raw path): the upstream's own account of what
-reached it. `/slow/<ms>[/...]` answers only after that many milliseconds.
+(`"ev": "request"`, method, raw path and Host header): the upstream's own account
+of what reached it. `/slow/<ms>[/...]` answers only after that many milliseconds.
 
 `/copilot_internal/user` (the Copilot CLI's first request) stands in for GitHub's
 sign-in check: 200 only when the `Authorization` header carries the real token
@@ -28,6 +28,9 @@ environment variable SP_UPSTREAM_REAL_TOKEN (never an argument: tests look for t
 token in every process's argv), else 401; each such request is recorded
 (`"ev": "auth"`, with the header as it arrived). `/echo-headers` reflects the
 request's headers (body, and Authorization in `X-Echo-Authorization`).
+
+`--alt-cert NAME=CERT:KEY` presents another certificate to a client whose SNI is
+NAME (e.g. one signed by a CA nobody trusts); every other name gets the main one.
 """
 
 from __future__ import annotations
@@ -346,7 +349,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         local = self.connection.getsockname()[0]
-        self.recorder.write(ev="request", local=local, method=self.command, path=self.path)
+        self.recorder.write(
+            ev="request",
+            local=local,
+            method=self.command,
+            path=self.path,
+            host=self.headers.get("Host"),
+        )
         body = self._body()
         if self.path.split("?", 1)[0] == "/copilot_internal/user":
             return self._copilot_user()
@@ -510,13 +519,19 @@ class Server(socketserver.ThreadingTCPServer):
         self.server_activate()
 
 
-def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+def tls_context(
+    cert: Path, key: Path, alt: dict[str, tuple[Path, Path]] | None = None
+) -> ssl.SSLContext:
+    """The server's context; `alt` maps an SNI name to the (cert, key) shown for it."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
     ctx.set_alpn_protocols(["http/1.1"])
+    others = {name: tls_context(*pair) for name, pair in (alt or {}).items()}
 
     def remember_sni(sock: Any, name: str | None, _ctx: Any) -> None:
         sock.sp_sni = name
+        if name in others:
+            sock.context = others[name]
 
     ctx.sni_callback = remember_sni
     return ctx
@@ -530,11 +545,13 @@ def serve(
     http_ports: Sequence[int],
     record: Path | None = None,
     handler: type[Handler] | None = None,
+    alt_certs: dict[str, tuple[Path, Path]] | None = None,
 ) -> list[Server]:
-    """`handler`: a Handler subclass (tests.harness.gitserver's), else Handler."""
+    """`handler`: a Handler subclass (tests.harness.gitserver's), else Handler;
+    `alt_certs`: SNI name -> (cert, key) shown instead of the main certificate."""
     Handler.root = root
     Handler.recorder = Recorder(record)
-    ctx = tls_context(cert, key)
+    ctx = tls_context(cert, key, alt_certs)
     servers = []
     for ports, tls in ((https_ports, ctx), (http_ports, None)):
         for port in ports:
@@ -588,7 +605,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     sv.add_argument("--https-port", type=int, action="append")
     sv.add_argument("--http-port", type=int, action="append")
     sv.add_argument("--record", type=Path, help="append a JSON line per connection here")
+    sv.add_argument(
+        "--alt-cert",
+        action="append",
+        default=[],
+        metavar="NAME=CERT:KEY",
+        help="present CERT (with KEY) to clients whose SNI is NAME",
+    )
     args = ap.parse_args(argv)
+    alt: dict[str, tuple[Path, Path]] = {}
+    for item in args.alt_cert:
+        name, _, files = item.partition("=")
+        cert, _, key = files.partition(":")
+        if not (name and cert and key):
+            ap.error(f"--alt-cert {item!r}: expected NAME=CERT:KEY")
+        alt[name] = (Path(cert), Path(key))
     serve(
         args.cert,
         args.key,
@@ -596,6 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.https_port or [443],
         args.http_port or [80],
         args.record,
+        alt_certs=alt,
     )
     print("READY", flush=True)
     threading.Event().wait()
