@@ -54,7 +54,8 @@ OPCODE_QUERY = 0
 def judge_name(policy: Policy, name: str) -> Decision:
     """Whether the policy could allow any request to `name` (the DNS guard's question).
 
-    Host matching is the policy's own (Policy.rules_for_host); a name that is
+    Host matching is the policy's own (Policy.rules_naming: HTTP rules and rules
+    that open ports); a name that is
     not a valid host is never allowed while rules apply.
     """
     if policy.mode is Mode.ALLOW_ALL:
@@ -64,7 +65,7 @@ def judge_name(policy: Policy, name: str) -> Decision:
         host = normalize_host(name)
     except HostError:
         return Decision(action, Reason.HOST_NOT_ALLOWED, policy.mode, name.rstrip("."), "")
-    rules = policy.rules_for_host(host)
+    rules = policy.rules_naming(host)
     if rules:
         return Decision(Action.ALLOW, Reason.RULE_MATCH, policy.mode, host, "", rules[0])
     return Decision(action, Reason.HOST_NOT_ALLOWED, policy.mode, host, "")
