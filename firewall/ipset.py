@@ -15,6 +15,9 @@ import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from runtime.core.hosts import ip_literal
+from runtime.core.policy import Policy
+
 from .ruleset import PORT_SETS
 
 FAMILY = {4: "inet", 6: "inet6"}
@@ -114,3 +117,14 @@ def flush(families: Iterable[int]) -> None:
         r = _ipset(["flush", PORT_SETS[family]])
         if r.returncode != 0:
             raise IpsetError(f"ipset flush {PORT_SETS[family]} failed: {r.stderr.strip()}")
+
+
+def literal_entries(policy: Policy) -> list[Entry]:
+    """Entries for the rules whose host is an IP literal: their ports to that address,
+    without a timeout (for the run). The firewall adds them at apply, the port keeper
+    again after a reload forgot everything."""
+    out: list[Entry] = []
+    for rule in policy.rules:
+        if rule.ports and ip_literal(rule.host) is not None:
+            out += [Entry(rule.host, port, 0) for port in sorted(rule.ports)]
+    return out

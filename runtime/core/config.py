@@ -320,9 +320,7 @@ def _check_ports(value: Any, pointer: str, problems: list[Problem]) -> tuple[int
     for index, port in enumerate(value):
         where = f"{pointer}/{index}"
         if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-            problems.append(
-                Problem(where, f"{json.dumps(port)} is not a TCP port (1-65535)", fix)
-            )
+            problems.append(Problem(where, f"{json.dumps(port)} is not a TCP port (1-65535)", fix))
         elif port in RESERVED_PORTS:
             problems.append(
                 Problem(
