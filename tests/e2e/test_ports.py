@@ -46,13 +46,17 @@ class Net:
     other6: str
 
     def arrivals(self) -> list[str]:
-        """`address port` of every connection sshd accepted, in order."""
+        """`address port` of every connection sshd accepted from elsewhere than the net
+        host itself (the fixture's readiness probes), in order."""
+        own = {self.ip4, self.ip6, self.other4, self.other6}
         out = []
         for line in self.sshd_log.read_text(errors="replace").splitlines():
             # "Connection from 198.18.1.2 port 41234 on 198.18.1.1 port 22 rdomain """
             if line.startswith("Connection from ") and " on " in line:
+                source = line.split()[2]
                 where = line.split(" on ", 1)[1].split()
-                out.append(f"{where[0]} {where[2]}")
+                if source not in own:
+                    out.append(f"{where[0]} {where[2]}")
         return out
 
 
