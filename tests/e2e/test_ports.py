@@ -161,6 +161,15 @@ CONNECT = (
 )
 
 
+FORGE = (
+    "import json,socket,sys\n"
+    "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+    "s.connect('/run/secure-proxy/portkeeper/keeper.sock')\n"
+    "s.send(json.dumps({'name': sys.argv[1], 'addresses': sys.argv[2:], 'ttl': 600}).encode())\n"
+    "print(s.recv(4096))\n"
+)
+
+
 def agent(net: Net) -> str:
     ssh = (
         "ssh -i /tmp/k -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
@@ -181,6 +190,8 @@ def agent(net: Net) -> str:
                 f"GIT_SSH_COMMAND='{ssh} -6' git clone -q {url} /tmp/c6 && "
                 f"grep -q '{MARKER}' /tmp/c6/README",
             ),
+            # The agent asks the port keeper itself to open the other addresses.
+            step("forge", f'python3 -c "{FORGE}" {NAME} {net.other4} {net.other6}'),
             # While the name's addresses are open: the same port elsewhere, another port there.
             step("other4", f"{connect} {net.other4} 22"),
             step("other6", f"{connect} {net.other6} 22"),
@@ -230,6 +241,8 @@ def test_a_ports_rule_lets_git_over_ssh_reach_exactly_the_answered_addresses(net
     # opened address: refused at once, while the name's entries are open.
     for tag in ("other4", "other6", "port4"):
         assert "ConnectionRefusedError" in line(out, tag), out
+    # Only proxy-user (the DNS guard) may write to the port keeper's socket.
+    assert "PermissionError" in line(out, "forge"), out
     # A ports-only rule grants no HTTP: the interceptor refuses it.
     assert line(out, "http") == "http 403", out
     time.sleep(0.5)  # sshd logs each connection as it accepts it
