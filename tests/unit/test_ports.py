@@ -95,7 +95,12 @@ def test_ports_for_exact_wildcard_and_most_specific_pattern() -> None:
     assert policy.ports_for("api.github.com") == frozenset()
     assert policy.ports_for("198.18.0.9") == {5432}
     assert policy.ports_for("not a host") == frozenset()
-    # Allow-all opens nothing: there is no firewall rule to open.
+    # Monitor mode opens exactly what enforce does (the firewall cannot flag a TCP
+    # connection); allow-all opens nothing: there is no firewall rule to open.
+    assert Policy.build(Mode.MONITOR, True, policy.rules, "x").ports_for("a.example.com") == {
+        2222,
+        7999,
+    }
     assert Policy.build(Mode.ALLOW_ALL, False, policy.rules, "x").ports_for("github.com") == set()
 
 
