@@ -72,7 +72,7 @@ ARG DEBIAN_FRONTEND=noninteractive
 
 # Run-time packages only: no compiler, no apt lists.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends iptables python3 python3-venv ca-certificates \
+ && apt-get install -y --no-install-recommends iptables ipset python3 python3-venv ca-certificates \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log
 

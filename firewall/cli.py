@@ -38,7 +38,7 @@ from loguru import logger
 from runtime import fsutil, paths
 from runtime.resolve import read_policy
 
-from . import iptables
+from . import ipset, iptables
 from .iptables import FirewallError, HookPolicies
 from .ruleset import LockLevel, Ruleset, build_ruleset, lock_level, parse_resolv_conf
 
@@ -147,6 +147,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     iptables.check_capabilities()
     remove_marker()
     iptables.apply(ruleset, hook_policies(ruleset))
+    if ruleset.level is LockLevel.FULL and args.policy is not None:
+        open_literal_ports(Path(args.policy))
     problems = iptables.verify(ruleset)
     if problems:
         raise FirewallError(
@@ -169,6 +171,18 @@ def cmd_apply(args: argparse.Namespace) -> int:
         marker,
     )
     return 0
+
+
+def open_literal_ports(policy_file: Path) -> None:
+    """A rule whose host is an IP literal opens its `ports` for the run: entries without
+    a timeout (the port keeper adds the named hosts' as the DNS guard answers)."""
+    try:
+        entries = ipset.literal_entries(read_policy(policy_file))
+        ipset.add(e for e in entries if e.family == 4 or iptables.ipv6_available())
+    except ipset.IpsetError as exc:
+        raise FirewallError(str(exc)) from exc
+    if entries:
+        logger.info("ports opened for the run: {}", ", ".join(e.line() for e in entries))
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -23,11 +23,13 @@ from typing import Any, TypeVar
 
 from loguru import logger
 
+from . import ipset
 from .ruleset import (
     DEFAULT_HOOK_POLICY,
     OUR_CHAINS,
     ChainRef,
     FamilySpec,
+    LockLevel,
     Match,
     Opt,
     Rule,
@@ -141,7 +143,10 @@ def to_iptc(rule: Rule, family: int) -> Any:
     for m in rule.matches:
         match = r.create_match(m.name)
         for o in m.opts:
-            setattr(match, _opt_name(o.name), ("!" if o.negated else "") + o.value)
+            if " " in o.value:  # several arguments (`--match-set NAME dst,dst`): a list
+                setattr(match, _opt_name(o.name), ["!"] * o.negated + o.value.split(" "))
+            else:
+                setattr(match, _opt_name(o.name), ("!" if o.negated else "") + o.value)
     r.target = iptc.Target(r, rule.target)
     for o in rule.target_opts:
         setattr(r.target, _opt_name(o.name), o.value)
@@ -458,8 +463,16 @@ def apply(ruleset: Ruleset, policies: HookPolicies | None = None) -> None:
     # Open every table before changing any: a missing ip6tables fails before v4 moves.
     for fam in fams:
         in_child(_open_all, fam)
-    for fam in fams:
-        in_child(apply_family, fam, policies or {})
+    full = ruleset.level is LockLevel.FULL
+    try:
+        if full:  # the sets before the rules that name them
+            ipset.create(fam.family for fam in fams)
+        for fam in fams:
+            in_child(apply_family, fam, policies or {})
+        if not full:  # and gone only once no rule names them
+            ipset.destroy(fam.family for fam in fams)
+    except ipset.IpsetError as exc:
+        raise FirewallError(str(exc)) from exc
 
 
 def read_policies(ruleset: Ruleset) -> HookPolicies | None:

@@ -38,6 +38,10 @@ FILTER_INPUT_POLICY = "DROP"
 DEFAULT_HOOK_POLICY = "ACCEPT"
 
 DIRECT_PORTS = (80, 443)
+#: Kernel ipsets (hash:ip,port, a timeout per entry) of the address,port pairs a rule's
+#: `ports` opened (runtime.container.portkeeper fills them from the DNS guard's answers).
+#: Per network namespace, like the rules; made by apply at level full, destroyed by remove.
+PORT_SETS = {4: "sp_ports4", 6: "sp_ports6"}
 DNS_PORT = 53
 QUIC_PORT = 443
 # Neighbour discovery: without it no IPv6 packet (proxy-user's, DNS) ever leaves.
@@ -311,6 +315,15 @@ def _family_spec(
                     matches=(match, *resolver_owner),
                 )
             )
+    # A rule's `ports`: TCP to an address,port the port keeper put in the set (any user:
+    # these are the agent's connections), until its entry times out.
+    filter_rules.append(
+        Rule(
+            "ACCEPT",
+            proto="tcp",
+            matches=(Match("set", (Opt("match-set", f"{PORT_SETS[family]} dst,dst"),)),),
+        )
+    )
     prohibited = "icmp6-adm-prohibited" if v6 else "icmp-admin-prohibited"
     filter_rules += [
         # QUIC: fail at once so clients fall back to TCP (and so to the interceptor).

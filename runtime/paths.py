@@ -62,6 +62,20 @@ def dnsguard_marker() -> Path:
     return interceptor_run_dir() / "dnsguard.ready"
 
 
+def portkeeper_dir() -> Path:
+    """Root's, 0755: holds the port keeper's socket (proxy-user's, 0600: only the DNS
+    guard may ask it to open a port) and its ready marker."""
+    return run_dir() / "portkeeper"
+
+
+def portkeeper_socket() -> Path:
+    return portkeeper_dir() / "keeper.sock"
+
+
+def portkeeper_marker() -> Path:
+    return portkeeper_dir() / "portkeeper.ready"
+
+
 def credentials_file() -> Path:
     """The sign-in token and its placeholder, for the interceptor alone: proxy-user's,
     0400, written by the init (runtime.container.signin) when rules are enabled."""

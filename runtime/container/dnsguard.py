@@ -12,6 +12,12 @@ under allowed wildcards, the built-in hosts):
     other name, monitor mode      forwarded, recorded as a violation
     not a DNS query               dropped (UDP) or the connection closed (TCP)
 
+A name a rule gives `ports` (Policy.ports_for) has its answer's addresses sent to the
+port keeper (runtime.container.portkeeper), which opens those ports to them in the
+firewall, before the answer goes back: the client cannot connect before the entry
+exists. If the keeper does not confirm, the answer still goes out and the connection
+is refused (fail closed; logged here).
+
 Every query is one traffic-log record (`kind: "dns"`) when the policy logs, and
 nothing is answered unlogged: a query whose line cannot be written gets SERVFAIL
 instead of its answer, and while the log stays unwritable no name is forwarded at
@@ -54,7 +60,8 @@ OPCODE_QUERY = 0
 def judge_name(policy: Policy, name: str) -> Decision:
     """Whether the policy could allow any request to `name` (the DNS guard's question).
 
-    Host matching is the policy's own (Policy.rules_for_host); a name that is
+    Host matching is the policy's own (Policy.rules_naming: HTTP rules and rules
+    that open ports); a name that is
     not a valid host is never allowed while rules apply.
     """
     if policy.mode is Mode.ALLOW_ALL:
@@ -64,7 +71,7 @@ def judge_name(policy: Policy, name: str) -> Decision:
         host = normalize_host(name)
     except HostError:
         return Decision(action, Reason.HOST_NOT_ALLOWED, policy.mode, name.rstrip("."), "")
-    rules = policy.rules_for_host(host)
+    rules = policy.rules_naming(host)
     if rules:
         return Decision(Action.ALLOW, Reason.RULE_MATCH, policy.mode, host, "", rules[0])
     return Decision(action, Reason.HOST_NOT_ALLOWED, policy.mode, host, "")
@@ -103,6 +110,50 @@ def answer_count(data: bytes) -> tuple[str, int]:
     except (DNSError, ValueError, IndexError, struct.error, UnicodeError):
         return "FORMERR", 0
     return RCODE.get(record.header.rcode, str(record.header.rcode)), len(record.rr)
+
+
+def answer_addresses(data: bytes) -> tuple[list[str], int]:
+    """(the A and AAAA addresses of an answer, their smallest TTL)."""
+    try:
+        record = DNSRecord.parse(data)
+    except (DNSError, ValueError, IndexError, struct.error, UnicodeError):
+        return [], 0
+    found = [rr for rr in record.rr if rr.rtype in (QTYPE.A, QTYPE.AAAA)]
+    return [str(rr.rdata) for rr in found], min((rr.ttl for rr in found), default=0)
+
+
+#: What the guard asks the port keeper: (name, addresses, ttl) -> the endpoints opened,
+#: or None when the keeper did not confirm.
+Opener = Callable[[str, list[str], int], list[str] | None]
+
+
+class PortOpener:
+    """The port keeper's client: one SOCK_SEQPACKET connection per answer (only names
+    a rule gives ports get here), a bounded wait for the keeper's reply."""
+
+    def __init__(self, path: str, timeout: float = 2.0) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    def __call__(self, name: str, addresses: list[str], ttl: int) -> list[str] | None:
+        import json
+
+        message = json.dumps({"name": name, "addresses": addresses, "ttl": ttl}).encode()
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+                sock.settimeout(self.timeout)
+                sock.connect(self.path)
+                sock.send(message)
+                reply = json.loads(sock.recv(65536) or b"{}")
+        except (OSError, ValueError) as exc:
+            logger.error(
+                "port keeper unreachable ({}): the ports of {} stay closed (fail closed)", exc, name
+            )
+            return None
+        if "opened" not in reply:
+            logger.error("port keeper: {} for {} (fail closed)", reply.get("error", reply), name)
+            return None
+        return [str(x) for x in reply["opened"]]
 
 
 def servfail(query: Query) -> bytes:
@@ -251,10 +302,13 @@ class Guard:
     one that is written ends the refusals.
     """
 
-    def __init__(self, policy: Policy, upstream: Upstream, record: Recorder) -> None:
+    def __init__(
+        self, policy: Policy, upstream: Upstream, record: Recorder, opener: Opener | None = None
+    ) -> None:
         self.policy = policy
         self.upstream = upstream
         self.record = record
+        self.opener = opener
         self.owed: deque[DnsRecord] = deque()
         self.lost = 0  # owed lines dropped past MAX_OWED_LINES since the log last worked
 
@@ -263,6 +317,7 @@ class Guard:
         if query is None:
             return None
         started = time.time()
+        opened: list[str] | None = None
         policy = self.policy  # one policy per query, even across a reload
         decision = judge_name(policy, query.name)
         if decision.blocked:
@@ -275,15 +330,31 @@ class Guard:
             answer = await loop.run_in_executor(self.upstream.pool, self.upstream.ask, data, tcp)
             if answer is None:
                 answer = servfail(query)
+            elif policy.ports_for(decision.host):
+                opened = await self._open_ports(decision.host, answer)
         if not policy.log_to_file:
             return answer
-        if self._pay_owed() and self.record(self._line(decision, query, tcp, started, answer)):
+        line = self._line(decision, query, tcp, started, answer, opened)
+        if self._pay_owed() and self.record(line):
             return answer
         if not decision.blocked:
-            # Forwarded, or refused just now, and not in the log: the client gets no answer.
-            decision, answer = log_unavailable(decision), servfail(query)
-        self._owe(self._line(decision, query, tcp, started, answer))
+            # Forwarded, or refused just now, and not in the log: the client gets no answer
+            # (a port it opened closes at its timeout; the client has no address to use).
+            decision, answer, opened = log_unavailable(decision), servfail(query), None
+        self._owe(self._line(decision, query, tcp, started, answer, opened))
         return answer
+
+    async def _open_ports(self, host: str, answer: bytes) -> list[str] | None:
+        """Have the port keeper open the host's ports to the answer's addresses, and wait
+        for it: the reply goes out after. None: nothing to open, or the keeper failed."""
+        addresses, ttl = answer_addresses(answer)
+        if not addresses:
+            return None
+        if self.opener is None:
+            logger.error("no port keeper: the ports of {} stay closed (fail closed)", host)
+            return None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.upstream.pool, self.opener, host, addresses, ttl)
 
     def _pay_owed(self) -> bool:
         """Write the lines still owed, oldest first; True once none is left."""
@@ -304,7 +375,12 @@ class Guard:
 
     @staticmethod
     def _line(
-        decision: Decision, query: Query, tcp: bool, started: float, answer: bytes
+        decision: Decision,
+        query: Query,
+        tcp: bool,
+        started: float,
+        answer: bytes,
+        opened: list[str] | None = None,
     ) -> DnsRecord:
         rcode, answers = answer_count(answer)
         rule = decision.rule
@@ -322,6 +398,7 @@ class Guard:
             rcode=rcode,
             answers=answers,
             duration_ms=(time.time() - started) * 1000.0,
+            opened=opened,
         )
 
 
@@ -436,6 +513,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resolv-conf", type=Path, default=Path("/etc/resolv.conf"))
     ap.add_argument("--traffic-log", type=Path, default=paths.traffic_log())
     ap.add_argument("--ready-marker", type=Path, default=paths.dnsguard_marker())
+    ap.add_argument(
+        "--port-keeper",
+        type=Path,
+        default=paths.portkeeper_socket(),
+        help="the port keeper's socket, told the addresses of names a rule gives ports",
+    )
     args = ap.parse_args(argv)
     logger.remove()
     logger.add(sys.stderr, level=os.environ.get("SECURE_PROXY_LOG_LEVEL", "INFO"))
@@ -448,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     if not servers:
         logger.error("{} names no nameserver; every allowed name gets SERVFAIL", args.resolv_conf)
     writer = TrafficLogWriter(args.traffic_log)
-    guard = Guard(policy, Upstream(servers), writer.write)
+    guard = Guard(policy, Upstream(servers), writer.write, PortOpener(str(args.port_keeper)))
     with contextlib.suppress(OSError):
         args.ready_marker.unlink(missing_ok=True)
 

@@ -181,6 +181,7 @@ def prepare_run_dir(proxy: tuple[int, int]) -> None:
         paths.firewall_marker(),
         paths.interceptor_marker(),
         paths.dnsguard_marker(),
+        paths.portkeeper_marker(),
         paths.credentials_file(),
     )
     for path in (*stale, paths.ca_cert()):

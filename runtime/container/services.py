@@ -1,9 +1,13 @@
 """Which services run at each firewall level, and the move from one level to another.
 
-    level (firewall.ruleset)   firewall   interceptor   dnsguard
-    none       (inactive)      -          -             -
-    intercept  (log only)      yes        yes           -
-    full       (rules)         yes        yes           yes
+    level (firewall.ruleset)   firewall   interceptor   dnsguard   portkeeper
+    none       (inactive)      -          -             -          -
+    intercept  (log only)      yes        yes           -          -
+    full       (rules)         yes        yes           yes        yes
+
+The port keeper runs at level full whether or not a rule has `ports` (it then opens
+nothing): an edit may add one during the run, and the level, not the rules, decides
+which programs run.
 
 The log guard and the reloader run whenever supervisord does. supervisord runs
 when the level is not none, or when the config is writable: then the reloader
@@ -27,15 +31,16 @@ from runtime.container.console import SetupFailed
 FIREWALL_TIMEOUT = float(os.environ.get("SECURE_PROXY_FIREWALL_TIMEOUT", "30"))
 INTERCEPTOR_TIMEOUT = float(os.environ.get("SECURE_PROXY_INTERCEPTOR_TIMEOUT", "60"))
 DNSGUARD_TIMEOUT = float(os.environ.get("SECURE_PROXY_DNSGUARD_TIMEOUT", "30"))
+PORTKEEPER_TIMEOUT = float(os.environ.get("SECURE_PROXY_PORTKEEPER_TIMEOUT", "30"))
 
 #: every program of supervisor.d, in start order
-PROGRAMS = ("firewall", "logguard", "dnsguard", "interceptor", "reloader")
+PROGRAMS = ("firewall", "logguard", "portkeeper", "dnsguard", "interceptor", "reloader")
 
 #: the long-running network services of each level (the firewall is a one-shot)
 SERVICES: dict[LockLevel, tuple[str, ...]] = {
     LockLevel.NONE: (),
     LockLevel.INTERCEPT: ("interceptor",),
-    LockLevel.FULL: ("dnsguard", "interceptor"),
+    LockLevel.FULL: ("portkeeper", "dnsguard", "interceptor"),
 }
 
 
@@ -55,6 +60,8 @@ def component(name: str) -> supervisor.Component:
         return supervisor.Component(name, paths.interceptor_marker(), INTERCEPTOR_TIMEOUT, False)
     if name == "dnsguard":
         return supervisor.Component(name, paths.dnsguard_marker(), DNSGUARD_TIMEOUT, False)
+    if name == "portkeeper":
+        return supervisor.Component(name, paths.portkeeper_marker(), PORTKEEPER_TIMEOUT, False)
     raise ValueError(f"no readiness marker for {name}")
 
 

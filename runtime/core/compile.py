@@ -31,6 +31,8 @@ def _filled_rule(spec: RuleSpec, values: Mapping[str, str], origin: Origin) -> R
         origin,
         spec.schemes,
         allow_private_addresses=spec.allow_private_addresses,
+        ports=spec.ports,
+        http=spec.http,
     )
 
 
@@ -59,10 +61,24 @@ def user_rules(
 
 
 def merge_rules(user: Iterable[Rule], built_in: Iterable[Rule]) -> tuple[Rule, ...]:
-    """User rules first; a built-in rule is added unless the user wrote a rule for its host."""
+    """User rules first; a built-in rule is added unless the user wrote a rule for its
+    host that grants the same kind: a user's HTTP rule for a host replaces the built-in
+    HTTP rules for it, a user's `ports` rule the built-in `ports` rules (so
+    `{"host": "github.com", "ports": [22]}` keeps git over HTTPS to github.com). A user
+    rule that allows nothing (`"schemes": []`, no ports) replaces every built-in rule."""
     user = tuple(user)
-    overridden = {rule.host for rule in user}
-    return user + tuple(rule for rule in built_in if rule.host not in overridden)
+    http = {rule.host for rule in user if rule.http}
+    ports = {rule.host for rule in user if rule.ports}
+    everything = {rule.host for rule in user if rule.schemes == frozenset() and not rule.ports}
+
+    def replaced(rule: Rule) -> bool:
+        return (
+            rule.host in everything
+            or (rule.http and rule.host in http)
+            or (bool(rule.ports) and rule.host in ports)
+        )
+
+    return user + tuple(rule for rule in built_in if not replaced(rule))
 
 
 def compile_policy(

@@ -23,7 +23,15 @@ from runtime.core.placeholders import sample, unknown_placeholders
 from runtime.core.policy import Mode
 
 TOP_LEVEL_KEYS = ("$schema", "enabled", "inherit_defaults", "mode", "log_to_file", "allowed_rules")
-RULE_KEYS = ("host", "allowed_paths", "methods", "schemes", "allow_private_addresses")
+RULE_KEYS = ("host", "allowed_paths", "methods", "schemes", "allow_private_addresses", "ports")
+#: The keys that grant HTTP(S): a rule with `ports` and none of these grants only its ports.
+HTTP_KEYS = ("allowed_paths", "methods", "schemes")
+#: Ports a rule may not name, and why.
+RESERVED_PORTS = {
+    80: "HTTP always goes through the interceptor, judged by host, path and method",
+    443: "HTTPS always goes through the interceptor, judged by host, path and method",
+    53: "DNS always goes to the DNS guard",
+}
 SCHEMES = ("http", "https")
 #: The modes a config may name: the core's own vocabulary (allow-all comes from enabled).
 MODES = (Mode.MONITOR.value, Mode.ENFORCE.value)
@@ -47,6 +55,11 @@ ALIASES = {
     "path": "allowed_paths",
     "method": "methods",
     "scheme": "schemes",
+    "port": "ports",
+    "tcp_ports": "ports",
+    "tcp_port": "ports",
+    "allowed_ports": "ports",
+    "tcp": "ports",
     # copilot_here's Airlock names, in a file that is otherwise ours (see runtime.core.airlock)
     "enable_logging": "log_to_file",
     "inherit_default_rules": "inherit_defaults",
@@ -96,6 +109,9 @@ class RuleSpec:
     methods: tuple[str, ...] | None = None
     allow_private_addresses: bool = False
     schemes: tuple[str, ...] | None = None
+    ports: tuple[int, ...] = ()
+    #: False when the rule has `ports` and no key of HTTP_KEYS: it grants no HTTP.
+    http: bool = True
 
 
 NATIVE = "native"
@@ -278,6 +294,7 @@ def validate_rule(raw: Any, pointer: str, problems: list[Problem]) -> RuleSpec |
                         )
                     )
     private = _bool(raw, "allow_private_addresses", False, pointer, problems)
+    ports = _check_ports(raw.get("ports"), f"{pointer}/ports", problems) if "ports" in raw else ()
     if len(problems) > before:
         return None
     return RuleSpec(
@@ -286,7 +303,36 @@ def validate_rule(raw: Any, pointer: str, problems: list[Problem]) -> RuleSpec |
         methods=None if methods is None else tuple(m.upper() for m in methods),
         allow_private_addresses=private,
         schemes=None if schemes is None else tuple(x.lower() for x in schemes),
+        ports=ports,
+        http=not ports or any(key in raw for key in HTTP_KEYS),
     )
+
+
+def _check_ports(value: Any, pointer: str, problems: list[Problem]) -> tuple[int, ...]:
+    """`ports`: a non-empty list of TCP ports 1-65535, none of RESERVED_PORTS."""
+    fix = 'write "ports": [22] (a list of TCP port numbers)'
+    if not isinstance(value, list) or not value:
+        problems.append(
+            Problem(pointer, f"must be a non-empty list of TCP ports, not {json.dumps(value)}", fix)
+        )
+        return ()
+    out: list[int] = []
+    for index, port in enumerate(value):
+        where = f"{pointer}/{index}"
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            problems.append(Problem(where, f"{json.dumps(port)} is not a TCP port (1-65535)", fix))
+        elif port in RESERVED_PORTS:
+            problems.append(
+                Problem(
+                    where,
+                    f"port {port} cannot be opened by a rule: {RESERVED_PORTS[port]}",
+                    "remove it from ports"
+                    + ("; allowed_paths and methods decide HTTP(S)" if port != 53 else ""),
+                )
+            )
+        elif port not in out:
+            out.append(port)
+    return tuple(out)
 
 
 def _check_host(host: str, pointer: str, problems: list[Problem]) -> None:

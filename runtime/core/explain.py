@@ -11,7 +11,16 @@ import json
 
 from runtime.core.addresses import refused_range
 from runtime.core.credentials import TOKEN_HOSTS
-from runtime.core.policy import BUILT_IN, Decision, Reason, Rule, suggested_rule, suggested_rules
+from runtime.core.policy import (
+    BUILT_IN,
+    Decision,
+    Mode,
+    Policy,
+    Reason,
+    Rule,
+    suggested_rule,
+    suggested_rules,
+)
 
 REASON_TEXT = {
     Reason.ALLOW_ALL: "the secure proxy is in allow-all mode (enabled is false)",
@@ -118,3 +127,61 @@ def explain(decision: Decision, method: str, url: str, config_source: str) -> st
                     "CLI and git need)"
                 )
     return "\n".join(lines) + "\n"
+
+
+def explain_port(
+    policy: Policy, host: str, port: int, url: str, config_source: str
+) -> tuple[bool, str]:
+    """(whether the box may open TCP `port` to `host`, plain text saying why): the
+    answer for a port other than HTTP(S) and DNS, which only a rule's `ports` opens.
+
+    Allow-all touches no other traffic; with rules (monitor or enforce alike) a port is
+    open to the host's answered addresses exactly when Policy.ports_for names it."""
+    if policy.mode is Mode.ALLOW_ALL:
+        return True, "\n".join(
+            [
+                f"ALLOWED: TCP {host}:{port} ({url})",
+                "reason: allow_all: rules are disabled; traffic other than HTTP(S) is untouched",
+                f"mode: {policy.mode.value}",
+                f"config: {config_source}",
+            ]
+        ) + "\n"
+    ports = policy.ports_for(host)
+    rules = [r for r in policy.port_rules_for_host(host) if port in r.ports]
+    if rules:
+        rule = rules[0]
+        opened = ", ".join(str(p) for p in sorted(rule.ports))
+        return True, "\n".join(
+            [
+                f"ALLOWED: TCP {host}:{port} ({url})",
+                "reason: rule_match: the firewall opens this port to the addresses the DNS "
+                "guard answers for the host, for the answer's lifetime (a name from /etc/hosts "
+                "opens nothing)",
+                f"mode: {policy.mode.value}",
+                f"rule: {rule.host} ports {opened} ({rule.origin.label})",
+                f"config: {config_source}",
+            ]
+        ) + "\n"
+    fix = {"host": host, "ports": sorted({*ports, port})}
+    return False, "\n".join(
+        [
+            f"BLOCKED: TCP {host}:{port} ({url})",
+            "reason: port_not_allowed: no rule opens this port for the host; TCP other than "
+            "HTTP(S) is refused unless a rule's ports name it"
+            + (
+                " (monitor mode too: the firewall cannot judge it)"
+                if policy.mode is Mode.MONITOR
+                else ""
+            ),
+            f"mode: {policy.mode.value}",
+            "rule: "
+            + (
+                f"{policy.port_rules_for_host(host)[0].host} ports "
+                + ", ".join(str(p) for p in sorted(ports))
+                if ports
+                else "none"
+            ),
+            f"config: {config_source}",
+            f'fix: add this rule to "allowed_rules" in {config_source}: {json.dumps(fix)}',
+        ]
+    ) + "\n"

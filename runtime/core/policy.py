@@ -107,6 +107,13 @@ class Rule:
     #: The schemes allowed (`http`, `https`); None: both. Empty: none (the rule names the
     #: host, replacing any built-in rule for it, and allows nothing).
     schemes: frozenset[str] | None = None
+    #: TCP ports other than HTTP(S) the box may open to the addresses the DNS guard
+    #: answered for the host (runtime.container.portkeeper), or to the host itself when it
+    #: is an IP literal. A rule whose only grant is `ports` has `schemes` empty: no HTTP.
+    ports: frozenset[int] = frozenset()
+    #: Whether the rule grants HTTP(S) at all: False for a rule whose only grant is
+    #: `ports` (no allowed_paths, methods or schemes written).
+    http: bool = True
 
     @property
     def is_wildcard(self) -> bool:
@@ -132,6 +139,10 @@ class Rule:
             data["allow_private_addresses"] = True
         if self.schemes is not None:
             data["schemes"] = sorted(self.schemes)
+        if self.ports:
+            data["ports"] = sorted(self.ports)
+        if not self.http:
+            data["http"] = False
         data["origin"] = self.origin.to_json()
         return data
 
@@ -146,6 +157,8 @@ class Rule:
             Origin(origin.get("kind", BUILT_IN), origin.get("file")),
             data.get("schemes"),
             allow_private_addresses=bool(data.get("allow_private_addresses", False)),
+            ports=data.get("ports", ()),
+            http=bool(data.get("http", True)),
         )
 
 
@@ -157,6 +170,8 @@ def make_rule(
     schemes: Iterable[str] | None = None,
     *,
     allow_private_addresses: bool = False,
+    ports: Iterable[int] = (),
+    http: bool = True,
 ) -> Rule:
     """Build a rule from already validated values, normalising them once."""
     return Rule(
@@ -168,6 +183,8 @@ def make_rule(
         origin=origin,
         allow_private_addresses=allow_private_addresses,
         schemes=None if schemes is None else frozenset(s.lower() for s in schemes),
+        ports=frozenset(int(p) for p in ports),
+        http=http,
     )
 
 
@@ -228,17 +245,18 @@ class Policy:
     log_to_file: bool
     rules: tuple[Rule, ...]
     source: str  # config path, or "built-in defaults"
+    #: HTTP rules by pattern (decide, suggestions): exact hosts, and wildcards by suffix.
     exact: Mapping[str, tuple[Rule, ...]] = field(repr=False, default_factory=dict)
     wildcard: Mapping[str, tuple[Rule, ...]] = field(repr=False, default_factory=dict)
+    #: Rules that open ports, likewise (ports_for).
+    ports_exact: Mapping[str, tuple[Rule, ...]] = field(repr=False, default_factory=dict)
+    ports_wildcard: Mapping[str, tuple[Rule, ...]] = field(repr=False, default_factory=dict)
 
     @classmethod
     def build(cls, mode: Mode, log_to_file: bool, rules: Iterable[Rule], source: str) -> Policy:
         rules = tuple(rules) if mode is not Mode.ALLOW_ALL else ()
-        exact: dict[str, list[Rule]] = {}
-        wildcard: dict[str, list[Rule]] = {}
-        for rule in rules:
-            table, key = (wildcard, rule.host[2:]) if rule.is_wildcard else (exact, rule.host)
-            table.setdefault(key, []).append(rule)
+        http = _tables(r for r in rules if r.http)
+        ports = _tables(r for r in rules if r.ports)
         # Monitor mode always logs: that is its whole point.
         log = True if mode is Mode.MONITOR else log_to_file
         return cls(
@@ -246,29 +264,46 @@ class Policy:
             log_to_file=log,
             rules=rules,
             source=source,
-            exact={k: tuple(v) for k, v in exact.items()},
-            wildcard={k: tuple(v) for k, v in wildcard.items()},
+            exact=http[0],
+            wildcard=http[1],
+            ports_exact=ports[0],
+            ports_wildcard=ports[1],
         )
 
     # -- lookups --------------------------------------------------------------
 
     def rules_for_host(self, host: str) -> tuple[Rule, ...]:
-        """Rules of the most specific pattern covering `host` (exact beats wildcard).
+        """HTTP rules of the most specific pattern covering `host` (exact beats wildcard).
 
         A dictionary probe per label: flat however many rules there are.
         """
-        found = self.exact.get(host)
-        if found:
-            return found
-        if ip_literal(host) is not None:
-            return ()
-        rest = host
-        while "." in rest:
-            rest = rest.split(".", 1)[1]
-            found = self.wildcard.get(rest)
-            if found:
-                return found
-        return ()
+        return _lookup(self.exact, self.wildcard, host)
+
+    def port_rules_for_host(self, host: str) -> tuple[Rule, ...]:
+        """Rules with `ports` of the most specific such pattern covering `host`."""
+        return _lookup(self.ports_exact, self.ports_wildcard, host)
+
+    def rules_naming(self, host: str) -> tuple[Rule, ...]:
+        """Every rule that grants `host` anything (HTTP or ports): the DNS guard's
+        "could allow"."""
+        return self.rules_for_host(host) or self.port_rules_for_host(host)
+
+    def ports_for(self, name: str) -> frozenset[int]:
+        """The non-HTTP TCP ports the rules of `name` open to its addresses (none in
+        allow-all mode: there is no firewall rule to open). `name` is normalised here;
+        one that is not a host opens nothing."""
+        if self.mode is Mode.ALLOW_ALL:
+            return frozenset()
+        try:
+            host = normalize_host(name)
+        except HostError:
+            return frozenset()
+        return frozenset().union(*(rule.ports for rule in self.port_rules_for_host(host)))
+
+    @property
+    def has_ports(self) -> bool:
+        """Whether any rule opens a non-HTTP port."""
+        return any(rule.ports for rule in self.rules)
 
     def decide(self, request: Request) -> Decision:
         path = normalize_path(request.path)
@@ -349,6 +384,38 @@ class Policy:
             (Rule.from_json(rule) for rule in data.get("rules", ())),
             str(data.get("source", "")),
         )
+
+
+def _tables(
+    rules: Iterable[Rule],
+) -> tuple[dict[str, tuple[Rule, ...]], dict[str, tuple[Rule, ...]]]:
+    """(exact host -> rules, wildcard suffix -> rules), in the rules' order."""
+    exact: dict[str, list[Rule]] = {}
+    wildcard: dict[str, list[Rule]] = {}
+    for rule in rules:
+        table, key = (wildcard, rule.host[2:]) if rule.is_wildcard else (exact, rule.host)
+        table.setdefault(key, []).append(rule)
+    return (
+        {k: tuple(v) for k, v in exact.items()},
+        {k: tuple(v) for k, v in wildcard.items()},
+    )
+
+
+def _lookup(
+    exact: Mapping[str, tuple[Rule, ...]], wildcard: Mapping[str, tuple[Rule, ...]], host: str
+) -> tuple[Rule, ...]:
+    found = exact.get(host)
+    if found:
+        return found
+    if ip_literal(host) is not None:
+        return ()
+    rest = host
+    while "." in rest:
+        rest = rest.split(".", 1)[1]
+        found = wildcard.get(rest)
+        if found:
+            return found
+    return ()
 
 
 def judged_host(request: Request) -> tuple[str, bool]:

@@ -93,6 +93,9 @@ class DnsRecord:
     rcode: str
     answers: int
     duration_ms: float
+    #: A name a rule gives `ports`: the address:port endpoints the firewall opened for
+    #: this answer (None: not such a name, or the port keeper did not confirm).
+    opened: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.violation = bool(self.violation)

@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_argument(
         "--network-check",
         metavar="URL",
-        help="explain how the effective policy treats a request to URL",
+        help="explain how the effective policy treats a request to URL; ssh://host, "
+        "git's user@host:path or tcp://host:port: whether a rule's ports open that port",
     )
     net.add_argument(
         "--method",

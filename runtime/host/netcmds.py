@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from runtime import fsutil, paths
 from runtime.core.config import AIRLOCK, parse_config
-from runtime.core.explain import explain
+from runtime.core.explain import explain, explain_port
 from runtime.core.hosts import HostError, normalize_host
 from runtime.core.policy import Mode, Request
 from runtime.host import github, hostlogs, trust
@@ -213,6 +213,14 @@ def describe_rules(resolved: Resolved) -> list[str]:
         methods = ", ".join(sorted(rule.methods)) if rule.methods else "all methods"
         if rule.schemes is not None:  # https only, or nothing at all
             methods += f" ({', '.join(sorted(rule.schemes)) or 'no scheme'})"
+        if not rule.http:
+            paths_text, methods = "no HTTP", ""
+        if rule.ports:
+            methods = (
+                (methods + " " if methods else "")
+                + "ports "
+                + ",".join(str(p) for p in sorted(rule.ports))
+            )
         lines.append(f"  {rule.host:<40} {paths_text:<24} {methods:<14} [{rule.origin.label}]")
     return lines
 
@@ -373,13 +381,60 @@ def request_for_url(url: str, method: str) -> Request:
     )
 
 
+#: Ports that are never a rule's `ports`: HTTP(S) is judged as a request, DNS by the guard.
+NOT_PORTS = {80: "http://", 443: "https://", 53: None}
+SCP_LIKE = re.compile(r"^(?:[^@/\s]+@)?(?P<host>\[[^\]]+\]|[^:/\s\[\]]+):(?!//)")
+
+
+def port_target(url: str) -> tuple[str, int] | None:
+    """(host, port) for `ssh://[user@]host[:port]/...`, `tcp://host:port` or git's
+    `user@host:path`; None for anything else (an HTTP URL)."""
+    text = url.strip()
+    scheme = text.split("://", 1)[0].lower() if "://" in text else None
+    if scheme is None:
+        match = SCP_LIKE.match(text)
+        if match is None or "@" not in text.split(":", 1)[0]:
+            return None
+        host, port = match.group("host").strip("[]"), 22
+    elif scheme in ("ssh", "git+ssh", "tcp"):
+        try:
+            parts = urlsplit(text)
+            host, explicit = parts.hostname, parts.port
+        except ValueError as exc:
+            raise UsageError(f"--network-check {url!r}: bad address ({exc})") from None
+        if not host:
+            raise UsageError(f"--network-check {url!r} names no host")
+        if scheme == "tcp" and explicit is None:
+            raise UsageError(f"--network-check {url!r}: write the port, as in tcp://{host}:5432")
+        port = explicit or 22
+    else:
+        return None
+    try:
+        host = normalize_host(host)
+    except HostError as exc:
+        raise UsageError(f"--network-check {url!r}: not a host name ({exc})") from None
+    if port in NOT_PORTS:
+        how = NOT_PORTS[port]
+        raise UsageError(
+            f"--network-check {url!r}: port {port} is "
+            + (f"judged per request: check {how}{host}/path" if how else "always the DNS guard's")
+        )
+    return host, port
+
+
 def cmd_check(
     project: Path, home: Path, url: str, method: str, out, state: Path | None = None
 ) -> int:
     """Exit 0 when the request would go through, EXIT_BLOCKED when the policy blocks
-    it, or (monitor mode) would block it in enforce mode."""
+    it, or (monitor mode) would block it in enforce mode. `ssh://`, `tcp://host:port`
+    and git's `user@host:path`: whether a rule's ports open that TCP port."""
     values = github.check(state, project).values if state is not None else {}
     resolved = resolve(project, home, values=values)
+    target = port_target(url)
+    if target is not None:
+        allowed, text = explain_port(resolved.policy, *target, url, resolved.source)
+        print(text, end="", file=out)
+        return EXIT_OK if allowed else EXIT_BLOCKED
     request = request_for_url(url, check_method(method))
     try:
         decision = resolved.policy.decide(request)

@@ -560,3 +560,42 @@ def test_levels_move_both_ways_and_remove_gives_back_exactly_what_was_there(
     r = e.firewall("remove", "--proxy-user", str(PROXY_UID))  # nothing left to remove
     assert r.returncode == 0, r.stderr
     assert (significant(save(topology, 4)), significant(save(topology, 6))) == before
+
+
+def _sets(topo) -> list[str]:
+    return topo.box_run(["ipset", "list", "-name"], check=True).stdout.split()
+
+
+def test_ip_literal_ports_open_that_address_only_and_the_sets_follow_the_level(
+    topology, staged_source, tmp_path
+):
+    """A rule `{"host": <IP>, "ports": [5432]}`: at apply the firewall opens 5432 to
+    that address for the run (IPv4 and IPv6); the same port elsewhere and another port
+    there stay refused. The sets exist at level full only; remove destroys them."""
+    e = Env(topology, staged_source, tmp_path)
+    other4, other6 = _start_servers(topology, staged_source)
+    rules = [
+        make_rule(topology.net_ip, ports=[5432], http=False),
+        make_rule(topology.net_ip6, ports=[5432], http=False),
+    ]
+    policy = tmp_path / "ports.json"
+    policy.write_text(json.dumps(Policy.build(Mode.ENFORCE, True, rules, "test").to_json()))
+    guard = ("--dns-guard-port", "58053")
+    r = e.apply("--policy", str(policy), *guard)
+    assert r.returncode == 0, r.stderr
+    assert sorted(_sets(topology)) == ["sp_ports4", "sp_ports6"]
+    for addr, other in ((topology.net_ip, other4), (topology.net_ip6, other6)):
+        assert e.connect(addr, 5432)["banner"] == "net:5432", addr
+        for where, port in ((other, 5432), (addr, 22)):
+            res = e.connect(where, port)
+            assert res["status"] == "ECONNREFUSED" and res["elapsed"] < FAST, (where, port, res)
+    # Re-applied at level full: the sets and their entries stay (an edit forgets nothing).
+    assert e.apply("--policy", str(policy), *guard).returncode == 0
+    assert e.connect(topology.net_ip, 5432)["banner"] == "net:5432"
+    r = e.firewall("remove", "--proxy-user", str(PROXY_UID))
+    assert r.returncode == 0, r.stderr
+    assert _sets(topology) == []
+    log = _policy_file(tmp_path, "log", Mode.ALLOW_ALL, True)
+    assert e.apply("--policy", str(policy), *guard).returncode == 0
+    assert e.apply("--policy", log, *guard).returncode == 0
+    assert _sets(topology) == []  # the intercept level has no set either

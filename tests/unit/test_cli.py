@@ -467,3 +467,50 @@ def test_a_writable_run_is_waited_for_and_reports_the_agents_edit(
     assert '+{"enabled": false}' in err and TRUST_CMD in err
     code, _, err = main.run()
     assert code == 1 and f"the global config {gfile} changed since you approved it" in err
+
+
+def test_check_ssh_and_tcp_say_whether_a_rules_ports_open_the_port(cli: CLI) -> None:
+    cli.repo_file.parent.mkdir()
+    rules = [{"host": "*.example.com", "ports": [22, 5432]}, {"host": "api.github.com"}]
+    cli.repo_file.write_text(
+        json.dumps({"enabled": True, "mode": "enforce", "allowed_rules": rules})
+    )
+    # The built-in SSH rule for github.com (inherit_defaults), in its three spellings.
+    for url in ("ssh://github.com", "ssh://git@github.com:22/x.git", "git@github.com:o/r.git"):
+        r = cli("--network-check", url)
+        assert r.returncode == 0, (url, r.stdout, r.stderr)
+        assert r.stdout.startswith(f"ALLOWED: TCP github.com:22 ({url})"), r.stdout
+        assert "rule: github.com ports 22 (built-in)" in r.stdout
+    r = cli("--network-check", "tcp://db.example.com:5432")
+    assert r.returncode == 0 and "rule: *.example.com ports 22, 5432" in r.stdout, r.stdout
+    r = cli("--network-check", "tcp://db.example.com:6379")
+    assert r.returncode == 3 and r.stdout.startswith("BLOCKED: TCP db.example.com:6379"), r.stdout
+    assert "reason: port_not_allowed" in r.stdout
+    assert '{"host": "db.example.com", "ports": [22, 5432, 6379]}' in r.stdout
+    r = cli("--network-check", "ssh://api.github.com")  # an HTTP rule opens no port
+    assert r.returncode == 3 and "rule: none" in r.stdout, r.stdout
+    for url, says in (
+        ("tcp://db.example.com", "write the port"),
+        ("tcp://github.com:443", "judged per request: check https://github.com/path"),
+        ("tcp://github.com:53", "always the DNS guard's"),
+    ):
+        r = cli("--network-check", url)
+        assert r.returncode == 2 and says in r.stderr, (url, r.stderr)
+
+
+def test_show_lists_the_ports_of_each_rule(cli: CLI) -> None:
+    cli.repo_file.parent.mkdir()
+    rules = [
+        {"host": "git.example.com", "ports": [22]},
+        {"host": "db.test", "ports": [5432], "allowed_paths": []},
+    ]
+    cli.repo_file.write_text(
+        json.dumps({"enabled": True, "mode": "enforce", "allowed_rules": rules})
+    )
+    out = cli("--network-show").stdout
+    (git,) = [x for x in out.splitlines() if x.strip().startswith("git.example.com")]
+    assert "no HTTP" in git and "ports 22" in git and "[" in git, out
+    (db,) = [x for x in out.splitlines() if x.strip().startswith("db.test")]
+    assert "all paths" in db and "ports 5432" in db, out
+    (gh,) = [x for x in out.splitlines() if "github.com" in x and "ports 22" in x]
+    assert "built-in" in gh, out

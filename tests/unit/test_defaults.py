@@ -82,9 +82,10 @@ def test_without_a_github_remote_the_project_rules_drop_out() -> None:
 
 
 def test_every_default_rule_is_scoped() -> None:
-    """No built-in rule allows every path with every method on a GitHub host."""
+    """No built-in rule allows every path with every method on a GitHub host (a rule
+    that only opens ports allows no HTTP at all)."""
     for rule in built_in_rules(DEFAULTS["allowed_rules"], values=placeholder_values("o", "r")):
-        assert rule.allowed_paths or rule.methods is not None, rule
+        assert rule.allowed_paths or rule.methods is not None or not rule.http, rule
 
 
 # ---------------------------------------------------------------------------

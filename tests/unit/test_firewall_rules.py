@@ -37,6 +37,7 @@ def test_ipv4_filter_order_matches_the_issue():
         "-p tcp -m tcp --dport 443 -m owner --uid-owner 999 -j ACCEPT",
         "-d 198.18.0.1/32 -p udp -m udp --dport 53 -j ACCEPT",
         "-d 198.18.0.1/32 -p tcp -m tcp --dport 53 -j ACCEPT",
+        "-p tcp -m set --match-set sp_ports4 dst,dst -j ACCEPT",
         "-p udp -m udp --dport 443 -j REJECT --reject-with icmp-port-unreachable",
         "-p tcp -j REJECT --reject-with tcp-reset",
         "-j REJECT --reject-with icmp-admin-prohibited",
@@ -70,7 +71,7 @@ def test_ipv6_is_locked_the_same_way_and_ends_in_reject():
 @pytest.mark.parametrize("fam", [4, 6])
 def test_every_accept_is_bounded(fam):
     """Nothing accepts by port alone: each ACCEPT is loopback, established, NDP,
-    proxy-uid owned, or a DNS nameserver address."""
+    proxy-uid owned, a DNS nameserver address, or an address,port of the ports set."""
     rs = build_ruleset(4242, 58080, ["198.18.0.1", "2001:db8::1"])
     for r in rules(rs, fam, "filter"):
         if not r.endswith("-j ACCEPT"):
@@ -82,6 +83,7 @@ def test_every_accept_is_bounded(fam):
             or "--icmpv6-type" in r
             or "-m owner --uid-owner 4242" in r
             or (r.startswith("-d ") and "--dport 53" in r)
+            or r == f"-p tcp -m set --match-set sp_ports{fam} dst,dst -j ACCEPT"
         ), r
 
 
@@ -271,3 +273,17 @@ def test_with_the_dns_guard_unredirected_user_dns_is_refused_before_any_accept()
         )
         without = rules(build_ruleset(999, 58080, ["198.18.0.1"]), fam, "filter")
         assert without[0] == "-o lo -j ACCEPT"
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+def test_the_ports_set_is_matched_before_the_final_rejects_at_full_level_only(fam):
+    """A rule's `ports`: TCP to an address,port of the family's set, right before the
+    REJECTs; the intercept level (rules disabled) has no such rule and no set."""
+    full = rules(build_ruleset(999, 58080, [], 58053), fam, "filter")
+    rule = f"-p tcp -m set --match-set sp_ports{fam} dst,dst -j ACCEPT"
+    assert full.count(rule) == 1
+    assert full.index(rule) == len(full) - 4  # then QUIC, TCP and the rest refused
+    intercept = build_ruleset(999, 58080, [], level=LockLevel.INTERCEPT)
+    assert not [
+        r for f in intercept.families for t in f.tables for r in t.rules if "set" in r.render()
+    ]
