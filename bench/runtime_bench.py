@@ -43,6 +43,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from interceptor_bench import CLIENT_JS, NAME, UPSTREAM_JS  # noqa: E402
 
 from tests.harness import Topology, cleanup_leftovers, python_bin, stage_source  # noqa: E402
 from tests.harness.sandbox import (  # noqa: E402
@@ -53,6 +56,7 @@ from tests.harness.sandbox import (  # noqa: E402
     enforce,
     write_config,
 )
+from tests.harness.upstream import UpstreamCA  # noqa: E402
 
 MARKERS = (
     "/run/secure-proxy/policy.json",
@@ -208,16 +212,94 @@ def reload_runs(project: Path, internet: Internet, count: int) -> list[dict[str,
                 handle.write(json.dumps(enforce(*hosts)))
             line = s.wait_for(lambda ln, w=want: ln.startswith("STATUS") and ln.endswith(w), 10)
             results.append({"write": t0, "judged": float(line.split()[1])})
-        log = s.root(["cat", "/var/log/secure-proxy/interceptor.log"]).stdout
+        logs = [
+            s.root(["cat", f"/var/log/secure-proxy/interceptor_{n}.log"]).stdout for n in range(8)
+        ]
+    # Per worker, its reload times; an edit counts as reloaded once every worker has it.
     reloaded = [
-        datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
-        for line in log.splitlines()
-        if "policy reloaded" in line and (m := LOGURU_TS.match(line))
+        [
+            datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
+            for line in log.splitlines()
+            if "policy reloaded" in line and (m := LOGURU_TS.match(line))
+        ]
+        for log in logs
+        if log
     ]
     for r in results:
-        after = [t for t in reloaded if t >= r["write"] - 0.002]
-        r["reloaded"] = min(after) if after else float("nan")
+        firsts = [min((t for t in ts if t >= r["write"] - 0.002), default=None) for ts in reloaded]
+        r["reloaded"] = max(firsts) if firsts and None not in firsts else float("nan")
     return results
+
+
+# ------------------------------------------------------------------- workers: 1 vs 2
+
+
+def workers_once(project: Path, internet: Internet, workers: int, quick: bool) -> dict[str, Any]:
+    """One sandbox with `workers` interceptor processes; inside it, as the agent, the
+    Node load generator of interceptor_bench.py: 32 keep-alive connections, then new
+    TLS connections (8 at a time, no session reuse), against the Node upstream."""
+    config = {**enforce(NAME), "workers": workers}
+    write_config(project, config)
+    (project / "client.js").write_text(CLIENT_JS)
+    url = f"https://{NAME}/api/x"
+    ka_total, new_total = (1500, 300) if quick else (6000, 1200)
+    script = "; ".join(
+        [
+            f"node /work/client.js {url} 32 {ka_total} /ca/certs/ca.pem 1 120",
+            f"node /work/client.js {url} 8 {new_total} /ca/certs/ca.pem 0 120",
+        ]
+    )
+    argv = cli_argv(["--", "sh", "-c", script], internet.topo.net, internet.add_hosts())
+    env = cli_env({**internet.env(), "SECURE_PROXY_TRACE": "1"})
+    r = subprocess.run(
+        argv, cwd=project, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"sandbox exited {r.returncode}: {r.stdout}\n{r.stderr[-2000:]}")
+    ka, new = (json.loads(line) for line in r.stdout.splitlines() if line.startswith("{"))
+    ready = re.search(r"\[init \+([\d.]+)s\] ready at level", r.stderr)
+    for res in (ka, new):
+        if res["errors"] or set(res["statuses"]) != {"200"}:
+            raise RuntimeError(f"requests failed: {res}")
+    return {
+        "keep-alive req/s": ka["rps"],
+        "keep-alive p50 ms": ka["p50_ms"],
+        "keep-alive p99 ms": ka["p99_ms"],
+        "new TLS conn/s": new["rps"],
+        "init ready s": float(ready.group(1)) if ready else float("nan"),
+    }
+
+
+def workers_section(work: Path, topo: Topology, source: str, quick: bool) -> dict[str, Any]:
+    """1 vs 2 workers through the real runtime, runs interleaved (1, 2, 1, 2, ...)."""
+    ca = UpstreamCA.create(work / "wca", names=[NAME])
+    ca.server_key.chmod(0o644)
+    (work / "upstream.js").write_text(UPSTREAM_JS)
+    node = topo.net_popen(
+        ["node", str(work / "upstream.js"), str(ca.server_cert), str(ca.server_key)], text=True
+    )
+    assert node.stdout is not None
+    if node.stdout.readline().strip() != "READY":
+        raise RuntimeError("the Node upstream did not start")
+    internet = Internet(topo, ca, node, hosts=(NAME,))
+    rounds = 1 if quick else 3
+    runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+    try:
+        for n in range(rounds):
+            for workers in (1, 2):
+                project = work / f"proj-workers-{workers}-{n}"
+                project.mkdir(mode=0o755)
+                res = workers_once(project, internet, workers, quick)
+                runs[workers].append(res)
+                print(f"  workers {workers}, round {n + 1}: {json.dumps(res)}", flush=True)
+    finally:
+        topo.stop(node)
+    med = {w: {k: median([r[k] for r in rs]) for k in rs[0]} for w, rs in runs.items()}
+    ratio = {k: med[2][k] / med[1][k] for k in med[1]}
+    print(f"workers (median of {rounds}):   1 worker   2 workers   2 vs 1")
+    for k in med[1]:
+        print(f"  {k:22s} {med[1][k]:10.2f} {med[2][k]:10.2f}   x{ratio[k]:.2f}")
+    return {"runs": runs, "median": med, "2 vs 1": ratio}
 
 
 def median(values: list[float]) -> float:
@@ -228,6 +310,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--workers-only", action="store_true", help="only the 1 vs 2 workers section")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("run as root (namespaces, iptables)", file=sys.stderr)
@@ -240,6 +323,12 @@ def main() -> int:
     source = stage_source(work / "src")
     out: dict[str, Any] = {"quick": args.quick}
     with Topology() as topo:
+        out["workers"] = workers_section(work, topo, source, args.quick)
+        if args.workers_only:
+            if args.json:
+                args.json.write_text(json.dumps(out, indent=1))
+            shutil.rmtree(work, ignore_errors=True)
+            return 0
         internet = Internet.start(topo, work / "net", source)
         # No config is inactive (no services, nothing to time here): inactive_bench.py.
         log_only = {"enabled": False, "log_to_file": True}

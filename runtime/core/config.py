@@ -221,7 +221,7 @@ def validate_config(data: Any, source: str) -> NetworkConfig:
 def _workers(data: Mapping[str, Any], problems: list[Problem]) -> int | None:
     """`workers`: a whole number 1..MAX_WORKERS, or "auto" (None, the default)."""
     value = data.get("workers", AUTO)
-    if isinstance(value, str) and value.strip().lower() == AUTO:
+    if value == AUTO:
         return None
     if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WORKERS:
         return value
