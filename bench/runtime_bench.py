@@ -242,36 +242,67 @@ def workers_once(project: Path, internet: Internet, workers: int, quick: bool) -
     write_config(project, config)
     (project / "client.js").write_text(CLIENT_JS)
     url = f"https://{NAME}/api/x"
-    ka_total, new_total = (1500, 300) if quick else (6000, 1200)
+    ka_total, new_total = (1500, 300) if quick else (4000, 800)
+    # Each worker's CPU time (utime + stime, in ticks) around each load: how busy the
+    # processes were, so how the work divided between them.
+    cpu = (
+        "cpu() { for p in $(pgrep -u proxy-user -f 'secure-proxy-interceptor --worker'); do "
+        'echo "CPU $1 $p $(cut -d" " -f14,15 /proc/$p/stat)"; done; }'
+    )
     script = "; ".join(
         [
+            cpu,
+            "cpu ka0",
             f"node /work/client.js {url} 32 {ka_total} /ca/certs/ca.pem 1 120",
+            "cpu ka1",
             f"node /work/client.js {url} 8 {new_total} /ca/certs/ca.pem 0 120",
+            "cpu new1",
         ]
     )
     argv = cli_argv(["--", "sh", "-c", script], internet.topo.net, internet.add_hosts())
     env = cli_env({**internet.env(), "SECURE_PROXY_TRACE": "1"})
+    load = os.getloadavg()[0]  # the machine is shared: what else ran shows here
     r = subprocess.run(
         argv, cwd=project, env=env, capture_output=True, text=True, timeout=600, check=False
     )
     if r.returncode != 0:
         raise RuntimeError(f"sandbox exited {r.returncode}: {r.stdout}\n{r.stderr[-2000:]}")
     ka, new = (json.loads(line) for line in r.stdout.splitlines() if line.startswith("{"))
+    ticks: dict[str, dict[str, int]] = {}
+    for line in r.stdout.splitlines():
+        if line.startswith("CPU "):
+            _, mark, pid, utime, stime = line.split()
+            ticks.setdefault(mark, {})[pid] = int(utime) + int(stime)
+    hz = os.sysconf("SC_CLK_TCK")
+
+    def busy(a: str, b: str, seconds: float) -> list[float]:
+        """Per worker, the share of one core it used between two marks."""
+        return sorted(
+            ((ticks[b][p] - ticks[a].get(p, 0)) / hz / seconds for p in ticks.get(b, {})),
+            reverse=True,
+        )
+
     ready = re.search(r"\[init \+([\d.]+)s\] ready at level", r.stderr)
     for res in (ka, new):
         if res["errors"] or set(res["statuses"]) != {"200"}:
             raise RuntimeError(f"requests failed: {res}")
     return {
+        "load average before": load,
         "keep-alive req/s": ka["rps"],
         "keep-alive p50 ms": ka["p50_ms"],
         "keep-alive p99 ms": ka["p99_ms"],
         "new TLS conn/s": new["rps"],
         "init ready s": float(ready.group(1)) if ready else float("nan"),
+        "keep-alive: cores busy per worker": busy("ka0", "ka1", ka["seconds"]),
+        "new TLS: cores busy per worker": busy("ka1", "new1", new["seconds"]),
     }
 
 
 def workers_section(work: Path, topo: Topology, source: str, quick: bool) -> dict[str, Any]:
-    """1 vs 2 workers through the real runtime, runs interleaved (1, 2, 1, 2, ...)."""
+    """1 vs 2 workers through the real runtime, runs interleaved (1, 2, 1, 2, ...): the
+    ratio is taken per pair (a 1-worker run and the 2-worker run right after it) and
+    its median reported, so load that comes and goes on a shared machine cancels out
+    better than in a ratio of medians."""
     ca = UpstreamCA.create(work / "wca", names=[NAME])
     ca.server_key.chmod(0o644)
     (work / "upstream.js").write_text(UPSTREAM_JS)
@@ -282,7 +313,7 @@ def workers_section(work: Path, topo: Topology, source: str, quick: bool) -> dic
     if node.stdout.readline().strip() != "READY":
         raise RuntimeError("the Node upstream did not start")
     internet = Internet(topo, ca, node, hosts=(NAME,))
-    rounds = 1 if quick else 3
+    rounds = 1 if quick else 5
     runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
     try:
         for n in range(rounds):
@@ -294,12 +325,30 @@ def workers_section(work: Path, topo: Topology, source: str, quick: bool) -> dic
                 print(f"  workers {workers}, round {n + 1}: {json.dumps(res)}", flush=True)
     finally:
         topo.stop(node)
+    per_worker = [k for k in runs[1][0] if "per worker" in k]
+    busy = {w: {k: [r[k] for r in rs] for k in per_worker} for w, rs in runs.items()}
+    for rs in runs.values():
+        for r in rs:
+            for k in per_worker:
+                r[k + " (sum)"] = sum(r.pop(k))
     med = {w: {k: median([r[k] for r in rs]) for k in rs[0]} for w, rs in runs.items()}
-    ratio = {k: med[2][k] / med[1][k] for k in med[1]}
-    print(f"workers (median of {rounds}):   1 worker   2 workers   2 vs 1")
+    pairs = {k: [b[k] / a[k] for a, b in zip(runs[1], runs[2], strict=True)] for k in med[1]}
+    ratio = {k: median(v) for k, v in pairs.items()}
+    print(f"workers (median of {rounds}):   1 worker   2 workers   2 vs 1 (median of pairs; pairs)")
     for k in med[1]:
-        print(f"  {k:22s} {med[1][k]:10.2f} {med[2][k]:10.2f}   x{ratio[k]:.2f}")
-    return {"runs": runs, "median": med, "2 vs 1": ratio}
+        each = " ".join(f"{x:.2f}" for x in pairs[k])
+        print(f"  {k:22s} {med[1][k]:10.2f} {med[2][k]:10.2f}   x{ratio[k]:.2f} ({each})")
+    for w in (1, 2):
+        for k in per_worker:
+            shares = "; ".join(" + ".join(f"{x:.2f}" for x in run) for run in busy[w][k])
+            print(f"  workers {w}, {k}: {shares}")
+    return {
+        "runs": runs,
+        "busy": busy,
+        "median": med,
+        "2 vs 1 per pair": pairs,
+        "2 vs 1": ratio,
+    }
 
 
 def median(values: list[float]) -> float:
