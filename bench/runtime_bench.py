@@ -1,6 +1,6 @@
 """Runtime benchmark (a script, not a test): start-up phases and reload latency.
 
-    /opt/sp-venv/bin/python bench/runtime_bench.py [--quick] [--json out.json]
+    /opt/sp-venv/bin/python bench/runtime_bench.py [--quick] [--workers-only] [--json out.json]
 
 Run as root. Drives `copilot_here --engine sandbox` (the same init, supervisord,
 firewall and interceptor as the image) against the e2e test internet:
@@ -20,6 +20,13 @@ firewall and interceptor as the image) against the e2e test internet:
   it; latency = config write to the first request judged by the new policy.
   Split at the interceptor's "policy reloaded" log line. Baseline: restarting
   the container (the start-up above), which is what a user would do without it.
+
+- workers, 1 vs 2 (first; `--workers-only` runs it alone): the config's "workers"
+  through the same real runtime, against a Node HTTPS upstream on the net host; the
+  load is interceptor_bench.py's Node client run by the agent inside the sandbox:
+  32 keep-alive connections, then new TLS connections 8 at a time. Runs interleaved
+  (1, 2, 1, 2, ...), ratio per pair; each worker's CPU share during each load
+  (/proc/<pid>/stat) shows how the work divided and how busy the processes were.
 
 Bounded: fixed repetitions, every wait has a deadline.
 """
