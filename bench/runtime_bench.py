@@ -1,6 +1,6 @@
 """Runtime benchmark (a script, not a test): start-up phases and reload latency.
 
-    /opt/sp-venv/bin/python bench/runtime_bench.py [--quick] [--json out.json]
+    /opt/sp-venv/bin/python bench/runtime_bench.py [--quick] [--workers-only] [--json out.json]
 
 Run as root. Drives `copilot_here --engine sandbox` (the same init, supervisord,
 firewall and interceptor as the image) against the e2e test internet:
@@ -20,6 +20,13 @@ firewall and interceptor as the image) against the e2e test internet:
   it; latency = config write to the first request judged by the new policy.
   Split at the interceptor's "policy reloaded" log line. Baseline: restarting
   the container (the start-up above), which is what a user would do without it.
+
+- workers, 1 vs 2 (first; `--workers-only` runs it alone): the config's "workers"
+  through the same real runtime, against a Node HTTPS upstream on the net host; the
+  load is interceptor_bench.py's Node client run by the agent inside the sandbox:
+  32 keep-alive connections, then new TLS connections 8 at a time. Runs interleaved
+  (1, 2, 1, 2, ...), ratio per pair; each worker's CPU share during each load
+  (/proc/<pid>/stat) shows how the work divided and how busy the processes were.
 
 Bounded: fixed repetitions, every wait has a deadline.
 """
@@ -43,6 +50,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from interceptor_bench import CLIENT_JS, NAME, UPSTREAM_JS  # noqa: E402
 
 from tests.harness import Topology, cleanup_leftovers, python_bin, stage_source  # noqa: E402
 from tests.harness.sandbox import (  # noqa: E402
@@ -53,6 +63,7 @@ from tests.harness.sandbox import (  # noqa: E402
     enforce,
     write_config,
 )
+from tests.harness.upstream import UpstreamCA  # noqa: E402
 
 MARKERS = (
     "/run/secure-proxy/policy.json",
@@ -208,16 +219,143 @@ def reload_runs(project: Path, internet: Internet, count: int) -> list[dict[str,
                 handle.write(json.dumps(enforce(*hosts)))
             line = s.wait_for(lambda ln, w=want: ln.startswith("STATUS") and ln.endswith(w), 10)
             results.append({"write": t0, "judged": float(line.split()[1])})
-        log = s.root(["cat", "/var/log/secure-proxy/interceptor.log"]).stdout
+        logs = [
+            s.root(["cat", f"/var/log/secure-proxy/interceptor_{n}.log"]).stdout for n in range(8)
+        ]
+    # Per worker, its reload times; an edit counts as reloaded once every worker has it.
     reloaded = [
-        datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
-        for line in log.splitlines()
-        if "policy reloaded" in line and (m := LOGURU_TS.match(line))
+        [
+            datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
+            for line in log.splitlines()
+            if "policy reloaded" in line and (m := LOGURU_TS.match(line))
+        ]
+        for log in logs
+        if log
     ]
     for r in results:
-        after = [t for t in reloaded if t >= r["write"] - 0.002]
-        r["reloaded"] = min(after) if after else float("nan")
+        firsts = [min((t for t in ts if t >= r["write"] - 0.002), default=None) for ts in reloaded]
+        r["reloaded"] = max(firsts) if firsts and None not in firsts else float("nan")
     return results
+
+
+# ------------------------------------------------------------------- workers: 1 vs 2
+
+
+def workers_once(project: Path, internet: Internet, workers: int, quick: bool) -> dict[str, Any]:
+    """One sandbox with `workers` interceptor processes; inside it, as the agent, the
+    Node load generator of interceptor_bench.py: 32 keep-alive connections, then new
+    TLS connections (8 at a time, no session reuse), against the Node upstream."""
+    config = {**enforce(NAME), "workers": workers}
+    write_config(project, config)
+    (project / "client.js").write_text(CLIENT_JS)
+    url = f"https://{NAME}/api/x"
+    ka_total, new_total = (1500, 300) if quick else (4000, 800)
+    # Each worker's CPU time (utime + stime, in ticks) around each load: how busy the
+    # processes were, so how the work divided between them.
+    cpu = (
+        "cpu() { for p in $(pgrep -u proxy-user -f 'secure-proxy-interceptor --worker'); do "
+        'echo "CPU $1 $p $(cut -d" " -f14,15 /proc/$p/stat)"; done; }'
+    )
+    script = "; ".join(
+        [
+            cpu,
+            "cpu ka0",
+            f"node /work/client.js {url} 32 {ka_total} /ca/certs/ca.pem 1 120",
+            "cpu ka1",
+            f"node /work/client.js {url} 8 {new_total} /ca/certs/ca.pem 0 120",
+            "cpu new1",
+        ]
+    )
+    argv = cli_argv(["--", "sh", "-c", script], internet.topo.net, internet.add_hosts())
+    env = cli_env({**internet.env(), "SECURE_PROXY_TRACE": "1"})
+    load = os.getloadavg()[0]  # the machine is shared: what else ran shows here
+    r = subprocess.run(
+        argv, cwd=project, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"sandbox exited {r.returncode}: {r.stdout}\n{r.stderr[-2000:]}")
+    ka, new = (json.loads(line) for line in r.stdout.splitlines() if line.startswith("{"))
+    ticks: dict[str, dict[str, int]] = {}
+    for line in r.stdout.splitlines():
+        if line.startswith("CPU "):
+            _, mark, pid, utime, stime = line.split()
+            ticks.setdefault(mark, {})[pid] = int(utime) + int(stime)
+    hz = os.sysconf("SC_CLK_TCK")
+
+    def busy(a: str, b: str, seconds: float) -> list[float]:
+        """Per worker, the share of one core it used between two marks."""
+        return sorted(
+            ((ticks[b][p] - ticks[a].get(p, 0)) / hz / seconds for p in ticks.get(b, {})),
+            reverse=True,
+        )
+
+    ready = re.search(r"\[init \+([\d.]+)s\] ready at level", r.stderr)
+    for res in (ka, new):
+        if res["errors"] or set(res["statuses"]) != {"200"}:
+            raise RuntimeError(f"requests failed: {res}")
+    return {
+        "load average before": load,
+        "keep-alive req/s": ka["rps"],
+        "keep-alive p50 ms": ka["p50_ms"],
+        "keep-alive p99 ms": ka["p99_ms"],
+        "new TLS conn/s": new["rps"],
+        "init ready s": float(ready.group(1)) if ready else float("nan"),
+        "keep-alive: cores busy per worker": busy("ka0", "ka1", ka["seconds"]),
+        "new TLS: cores busy per worker": busy("ka1", "new1", new["seconds"]),
+    }
+
+
+def workers_section(work: Path, topo: Topology, source: str, quick: bool) -> dict[str, Any]:
+    """1 vs 2 workers through the real runtime, runs interleaved (1, 2, 1, 2, ...): the
+    ratio is taken per pair (a 1-worker run and the 2-worker run right after it) and
+    its median reported, so load that comes and goes on a shared machine cancels out
+    better than in a ratio of medians."""
+    ca = UpstreamCA.create(work / "wca", names=[NAME])
+    ca.server_key.chmod(0o644)
+    (work / "upstream.js").write_text(UPSTREAM_JS)
+    node = topo.net_popen(
+        ["node", str(work / "upstream.js"), str(ca.server_cert), str(ca.server_key)], text=True
+    )
+    assert node.stdout is not None
+    if node.stdout.readline().strip() != "READY":
+        raise RuntimeError("the Node upstream did not start")
+    internet = Internet(topo, ca, node, hosts=(NAME,))
+    rounds = 1 if quick else 5
+    runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+    try:
+        for n in range(rounds):
+            for workers in (1, 2):
+                project = work / f"proj-workers-{workers}-{n}"
+                project.mkdir(mode=0o755)
+                res = workers_once(project, internet, workers, quick)
+                runs[workers].append(res)
+                print(f"  workers {workers}, round {n + 1}: {json.dumps(res)}", flush=True)
+    finally:
+        topo.stop(node)
+    per_worker = [k for k in runs[1][0] if "per worker" in k]
+    busy = {w: {k: [r[k] for r in rs] for k in per_worker} for w, rs in runs.items()}
+    for rs in runs.values():
+        for r in rs:
+            for k in per_worker:
+                r[k + " (sum)"] = sum(r.pop(k))
+    med = {w: {k: median([r[k] for r in rs]) for k in rs[0]} for w, rs in runs.items()}
+    pairs = {k: [b[k] / a[k] for a, b in zip(runs[1], runs[2], strict=True)] for k in med[1]}
+    ratio = {k: median(v) for k, v in pairs.items()}
+    print(f"workers (median of {rounds}):   1 worker   2 workers   2 vs 1 (median of pairs; pairs)")
+    for k in med[1]:
+        each = " ".join(f"{x:.2f}" for x in pairs[k])
+        print(f"  {k:22s} {med[1][k]:10.2f} {med[2][k]:10.2f}   x{ratio[k]:.2f} ({each})")
+    for w in (1, 2):
+        for k in per_worker:
+            shares = "; ".join(" + ".join(f"{x:.2f}" for x in run) for run in busy[w][k])
+            print(f"  workers {w}, {k}: {shares}")
+    return {
+        "runs": runs,
+        "busy": busy,
+        "median": med,
+        "2 vs 1 per pair": pairs,
+        "2 vs 1": ratio,
+    }
 
 
 def median(values: list[float]) -> float:
@@ -228,6 +366,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--workers-only", action="store_true", help="only the 1 vs 2 workers section")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("run as root (namespaces, iptables)", file=sys.stderr)
@@ -240,6 +379,12 @@ def main() -> int:
     source = stage_source(work / "src")
     out: dict[str, Any] = {"quick": args.quick}
     with Topology() as topo:
+        out["workers"] = workers_section(work, topo, source, args.quick)
+        if args.workers_only:
+            if args.json:
+                args.json.write_text(json.dumps(out, indent=1))
+            shutil.rmtree(work, ignore_errors=True)
+            return 0
         internet = Internet.start(topo, work / "net", source)
         # No config is inactive (no services, nothing to time here): inactive_bench.py.
         log_only = {"enabled": False, "log_to_file": True}

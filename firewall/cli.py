@@ -1,7 +1,7 @@
 """secure-proxy-firewall: apply, verify, show and remove the network lock.
 
     secure-proxy-firewall apply  [--proxy-user NAME|UID] [--port N] [--resolv-conf PATH]
-                                 [--dns-guard-port N] [--policy PATH]
+                                 [--dns-guard-port N] [--policy PATH] [--workers N]
     secure-proxy-firewall verify [same options]
     secure-proxy-firewall status [same options]
     secure-proxy-firewall remove [same options]
@@ -9,7 +9,8 @@
 --policy: the level follows the compiled policy (ruleset.lock_level): rules enabled
 lock the network (with the DNS guard when --dns-guard-port is given); rules disabled
 with a log redirect TCP 80/443 only; rules disabled without a log remove our chains.
-Without --policy: the full lock.
+Without --policy: the full lock. --workers N: the interceptor runs as N processes on
+--port .. --port+N-1, and new connections are spread over them in turn.
 
 apply: install the rules (IPv4 + IPv6), read them back, compare with the intent;
 only if identical write the marker runtime.paths.firewall_marker() (none at level
@@ -87,15 +88,36 @@ def level_from_args(args: argparse.Namespace) -> LockLevel:
         ) from exc
 
 
+#: The interceptor's processes for this run, as the init resolved them (runtime.container
+#: .services.WORKERS_ENV; also in the session file, for a verify run from a shell).
+WORKERS_ENV = "SECURE_PROXY_INTERCEPTOR_WORKERS"
+
+
+def default_workers() -> int:
+    """--workers when not given: the run's (environment, else the session file), else 1."""
+    try:
+        if os.environ.get(WORKERS_ENV):
+            return int(os.environ[WORKERS_ENV])
+        return int(json.loads(paths.session_file().read_text()).get("workers", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1
+
+
 def build_from_args(args: argparse.Namespace) -> Ruleset:
     uid = resolve_uid(str(args.proxy_user))
     level = level_from_args(args)
+    workers = default_workers() if args.workers is None else args.workers
     try:
         return build_ruleset(
-            uid, args.port, read_nameservers(Path(args.resolv_conf)), args.dns_guard_port, level
+            uid,
+            args.port,
+            read_nameservers(Path(args.resolv_conf)),
+            args.dns_guard_port,
+            level,
+            workers,
         )
     except ValueError as exc:
-        raise FirewallError(f"{exc}: pass another --proxy-user / --port") from exc
+        raise FirewallError(f"{exc}: pass another --proxy-user / --port / --workers") from exc
 
 
 def hook_policies(ruleset: Ruleset) -> HookPolicies:
@@ -135,6 +157,7 @@ def write_marker(ruleset: Ruleset) -> Path:
         "level": ruleset.level.value,
         "proxy_uid": ruleset.proxy_uid,
         "port": ruleset.port,
+        "workers": ruleset.workers,
         "dns_guard_port": ruleset.dns_port,
         "nameservers": list(ruleset.nameservers),
     }
@@ -161,11 +184,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
         return 0
     marker = write_marker(ruleset)
     logger.info(
-        "firewall applied and verified (level {}, proxy uid {}, port {}, DNS guard {}, "
+        "firewall applied and verified (level {}, proxy uid {}, port {} x{}, DNS guard {}, "
         "nameservers {}); marker {}",
         ruleset.level.value,
         ruleset.proxy_uid,
         ruleset.port,
+        ruleset.workers,
         ruleset.dns_port or "none",
         ", ".join(ruleset.nameservers) or "none",
         marker,
@@ -229,6 +253,13 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--proxy-user", default=paths.PROXY_USER, help="name or numeric uid")
         p.add_argument("--port", type=int, default=paths.INTERCEPTOR_PORT)
+        p.add_argument(
+            "--workers",
+            type=int,
+            default=None,
+            help="interceptor processes on --port .. --port+N-1; new connections are spread "
+            f"over them (default: ${WORKERS_ENV}, else the run's session file, else 1)",
+        )
         p.add_argument("--resolv-conf", default="/etc/resolv.conf")
         p.add_argument(
             "--dns-guard-port",

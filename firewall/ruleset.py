@@ -8,7 +8,7 @@ How much the firewall does follows from the compiled policy (level.lock_level):
     full       rules enabled: the lock (filter OUTPUT and INPUT, nat OUTPUT) and,
                with a DNS guard port, every user's DNS to the DNS guard
 
-build_ruleset(proxy_uid, port, nameservers, dns_port, level) returns, for IPv4 and
+build_ruleset(proxy_uid, port, nameservers, dns_port, level, workers) returns, for IPv4 and
 IPv6, the rules of our own chains the level needs, plus the one jump from the
 built-in chain into each; every other chain of ours (OUR_CHAINS) must be absent.
 Every Rule renders to the exact argument string iptables-save prints for it, which
@@ -176,6 +176,7 @@ class Ruleset:
     families: tuple[FamilySpec, ...] = field(default_factory=tuple)
     level: LockLevel = LockLevel.FULL
     dns_port: int | None = None
+    workers: int = 1  # interceptor processes, on port .. port + workers - 1
 
     def family(self, version: int) -> FamilySpec:
         return next(f for f in self.families if f.family == version)
@@ -183,6 +184,13 @@ class Ruleset:
 
 def _tcp(port: int) -> Match:
     return Match("tcp", (Opt("dport", str(port)),))
+
+
+def _tcp_ports(first: int, count: int) -> Match:
+    """`--dport first` or, for several, the range `--dport first:last`."""
+    return Match(
+        "tcp", (Opt("dport", str(first) if count == 1 else f"{first}:{first + count - 1}"),)
+    )
 
 
 def _udp(port: int) -> Match:
@@ -224,25 +232,36 @@ def split_nameservers(nameservers: Iterable[str]) -> tuple[list[str], list[str]]
     return v4, v6
 
 
-def _nat_redirects(proxy_uid: int, port: int) -> list[Rule]:
+def _nth(every: int) -> Match:
+    return Match("statistic", (Opt("mode", "nth"), Opt("every", str(every)), Opt("packet", "0")))
+
+
+def _nat_redirects(proxy_uid: int, port: int, workers: int = 1) -> list[Rule]:
     """Everyone's TCP 80/443 but proxy-user's to the interceptor; local traffic stays
-    local (a dev server on localhost:80 is not intercepted)."""
-    return [
-        Rule("RETURN", out_iface="lo"),
-        *(
-            Rule(
-                "REDIRECT",
-                proto="tcp",
-                matches=(_tcp(p), _owner(proxy_uid, negated=True)),
-                target_opts=(Opt("to-ports", str(port)),),
+    local (a dev server on localhost:80 is not intercepted).
+
+    With N worker processes (ports port .. port+N-1) new connections are spread in
+    turn: the rule for worker i takes every (N-i)-th connection that reaches it, the
+    last worker's takes the rest. nat sees only a connection's first packet, so a
+    connection stays with one worker; plain `--to-ports a-b` would not spread (the
+    kernel keeps the range's first port whenever the tuple is unique)."""
+    rules = [Rule("RETURN", out_iface="lo")]
+    for p in DIRECT_PORTS:
+        for i in range(workers):
+            spread = (_nth(workers - i),) if i < workers - 1 else ()
+            rules.append(
+                Rule(
+                    "REDIRECT",
+                    proto="tcp",
+                    matches=(_tcp(p), _owner(proxy_uid, negated=True), *spread),
+                    target_opts=(Opt("to-ports", str(port + i)),),
+                )
             )
-            for p in DIRECT_PORTS
-        ),
-    ]
+    return rules
 
 
-def _intercept_spec(family: int, proxy_uid: int, port: int) -> FamilySpec:
-    nat = TableSpec("nat", NAT_CHAIN, tuple(_nat_redirects(proxy_uid, port)))
+def _intercept_spec(family: int, proxy_uid: int, port: int, workers: int = 1) -> FamilySpec:
+    nat = TableSpec("nat", NAT_CHAIN, tuple(_nat_redirects(proxy_uid, port, workers)))
     return FamilySpec(family, (nat,))
 
 
@@ -252,6 +271,7 @@ def _family_spec(
     port: int,
     nameservers: Sequence[str],
     dns_port: int | None = None,
+    workers: int = 1,
 ) -> FamilySpec:
     v6 = family == 6
     host_len = 128 if v6 else 32
@@ -279,7 +299,8 @@ def _family_spec(
         # Traffic REDIRECTed to the interceptor. The loopback rule does not catch it:
         # filter OUTPUT still sees the *original* output interface (the route looked
         # up before nat OUTPUT rewrote the destination), only the new destination.
-        Rule("ACCEPT", dst=loopback, proto="tcp", matches=(_tcp(port),)),
+        # With N workers: their ports port..port+N-1 (a --dport range).
+        Rule("ACCEPT", dst=loopback, proto="tcp", matches=(_tcp_ports(port, workers),)),
         # Only connections the box opened (their packets go out in the ORIGINAL
         # direction): replies on a connection accepted from outside never leave.
         Rule("ACCEPT", matches=(_conntrack("RELATED,ESTABLISHED", "ORIGINAL"),)),
@@ -362,7 +383,7 @@ def _family_spec(
             )
             for proto, match in (("udp", _udp(DNS_PORT)), ("tcp", _tcp(DNS_PORT)))
         ]
-    nat_rules += _nat_redirects(proxy_uid, port)
+    nat_rules += _nat_redirects(proxy_uid, port, workers)
     return FamilySpec(
         family=family,
         tables=(
@@ -379,11 +400,13 @@ def build_ruleset(
     nameservers: Iterable[str],
     dns_port: int | None = None,
     level: LockLevel = LockLevel.FULL,
+    workers: int = 1,
 ) -> Ruleset:
     """The complete intended state for IPv4 and IPv6 at `level`.
 
     dns_port: where the DNS guard listens (full level only); None leaves DNS to the
-    resolvers open to every user (no guard).
+    resolvers open to every user (no guard). workers: the interceptor's processes, on
+    ports port .. port+workers-1, new connections spread over them.
     """
     if isinstance(proxy_uid, bool) or not isinstance(proxy_uid, int) or proxy_uid < 0:
         raise ValueError(f"proxy uid must be a non-negative integer, got {proxy_uid!r}")
@@ -392,17 +415,26 @@ def build_ruleset(
     for value in (port, dns_port):
         if value is not None and not 1 <= value <= 65535:
             raise ValueError(f"port must be 1-65535, got {value}")
-    if dns_port is not None and dns_port == port:
-        raise ValueError(f"the DNS guard port must differ from the interceptor's ({port})")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    if port + workers - 1 > 65535:
+        raise ValueError(f"{workers} workers from port {port} run past port 65535")
+    if dns_port is not None and port <= dns_port < port + workers:
+        raise ValueError(
+            f"the DNS guard port must differ from the interceptor's ({port}..{port + workers - 1})"
+        )
     ns_list = list(nameservers)
     v4, v6 = split_nameservers(ns_list)
     if level is LockLevel.FULL:
         families = (
-            _family_spec(4, proxy_uid, port, v4, dns_port),
-            _family_spec(6, proxy_uid, port, v6, dns_port),
+            _family_spec(4, proxy_uid, port, v4, dns_port, workers),
+            _family_spec(6, proxy_uid, port, v6, dns_port, workers),
         )
     elif level is LockLevel.INTERCEPT:
-        families = (_intercept_spec(4, proxy_uid, port), _intercept_spec(6, proxy_uid, port))
+        families = (
+            _intercept_spec(4, proxy_uid, port, workers),
+            _intercept_spec(6, proxy_uid, port, workers),
+        )
         dns_port = None
     else:
         families = (FamilySpec(4, ()), FamilySpec(6, ()))
@@ -414,6 +446,7 @@ def build_ruleset(
         families=families,
         level=level,
         dns_port=dns_port,
+        workers=workers,
     )
 
 

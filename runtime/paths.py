@@ -53,8 +53,16 @@ def interceptor_run_dir() -> Path:
     return run_dir() / "interceptor"
 
 
-def interceptor_marker() -> Path:
-    return interceptor_run_dir() / "interceptor.ready"
+def interceptor_marker(worker: int = 0) -> Path:
+    """Worker n's readiness marker (worker 0's keeps the name of the single process)."""
+    return interceptor_run_dir() / (
+        "interceptor.ready" if worker == 0 else f"interceptor-{worker}.ready"
+    )
+
+
+def interceptor_markers() -> list[Path]:
+    """Every worker's marker that may be there (stale ones are removed at start)."""
+    return sorted(interceptor_run_dir().glob("interceptor*.ready"))
 
 
 def dnsguard_marker() -> Path:
@@ -154,6 +162,11 @@ def component_log_dir() -> Path:
 
 def component_log(name: str) -> Path:
     return component_log_dir() / f"{name}.log"
+
+
+def interceptor_log(worker: int = 0) -> Path:
+    """Interceptor worker n's own log (supervisor.d/interceptor.conf)."""
+    return component_log(f"interceptor_{worker}")
 
 
 def state_dir() -> Path:

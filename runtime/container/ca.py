@@ -58,7 +58,7 @@ def check_published_ca(pem: bytes) -> None:
         if not same:
             raise SetupFailed(
                 f"the interceptor uses a CA ({where}) other than the one trusted; "
-                f"see {paths.component_log('interceptor')}"
+                f"see {paths.component_log_dir()}/interceptor_*.log"
             )
 
 

@@ -179,7 +179,7 @@ def prepare_run_dir(proxy: tuple[int, int]) -> None:
     os.chmod(own, 0o755)
     stale = (
         paths.firewall_marker(),
-        paths.interceptor_marker(),
+        *paths.interceptor_markers(),
         paths.dnsguard_marker(),
         paths.portkeeper_marker(),
         paths.credentials_file(),
@@ -200,7 +200,7 @@ def digest(path: Path | None) -> str | None:
         return None
 
 
-def write_session(resolved: Resolved, ids: Ids) -> None:
+def write_session(resolved: Resolved, ids: Ids, workers: int) -> None:
     Session(
         config_kind=resolved.kind,
         config_path=resolved.path,
@@ -209,6 +209,7 @@ def write_session(resolved: Resolved, ids: Ids) -> None:
         pgid=ids.pgid,
         app_uid=ids.app_uid,
         app_gid=ids.app_gid,
+        workers=workers,
     ).write()
 
 
@@ -216,13 +217,18 @@ def prepare_services(plan: Plan, resolved: Resolved, ids: Ids, run: Run) -> byte
     """Everything the services read, before they start; the CA's certificate."""
     if not plan.supervised:
         return None
-    from runtime.container import ca, logguard
+    from runtime.container import ca, logguard, services
 
+    # The interceptor's processes, fixed for the run: supervisord's numprocs, the
+    # firewall's ports and the readiness all read this one number.
+    workers = services.resolve_workers(resolved.config.workers)
+    os.environ[services.WORKERS_ENV] = str(workers)
+    trace(f"{workers} interceptor process(es)")
     prepare_run_dir(ids.proxy)
     pem = ca.make_ca(ids.proxy)
     checkpoint("CA made")
     write_policy(resolved.policy)
-    write_session(resolved, ids)
+    write_session(resolved, ids, workers)
     run.logs_prepared = True
     logguard.prepare()
     checkpoint("policy, session and logs prepared")

@@ -16,17 +16,28 @@ may raise the level during the run, and lower it again (switch()).
 supervisord.conf's programs take `autostart` from the SECURE_PROXY_START_<NAME>
 variables the init gives it (autostart_env()), so one set of program files
 serves every level.
+
+The interceptor is a group of N processes (the config's `workers`, resolved once by
+the init into WORKERS_ENV, which supervisord, the firewall and the reloader inherit):
+interceptor:interceptor_0 .. _N-1, worker n on port 58080+n with its own marker.
+Ready means all N ready; a reload signals all N.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from firewall.level import LockLevel
 from runtime import paths
 from runtime.container import supervisor
 from runtime.container.console import SetupFailed
+from runtime.core.config import AUTO_WORKERS_MAX
+
+#: The number of interceptor processes for this run (supervisor.d/interceptor.conf's
+#: numprocs, the firewall's --workers): set by the init, inherited by everything after.
+WORKERS_ENV = "SECURE_PROXY_INTERCEPTOR_WORKERS"
 
 FIREWALL_TIMEOUT = float(os.environ.get("SECURE_PROXY_FIREWALL_TIMEOUT", "30"))
 INTERCEPTOR_TIMEOUT = float(os.environ.get("SECURE_PROXY_INTERCEPTOR_TIMEOUT", "60"))
@@ -52,16 +63,68 @@ def autostart_env(level: LockLevel) -> dict[str, str]:
     return {f"SECURE_PROXY_START_{name.upper()}": str(name in on).lower() for name in PROGRAMS}
 
 
-def component(name: str) -> supervisor.Component:
-    """What readiness means for one program: its marker."""
+def available_cores() -> int:
+    """The cores this container may run on: its CPU affinity (docker --cpuset-cpus),
+    lowered by a cgroup v2 CPU quota (docker --cpus), at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def resolve_workers(configured: int | None) -> int:
+    """The config's `workers`: its number, or for "auto" (None) the cores, at most
+    AUTO_WORKERS_MAX (more processes than cores only add memory and start-up)."""
+    if configured is not None:
+        return configured
+    return min(available_cores(), AUTO_WORKERS_MAX)
+
+
+def workers() -> int:
+    """This run's interceptor processes (WORKERS_ENV; 1 outside a run the init set up)."""
+    try:
+        return max(1, int(os.environ.get(WORKERS_ENV, "1")))
+    except ValueError:
+        return 1
+
+
+def worker_name(n: int) -> str:
+    """supervisord's name for interceptor worker n."""
+    return f"interceptor:interceptor_{n}"
+
+
+def namespec(name: str) -> str:
+    """The name supervisord's start/stop/signal take for a program: the interceptor's
+    whole group."""
+    return "interceptor:*" if name == "interceptor" else name
+
+
+def components(name: str) -> list[supervisor.Component]:
+    """What readiness means for one program: its marker (the interceptor: N of them)."""
     if name == "firewall":
-        return supervisor.Component(name, paths.firewall_marker(), FIREWALL_TIMEOUT, True)
+        return [supervisor.Component(name, paths.firewall_marker(), FIREWALL_TIMEOUT, True)]
     if name == "interceptor":
-        return supervisor.Component(name, paths.interceptor_marker(), INTERCEPTOR_TIMEOUT, False)
+        return [
+            supervisor.Component(
+                worker_name(n),
+                paths.interceptor_marker(n),
+                INTERCEPTOR_TIMEOUT,
+                False,
+                paths.interceptor_log(n),
+            )
+            for n in range(workers())
+        ]
     if name == "dnsguard":
-        return supervisor.Component(name, paths.dnsguard_marker(), DNSGUARD_TIMEOUT, False)
+        return [supervisor.Component(name, paths.dnsguard_marker(), DNSGUARD_TIMEOUT, False)]
     if name == "portkeeper":
-        return supervisor.Component(name, paths.portkeeper_marker(), PORTKEEPER_TIMEOUT, False)
+        return [supervisor.Component(name, paths.portkeeper_marker(), PORTKEEPER_TIMEOUT, False)]
     raise ValueError(f"no readiness marker for {name}")
 
 
@@ -69,7 +132,7 @@ def readiness(level: LockLevel) -> list[supervisor.Component]:
     """What the command waits for at start: the verified lock and every service."""
     if level is LockLevel.NONE:
         return []
-    return [component("firewall"), *(component(name) for name in SERVICES[level])]
+    return [c for name in ("firewall", *SERVICES[level]) for c in components(name)]
 
 
 def signal_services(level: LockLevel) -> list[str]:
@@ -78,7 +141,7 @@ def signal_services(level: LockLevel) -> list[str]:
     failed = []
     for name in SERVICES[level]:
         try:
-            supervisor.signal_process(name, "HUP")
+            supervisor.signal_process(namespec(name), "HUP")
         except supervisor.RPC_ERRORS as exc:
             failed.append(f"{name}: {exc}")
     return failed
@@ -95,11 +158,11 @@ def switch(old: LockLevel, new: LockLevel) -> None:
     """
     starting = [name for name in SERVICES[new] if name not in SERVICES[old]]
     for name in starting:
-        supervisor.start_program(name)
-    supervisor.wait_ready([component(name) for name in starting], time.sleep)
+        supervisor.start_program(namespec(name))
+    supervisor.wait_ready([c for name in starting for c in components(name)], time.sleep)
     staying = [name for name in SERVICES[new] if name in SERVICES[old]]
     for name in staying:
-        supervisor.signal_process(name, "HUP")
+        supervisor.signal_process(namespec(name), "HUP")
     why = supervisor.run_once("firewall", FIREWALL_TIMEOUT)
     if why is not None:
         raise SetupFailed(
@@ -108,4 +171,4 @@ def switch(old: LockLevel, new: LockLevel) -> None:
         )
     for name in SERVICES[old]:
         if name not in SERVICES[new]:
-            supervisor.stop_program(name)
+            supervisor.stop_program(namespec(name))

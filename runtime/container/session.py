@@ -38,6 +38,7 @@ class Session:
     pgid: int
     app_uid: int  # what the command runs with
     app_gid: int
+    workers: int = 1  # interceptor processes (the config's "workers", resolved at start)
 
     def write(self, path: Path | None = None) -> Path:
         data = asdict(self)
@@ -59,7 +60,10 @@ class Session:
                 config_kind=str(data["config_kind"]),
                 config_path=Path(data["config_path"]) if data["config_path"] else None,
                 config_sha256=str(data["config_sha256"]) if data["config_sha256"] else None,
-                **{k: _int(path, k, data[k]) for k in ("puid", "pgid", "app_uid", "app_gid")},
+                **{
+                    k: _int(path, k, data[k])
+                    for k in ("puid", "pgid", "app_uid", "app_gid", "workers")
+                },
             )
         except (TypeError, ValueError) as exc:
             raise SessionError(f"{path}: {exc}") from None

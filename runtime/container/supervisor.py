@@ -49,29 +49,44 @@ def process_info(name: str) -> dict[str, Any] | None:
         return None
 
 
-def signal_process(name: str, signame: str) -> None:
-    """Signal a program through supervisord (it knows the pid, also across restarts).
-    Raises one of RPC_ERRORS when that fails."""
-    rpc().signalProcess(name, signame)
-
-
 ALREADY_STARTED = 60  # supervisor.xmlrpc.Faults
 NOT_RUNNING = 70
+SUCCESS = 80
+
+
+def _group_result(result: Any, ignore: int | None = None) -> None:
+    """A call on a whole group (`name:*`) answers one status per process instead of
+    raising: the first failure (but `ignore`) is raised as the Fault it stands for."""
+    if not isinstance(result, list):
+        return
+    for item in result:
+        status = item.get("status") if isinstance(item, dict) else None
+        if status not in (SUCCESS, ignore):
+            raise xmlrpc.client.Fault(
+                int(status or 0),
+                f"{item.get('group')}:{item.get('name')}: {item.get('description')}",
+            )
+
+
+def signal_process(name: str, signame: str) -> None:
+    """Signal a program, or a group as `name:*`, through supervisord (it knows the pids,
+    also across restarts). Raises one of RPC_ERRORS when that fails."""
+    _group_result(rpc().signalProcess(name, signame))
 
 
 def start_program(name: str) -> None:
-    """Start a program (no-op when it runs); its readiness is its marker, not this."""
+    """Start a program or a group (no-op for what runs); its readiness is its marker."""
     try:
-        rpc().startProcess(name, False)
+        _group_result(rpc().startProcess(name, False), ALREADY_STARTED)
     except xmlrpc.client.Fault as exc:
         if exc.faultCode != ALREADY_STARTED:
             raise
 
 
 def stop_program(name: str) -> None:
-    """Stop a program and wait until it has (no-op when it does not run)."""
+    """Stop a program or a group and wait until it has (no-op when it does not run)."""
     try:
-        rpc().stopProcess(name, True)
+        _group_result(rpc().stopProcess(name, True), NOT_RUNNING)
     except xmlrpc.client.Fault as exc:
         if exc.faultCode != NOT_RUNNING:
             raise
@@ -128,14 +143,15 @@ def start(env: dict[str, str]) -> subprocess.Popen[bytes]:
 class Component:
     """A program the command waits for: ready when its marker exists."""
 
-    name: str  # the supervisord program
+    name: str  # the supervisord program (group:process for one of a group)
     marker: Path
     timeout: float
     one_shot: bool  # exits when done (the firewall): an exit without the marker fails
+    logfile: Path | None = None  # default: the program's component log
 
     @property
     def log(self) -> Path:
-        return paths.component_log(self.name)
+        return self.logfile or paths.component_log(self.name)
 
     def failure(self, info: dict[str, Any] | None) -> str | None:
         """Why it cannot become ready, from supervisord's state; None while it may."""
@@ -219,30 +235,39 @@ def stop(sup: subprocess.Popen[bytes] | None, reaped: dict[int, int]) -> None:
     reap_zombies(reaped)
 
 
+def group_info(group: str) -> list[dict[str, Any]] | None:
+    """supervisord's view of every process of a group, None when it does not answer."""
+    try:
+        return [i for i in rpc().getAllProcessInfo() if i.get("group") == group]
+    except RPC_ERRORS:
+        return None
+
+
 class CrashWatch(threading.Thread):
-    """Tells the user once if the interceptor keeps crashing (traffic stays blocked)."""
+    """Tells the user once if an interceptor process keeps crashing (the web traffic
+    it would take stays blocked)."""
 
     def __init__(self) -> None:
         super().__init__(name="crash-watch", daemon=True)
         self.stop = threading.Event()
 
     def run(self) -> None:
-        starts: list[float] = []
-        last_pid = None
+        starts: dict[str, list[float]] = {}
+        last_pid: dict[str, int] = {}
         while not self.stop.wait(1.0):
-            info = process_info("interceptor")
-            if info is None:
-                continue
-            pid = info.get("pid") or None
-            if pid and pid != last_pid:
-                if last_pid is not None:
-                    starts.append(time.monotonic())
-                last_pid = pid
-            recent = [t for t in starts if time.monotonic() - t < 60]
-            if info.get("statename") in ("FATAL", "BACKOFF") or len(recent) >= 3:
-                say(
-                    f"\n[Network] The interceptor keeps crashing (see "
-                    f"{paths.component_log('interceptor')}); outbound web traffic stays "
-                    "blocked until it recovers."
-                )
-                return
+            infos = group_info("interceptor")
+            for info in infos or []:
+                name = str(info.get("name"))
+                pid = info.get("pid") or None
+                if pid and pid != last_pid.get(name):
+                    if name in last_pid:
+                        starts.setdefault(name, []).append(time.monotonic())
+                    last_pid[name] = pid
+                recent = [t for t in starts.get(name, []) if time.monotonic() - t < 60]
+                if info.get("statename") in ("FATAL", "BACKOFF") or len(recent) >= 3:
+                    log = paths.component_log(name)
+                    say(
+                        f"\n[Network] The interceptor keeps crashing (see {log}); outbound "
+                        "web traffic stays blocked until it recovers."
+                    )
+                    return

@@ -22,7 +22,15 @@ from runtime.core.paths import EXACT, SEGMENT_WILDCARD, normalize_path, normaliz
 from runtime.core.placeholders import sample, unknown_placeholders
 from runtime.core.policy import Mode
 
-TOP_LEVEL_KEYS = ("$schema", "enabled", "inherit_defaults", "mode", "log_to_file", "allowed_rules")
+TOP_LEVEL_KEYS = (
+    "$schema",
+    "enabled",
+    "inherit_defaults",
+    "mode",
+    "log_to_file",
+    "allowed_rules",
+    "workers",
+)
 RULE_KEYS = ("host", "allowed_paths", "methods", "schemes", "allow_private_addresses", "ports")
 #: The keys that grant HTTP(S): a rule with `ports` and none of these grants only its ports.
 HTTP_KEYS = ("allowed_paths", "methods", "schemes")
@@ -35,6 +43,11 @@ RESERVED_PORTS = {
 SCHEMES = ("http", "https")
 #: The modes a config may name: the core's own vocabulary (allow-all comes from enabled).
 MODES = (Mode.MONITOR.value, Mode.ENFORCE.value)
+#: "workers": interceptor processes. "auto" is the container's cores, at most AUTO_WORKERS_MAX
+#: (resolved in the container); an explicit number at most MAX_WORKERS (ports 58080..+N-1).
+AUTO = "auto"
+AUTO_WORKERS_MAX = 4
+MAX_WORKERS = 16
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE")
 
 # Names people reach for from other tools; difflib alone would not find these.
@@ -77,6 +90,12 @@ ALIASES = {
     "allowprivateaddresses": "allow_private_addresses",
     "private": "allow_private_addresses",
     "private_addresses": "allow_private_addresses",
+    "worker": "workers",
+    "numprocs": "workers",
+    "processes": "workers",
+    "procs": "workers",
+    "interceptors": "workers",
+    "threads": "workers",
 }
 
 
@@ -125,6 +144,8 @@ class NetworkConfig:
     mode: Mode = Mode.MONITOR
     log_to_file: bool = False
     allowed_rules: tuple[RuleSpec, ...] = field(default_factory=tuple)
+    #: interceptor processes; None: "auto" (the container's cores, at most AUTO_WORKERS_MAX)
+    workers: int | None = None
     #: NATIVE, or AIRLOCK: copilot_here's format, read through runtime.core.airlock
     format: str = NATIVE
     #: For AIRLOCK: the native document it maps to, and where the mapping allows less.
@@ -183,6 +204,7 @@ def validate_config(data: Any, source: str) -> NetworkConfig:
         problems.append(
             Problem("/mode", f"{json.dumps(mode)} is not a mode", 'use "monitor" or "enforce"')
         )
+    workers = _workers(data, problems)
     if "$schema" in data and not isinstance(data["$schema"], str):
         problems.append(Problem("/$schema", "must be a string", "give the schema's URL or path"))
     rules: list[RuleSpec] = []
@@ -208,7 +230,32 @@ def validate_config(data: Any, source: str) -> NetworkConfig:
         mode=Mode(mode),
         log_to_file=log_to_file,
         allowed_rules=tuple(rules),
+        workers=workers,
     )
+
+
+def _workers(data: Mapping[str, Any], problems: list[Problem]) -> int | None:
+    """`workers`: a whole number 1..MAX_WORKERS, or "auto" (None, the default)."""
+    value = data.get("workers", AUTO)
+    if value == AUTO:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WORKERS:
+        return value
+    fix = f'write "workers": "auto" (the cores, at most {AUTO_WORKERS_MAX}) or 1-{MAX_WORKERS}'
+    if isinstance(value, str) and value.strip().isdigit():
+        number = min(max(int(value.strip()), 1), MAX_WORKERS)
+        fix = f'write "workers": {number} (a number, not a string)'
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        fix = f'write "workers": {min(max(int(value), 1), MAX_WORKERS)}'
+    problems.append(
+        Problem(
+            "/workers",
+            f'must be "auto" or a whole number of interceptor processes from 1 to '
+            f"{MAX_WORKERS}, not {json.dumps(value)}",
+            fix,
+        )
+    )
+    return None
 
 
 def validate_rule(raw: Any, pointer: str, problems: list[Problem]) -> RuleSpec | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -74,6 +75,19 @@ URLS = [
 ]
 POLICY = enforce("api.github.com", "*.allowed.test", "badca.test", "wrongname.test")
 PROGRAMS = ("interceptor", "dnsguard", "reloader", "logguard")
+
+
+def first_process(program: str) -> str:
+    """supervisord's name for a program's (first) process: the interceptor is a group of
+    workers (the config's "workers", tests/e2e/test_workers.py), the others one each."""
+    return "interceptor:interceptor_0" if program == "interceptor" else program
+
+
+def whole(program: str) -> str:
+    """supervisorctl's name for all of a program's processes."""
+    return "interceptor:*" if program == "interceptor" else program
+
+
 FIREWALL = [
     *("/opt/secure-proxy/venv/bin/secure-proxy-firewall", "verify", "--proxy-user"),
     *("proxy-user", "--policy", "/run/secure-proxy/policy.json", "--dns-guard-port", "58053"),
@@ -128,11 +142,24 @@ class Matrix:
         return out
 
     def pid(self, name: str) -> str:
-        return self.root(["supervisorctl", "pid", name]).stdout.strip()
+        """The program's pid; the interceptor's: its first worker's (of the group)."""
+        return self.root(["supervisorctl", "pid", first_process(name)]).stdout.strip()
+
+    def pids(self, program: str) -> list[str]:
+        """The pids of all of a program's processes (the interceptor: every worker's)."""
+        out = self.root(["supervisorctl", "status", whole(program)]).stdout
+        return sorted(re.findall(r"pid (\d+)", out))
 
     def states(self) -> dict[str, str]:
+        """Program -> state; a group (the interceptor's workers) is RUNNING when all are."""
         out = self.s.root(["supervisorctl", "status"]).stdout
-        return {ln.split()[0]: ln.split()[1] for ln in out.splitlines() if len(ln.split()) > 1}
+        states: dict[str, str] = {}
+        for ln in out.splitlines():
+            if len(ln.split()) > 1:
+                name, state = ln.split()[0].split(":", 1)[0], ln.split()[1]
+                if states.get(name, "RUNNING") == "RUNNING":
+                    states[name] = state
+        return states
 
     def wait_running(self, name: str, not_pid: str, limit: float = 15) -> str:
         """The program's new pid once supervisord has it RUNNING again."""
@@ -264,7 +291,8 @@ def test_interceptor_killed_with_9_is_restarted(matrix: Matrix):
     before = matrix.pid("interceptor")
     _, stats = matrix.case(
         "interceptor kill -9",
-        "The interceptor dies mid-traffic: requests fail closed (refused) until "
+        "An interceptor process (the first of the workers) dies mid-traffic: the new "
+        "connections sent to it fail closed (refused) until "
         "supervisord restarts it, nothing goes around it, the command keeps running.",
         lambda c: matrix.root(["kill", "-9", before]),
     )
@@ -277,8 +305,8 @@ def test_supervisorctl_restart(matrix: Matrix, program: str):
     before = matrix.pid(program)
 
     def restart(case: Case) -> None:
-        out = matrix.root(["supervisorctl", "restart", program], timeout=30).stdout
-        assert f"{program}: started" in out, out
+        out = matrix.root(["supervisorctl", "restart", whole(program)], timeout=30).stdout
+        assert f"{first_process(program)}: started" in out, out
 
     matrix.case(
         f"supervisorctl restart {program}",
@@ -458,7 +486,7 @@ def test_upstream_with_a_bad_certificate_gets_502(matrix: Matrix):
 
 
 def test_2000_concurrent_connections(matrix: Matrix):
-    before = matrix.pid("interceptor")
+    before = matrix.pids("interceptor")
 
     def burst(case: Case) -> None:
         case.probes = matrix.as_agent(BURST, "burst", "2000", "40", timeout=90)
@@ -471,7 +499,7 @@ def test_2000_concurrent_connections(matrix: Matrix):
         "survives (same process), forbidden ones never arrive, the load carries on.",
         burst,
     )
-    assert matrix.pid("interceptor") == before  # it survived, no restart
+    assert matrix.pids("interceptor") == before  # they survived, no restart
     probes = case.probes
     assert len(probes) == 2000
     by_status: dict[int, int] = {}

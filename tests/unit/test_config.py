@@ -302,3 +302,39 @@ def test_allow_private_addresses_must_be_a_boolean() -> None:
     assert "true or false" in message and fix == 'write "allow_private_addresses": true'
     cfg = parse_config(json.dumps({"allowed_rules": [{"host": "a.test"}]}), SRC)
     assert cfg.allowed_rules[0].allow_private_addresses is False
+
+
+# --------------------------------------------------------------------------- workers
+
+
+@pytest.mark.parametrize(("value", "workers"), [(1, 1), (4, 4), (16, 16), ("auto", None)])
+def test_workers_is_a_number_or_auto(value: object, workers: int | None) -> None:
+    assert parse_config(json.dumps({"workers": value}), "n.json").workers == workers
+    assert parse_config("{}", "n.json").workers is None  # the default: auto
+
+
+@pytest.mark.parametrize(
+    ("value", "fix"),
+    [
+        ("2", 'write "workers": 2 (a number, not a string)'),
+        (0, 'write "workers": 1'),
+        (99, 'write "workers": 16'),
+        (2.5, 'write "workers": 2'),
+        (True, 'write "workers": "auto"'),
+        ("many", 'write "workers": "auto"'),
+    ],
+)
+def test_bad_workers_name_file_field_and_fix(value: object, fix: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(json.dumps({"workers": value}), "/w/network.json")
+    text = str(err.value)
+    assert text.startswith('/w/network.json: /workers: must be "auto" or a whole number'), text
+    assert f"Fix: {fix}" in text, text
+
+
+@pytest.mark.parametrize("key", ["worker", "numprocs", "processes"])
+def test_workers_did_you_mean(key: str) -> None:
+    with pytest.raises(
+        ConfigError, match=f'/{key}: unknown key "{key}". Fix: rename it to "workers"'
+    ):
+        parse_config(json.dumps({key: 2}), "n.json")

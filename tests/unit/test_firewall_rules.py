@@ -287,3 +287,49 @@ def test_the_ports_set_is_matched_before_the_final_rejects_at_full_level_only(fa
     assert not [
         r for f in intercept.families for t in f.tables for r in t.rules if "set" in r.render()
     ]
+
+
+# --------------------------------------------------------------------------- workers
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+@pytest.mark.parametrize("level", [LockLevel.FULL, LockLevel.INTERCEPT])
+def test_workers_spread_new_connections_in_turn(fam, level):
+    rs = build_ruleset(999, 58080, ["198.18.0.1"], 58053, level, workers=3)
+    assert rs.workers == 3
+    nat = [r.render() for r in rs.family(fam).tables[-1].rules]
+    own = "-m owner ! --uid-owner 999"
+    for port in (80, 443):
+        head = f"-p tcp -m tcp --dport {port} {own}"
+        at = nat.index(
+            f"{head} -m statistic --mode nth --every 3 --packet 0 -j REDIRECT --to-ports 58080"
+        )
+        assert nat[at + 1 : at + 3] == [
+            f"{head} -m statistic --mode nth --every 2 --packet 0 -j REDIRECT --to-ports 58081",
+            f"{head} -j REDIRECT --to-ports 58082",  # the last one takes the rest
+        ]
+    if level is LockLevel.FULL:
+        loopback = "::1/128" if fam == 6 else "127.0.0.1/32"
+        filt = [r.render() for r in rs.family(fam).tables[0].rules]
+        assert f"-d {loopback} -p tcp -m tcp --dport 58080:58082 -j ACCEPT" in filt
+        assert not any("--dport 58080 " in r for r in filt)
+
+
+def test_one_worker_is_the_rule_set_of_before():
+    one = build_ruleset(999, 58080, ["198.18.0.1"], 58053, workers=1)
+    assert one == build_ruleset(999, 58080, ["198.18.0.1"], 58053)
+    assert not any("statistic" in line for line in one.family(4).save_text().splitlines())
+
+
+@pytest.mark.parametrize(
+    ("port", "workers", "dns", "why"),
+    [
+        (58080, 0, None, "positive"),
+        (58080, True, None, "positive"),
+        (65535, 2, None, "past port 65535"),
+        (58080, 4, 58083, "DNS guard port"),
+    ],
+)
+def test_bad_workers_are_refused(port, workers, dns, why):
+    with pytest.raises(ValueError, match=why):
+        build_ruleset(999, port, [], dns, workers=workers)

@@ -1047,3 +1047,20 @@ def test_addon_order_puts_the_guards_first():
     names = [type(a).__name__ for a in interceptor.make_addons()]
     assert names.index("HttpOnly") < names.index("PolicyGate")
     assert names.index("UpgradeGuard") < names.index("PolicyGate")
+
+
+def test_worker_n_listens_on_port_plus_n_with_its_own_marker(tmp_path, monkeypatch):
+    monkeypatch.delenv("SECURE_PROXY_UPSTREAM_CA", raising=False)
+    monkeypatch.setenv("SECURE_PROXY_RUN_DIR", str(tmp_path / "run"))
+    argv = ["--confdir", str(tmp_path / "confdir"), "--worker", "2"]
+
+    async def scenario() -> dict[str, Any]:
+        master = interceptor_main.make_master()
+        return interceptor_main.mitmproxy_options(interceptor_main.parse_args(master.options, argv))
+
+    opts = asyncio.run(scenario())
+    assert opts["listen_port"] == 58082
+    assert opts["mode"][0] == "transparent@127.0.0.1:58082"
+    assert opts["secure_proxy_ready_marker"] == str(
+        tmp_path / "run/interceptor/interceptor-2.ready"
+    )

@@ -88,6 +88,14 @@ CLI: tuple[Flag, ...] = (
         "address to listen on (default: loopback, i.e. 127.0.0.1 and ::1)",
     ),
     Flag("--port", "listen_port", default=lambda: paths.INTERCEPTOR_PORT),
+    Flag(
+        "--worker",
+        None,
+        "SECURE_PROXY_WORKER",
+        lambda: 0,
+        "this process is worker N of several (supervisord's process_num): it listens on "
+        "--port + N and writes its own readiness marker (default: 0)",
+    ),
     # supervisord sets no HOME, so never ~/.mitmproxy.
     Flag("--confdir", "confdir", default=lambda: str(paths.confdir())),
     Flag("--policy", "secure_proxy_policy", default=lambda: str(paths.policy_file())),
@@ -193,12 +201,23 @@ def transparent_modes(listen_host: str, port: int) -> list[str]:
 
 def mitmproxy_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options for one run: the flags' options, the fixed ones and what derives from
-    the listen address and the upstream CA. Prepares the confdir (raises OSError)."""
+    the listen address, the worker number and the upstream CA. Prepares the confdir
+    (raises OSError; ValueError for a worker whose port is out of range)."""
     opts = {flag.option: getattr(args, flag.dest) for flag in CLI if flag.option is not None}
     confdir = Path(opts["confdir"])
     prepare_confdir(confdir)
     bundle = build_upstream_bundle(confdir, args.upstream_ca)
     opts.update(FIXED_OPTIONS)
+    worker = args.worker
+    if worker:
+        if worker < 0 or opts["listen_port"] + worker > 65535:
+            raise ValueError(
+                f"--worker {worker}: port {opts['listen_port'] + worker} is out of range"
+            )
+        opts["listen_port"] += worker
+        # Each worker its own marker, unless one was named: the init waits for all N.
+        if opts["secure_proxy_ready_marker"] == str(paths.interceptor_marker()):
+            opts["secure_proxy_ready_marker"] = str(paths.interceptor_marker(worker))
     opts["mode"] = transparent_modes(args.listen_host, opts["listen_port"])
     if bundle is not None:
         opts["ssl_verify_upstream_trusted_ca"] = str(bundle)
@@ -242,6 +261,9 @@ async def _run(argv: list[str] | None) -> int:
     args = parse_args(master.options, argv)
     try:
         options = mitmproxy_options(args)
+    except ValueError as exc:
+        logger.error("not starting: {}", exc)
+        return 2
     except OSError as exc:
         logger.error("not starting: {} (confdir {}, --upstream-ca)", exc, args.confdir)
         return 2
