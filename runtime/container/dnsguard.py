@@ -112,13 +112,37 @@ def answer_count(data: bytes) -> tuple[str, int]:
     return RCODE.get(record.header.rcode, str(record.header.rcode)), len(record.rr)
 
 
+def _owner(label: Any) -> str:
+    return str(label).lower().rstrip(".")
+
+
 def answer_addresses(data: bytes) -> tuple[list[str], int]:
-    """(the A and AAAA addresses of an answer, their smallest TTL)."""
+    """(the A and AAAA addresses an answer gives the question's name, their smallest TTL).
+
+    Only the answer section's records of the name and of the names its CNAMEs lead to:
+    those are all a client takes from it. An upstream may add records for any other
+    name (or put them in the additional section); opening a port to those would open
+    it to addresses the rule's name never resolved to."""
     try:
         record = DNSRecord.parse(data)
     except (DNSError, ValueError, IndexError, struct.error, UnicodeError):
         return [], 0
-    found = [rr for rr in record.rr if rr.rtype in (QTYPE.A, QTYPE.AAAA)]
+    if len(record.questions) != 1:
+        return [], 0
+    chain = {_owner(record.questions[0].qname)}
+    cnames = [
+        (_owner(rr.rname), _owner(rr.rdata.label)) for rr in record.rr if rr.rtype == QTYPE.CNAME
+    ]
+    grew = True
+    while grew:  # the CNAMEs may come in any order
+        grew = False
+        for owner, target in cnames:
+            if owner in chain and target not in chain:
+                chain.add(target)
+                grew = True
+    found = [
+        rr for rr in record.rr if rr.rtype in (QTYPE.A, QTYPE.AAAA) and _owner(rr.rname) in chain
+    ]
     return [str(rr.rdata) for rr in found], min((rr.ttl for rr in found), default=0)
 
 
