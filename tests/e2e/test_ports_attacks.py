@@ -9,6 +9,7 @@ additional section. Only the addresses of the name's own chain may open.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_ports import NAME, Net, cli, config, line, ports_net, step, world  # noqa: F401
+from tests.e2e.test_ports import APP_UID, NAME, Net, cli, config, line, ports_net, step, world  # noqa: F401
 from tests.harness.sandbox import sh, write_config
 
 pytestmark = pytest.mark.e2e
@@ -140,3 +141,37 @@ def test_records_of_other_names_in_an_answer_open_nothing(net, world):  # noqa: 
     log = (world["logs"] / "traffic.jsonl").read_text().splitlines()
     opened = {r["host"]: r["opened"] for r in map(json.loads, log) if r.get("kind") == "dns"}
     assert opened == {EXTRA: [f"{net.ip4}:22"], CHAIN: [f"[{net.ip6}]:22"]}, opened
+
+
+def test_a_live_edit_that_drops_the_ports_rule_closes_the_port(net, world):  # noqa: F811
+    """With --network-config-write the agent may edit the rules; once an edit takes the
+    ports away, a new connection is refused at once, however often the name is asked."""
+    path = write_config(
+        world["project"], config({"host": NAME, "ports": [22]}), state=str(world["state"])
+    )
+    for mine in (path.parent, path):  # the agent's to edit, as in a clone of its own
+        os.chown(mine, APP_UID, APP_UID)
+    edited = json.dumps(config({"host": NAME, "allowed_paths": ["/"]}))
+    sock = "/run/secure-proxy/portkeeper/keeper.sock"
+    before = len(net.arrivals())
+    out = run(
+        world,
+        net,
+        [
+            step("ask", probe("ask", NAME, "A")),
+            step("open", probe("connect", net.ip4, "22")),
+            # The keeper's socket cannot be replaced with one of the agent's.
+            step("replace", f"mv {sock} /tmp/k || rm -f {sock} || touch {sock}.x"),
+            step("edit", f"echo '{edited}' > /work/.copilot_here/network.json"),
+            step("closed", probe("until-refused", NAME, net.ip4, "22", "10")),
+            "cat /tmp/closed.out",
+        ],
+        "--network-config-write",
+    )
+    for tag in ("ask", "open", "edit", "closed"):
+        assert line(out, tag) == f"{tag} ok", out
+    assert "Permission denied" in line(out, "replace"), out
+    (through,) = [int(x.split("=")[1]) for x in out.splitlines() if x.startswith("through=")]
+    arrived = net.arrivals()[before:]
+    # The first connection, those made before the edit was in force, and none after.
+    assert arrived == [f"{net.ip4} 22"] * (1 + through), (arrived, out)
