@@ -24,6 +24,7 @@ pytestmark = pytest.mark.e2e
 
 EXTRA = "extra.ports.test"  # answers for itself, and smuggles other names' records
 CHAIN = "chain.ports.test"  # a CNAME out of the wildcard: the target's address is its own
+SWAP = "swap.ports.test"  # answered (over TCP) as if another name had been asked
 
 #: Run as appuser in the box: raw DNS queries through the resolv.conf server (so the
 #: DNS guard), and TCP connects. Stdlib only.
@@ -33,10 +34,14 @@ import socket, struct, sys, time
 def ns():
     return next(l.split()[1] for l in open("/etc/resolv.conf") if l.startswith("nameserver"))
 
-def ask(name, qtype):
+def ask(name, qtype, transport="udp"):
     q = struct.pack("!HHHHHH", 0x5150, 0x0100, 1, 0, 0, 0)
     q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
     q += struct.pack("!HH", {"A": 1, "AAAA": 28}[qtype], 1)
+    if transport == "tcp":
+        with socket.create_connection((ns(), 53), timeout=5) as s:
+            s.sendall(struct.pack("!H", len(q)) + q)
+            return len(s.recv(4096))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(5)
         s.sendto(q, (ns(), 53))
@@ -91,6 +96,7 @@ def hostile(ip4: str, ip6: str, other4: str, other6: str) -> dict[str, Any]:
             "additional": [[EXTRA, "A", other4], [EXTRA, "AAAA", other6]],
         },
         CHAIN: {"answer": [[CHAIN, "CNAME", "edge.cdn.test"], ["edge.cdn.test", "AAAA", ip6]]},
+        SWAP: {"question": "elsewhere.test", "answer": smuggled},
     }
 
 
@@ -124,6 +130,7 @@ def test_records_of_other_names_in_an_answer_open_nothing(net, world):  # noqa: 
             step("ask4", probe("ask", EXTRA, "A")),
             step("ask6", probe("ask", EXTRA, "AAAA")),
             step("chain", probe("ask", CHAIN, "AAAA")),
+            step("swap", probe("ask", SWAP, "A", "tcp")),
             # The smuggled addresses: refused, though the answers named them.
             step("other4", probe("connect", net.other4, "22")),
             step("other6", probe("connect", net.other6, "22")),
@@ -132,7 +139,7 @@ def test_records_of_other_names_in_an_answer_open_nothing(net, world):  # noqa: 
             step("cname6", probe("connect", net.ip6, "22")),
         ],
     )
-    for tag in ("ask4", "ask6", "chain", "own4", "cname6"):
+    for tag in ("ask4", "ask6", "chain", "swap", "own4", "cname6"):
         assert line(out, tag) == f"{tag} ok", out
     for tag in ("other4", "other6"):
         assert "ConnectionRefusedError" in line(out, tag), out
@@ -140,7 +147,7 @@ def test_records_of_other_names_in_an_answer_open_nothing(net, world):  # noqa: 
     assert sorted(arrived) == sorted([f"{net.ip4} 22", f"{net.ip6} 22"]), arrived
     log = (world["logs"] / "traffic.jsonl").read_text().splitlines()
     opened = {r["host"]: r["opened"] for r in map(json.loads, log) if r.get("kind") == "dns"}
-    assert opened == {EXTRA: [f"{net.ip4}:22"], CHAIN: [f"[{net.ip6}]:22"]}, opened
+    assert opened == {EXTRA: [f"{net.ip4}:22"], CHAIN: [f"[{net.ip6}]:22"], SWAP: None}, opened
 
 
 def test_a_live_edit_that_drops_the_ports_rule_closes_the_port(net, world):  # noqa: F811

@@ -5,7 +5,8 @@ Server, e.g. on the net host:
         --records '{"example.com": ["198.18.5.1", "2001:db8:5::1"]}'
 It prints "READY" once every socket is bound, then one JSON line per query answered.
 A name may instead map to a crafted answer, sent whatever the query type (a hostile
-upstream): {"answer": [[name, type, value, ttl?], ...], "additional": [...]}, types
+upstream): {"answer": [[name, type, value, ttl?], ...], "additional": [...],
+"question": another name?}, types
 A, AAAA and CNAME, e.g. {"x.test": {"answer": [["x.test", "A", "198.18.5.1"],
 ["other.test", "A", "198.18.5.77"]]}}.
 
@@ -67,8 +68,9 @@ def _parse_question(msg: bytes) -> tuple[int, str, int, int]:
     return qid, ".".join(labels).lower(), qtype, off + 4
 
 
-#: A crafted answer: {"answer": [[name, type, value, ttl?], ...], "additional": [...]}.
-Crafted = Mapping[str, Sequence[Sequence[Any]]]
+#: A crafted answer: {"answer": [[name, type, value, ttl?], ...], "additional": [...],
+#: "question": the name it claims to answer, if not the one asked}.
+Crafted = Mapping[str, Any]
 
 
 def _record(entry: Sequence[Any]) -> bytes:
@@ -87,9 +89,12 @@ def build_crafted(request: bytes, crafted: Crafted) -> tuple[bytes, dict]:
     qid, name, qtype, qend = _parse_question(request)
     answer = [_record(e) for e in crafted.get("answer", ())]
     extra = [_record(e) for e in crafted.get("additional", ())]
+    question = request[12:qend]
+    if "question" in crafted:  # an answer to another question than the one asked
+        question = encode_name(str(crafted["question"])) + struct.pack("!HH", qtype, 1)
     header = struct.pack("!HHHHHH", qid, 0x8180, 1, len(answer), 0, len(extra))
     log = {"name": name, "qtype": qtype, "rcode": 0, "answers": len(answer)}
-    return header + request[12:qend] + b"".join(answer + extra), log
+    return header + question + b"".join(answer + extra), log
 
 
 def build_response(

@@ -233,8 +233,8 @@ def test_answer_addresses_reads_a_and_aaaa_with_the_smallest_ttl() -> None:
     reply = DNSRecord.question("x.test").reply()
     reply.add_answer(RR("x.test", QTYPE.A, rdata=A("198.18.0.1"), ttl=300))
     reply.add_answer(RR("x.test", QTYPE.A, rdata=A("198.18.0.2"), ttl=20))
-    assert answer_addresses(reply.pack()) == (["198.18.0.1", "198.18.0.2"], 20)
-    assert answer_addresses(b"junk") == ([], 0)
+    assert answer_addresses(reply.pack(), "x.test") == (["198.18.0.1", "198.18.0.2"], 20)
+    assert answer_addresses(b"junk", "x.test") == ([], 0)
 
 
 def test_answer_addresses_are_only_the_question_names_and_its_cname_chains() -> None:
@@ -250,7 +250,11 @@ def test_answer_addresses_are_only_the_question_names_and_its_cname_chains() -> 
     reply.add_answer(RR("unrelated.test", QTYPE.CNAME, rdata=CNAME("other.test"), ttl=300))
     reply.add_answer(RR("other.test", QTYPE.AAAA, rdata=AAAA("2001:db8::66"), ttl=5))
     reply.add_ar(RR("git.example.com", QTYPE.A, rdata=A("198.18.0.67"), ttl=5))
-    assert answer_addresses(reply.pack()) == (["198.18.0.1"], 300)
+    assert answer_addresses(reply.pack(), "git.example.com.") == (["198.18.0.1"], 300)
+    # An answer to another question than the one asked (TCP answers are not compared).
+    assert answer_addresses(reply.pack(), "other.test") == (["2001:db8::66"], 5)
+    assert answer_addresses(reply.pack(), "elsewhere.test") == (["198.18.0.66"], 5)
+    assert answer_addresses(reply.pack(), "nothing.test") == ([], 0)
 
 
 def test_the_keeper_is_asked_through_its_socket_before_the_answer_goes_out(
