@@ -1,15 +1,21 @@
 """Attacks on a rule's `ports` by the agent inside the sandbox (`copilot_here --engine
 sandbox`, enforce mode), checked in sshd's log on the net host: what arrived.
 
-The test resolver plays a hostile upstream for some names under the `*.ports.test`
-rule: answers that carry A/AAAA records for other names, or the name's own in the
-additional section. Only the addresses of the name's own chain may open.
+- The test resolver plays a hostile upstream for some names under the `*.ports.test`
+  rule: answers that carry A/AAAA records for other names, the name's own in the
+  additional section, or (over TCP) another question's. Only the addresses of the
+  asked name's own chain may open.
+- A live edit that drops the ports rule closes the port for new connections.
+- With the sandbox's namespace set up as Docker's on a user-defined network (a local
+  resolver address, unprivileged low ports), the agent tries to answer the DNS
+  guard's upstream lookups itself.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,10 +23,14 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_ports import APP_UID, NAME, Net, cli, config, line, ports_net, step, world  # noqa: F401
-from tests.harness.sandbox import sh, write_config
+from tests.e2e import test_ports
+from tests.e2e.test_ports import APP_UID, NAME, Net, cli, config, line, ports_net, step
+from tests.harness import python_bin
+from tests.harness.sandbox import cli_argv, cli_env, sh, write_config
 
 pytestmark = pytest.mark.e2e
+
+world = test_ports.world  # a fresh project, home, state and logs directory per test
 
 EXTRA = "extra.ports.test"  # answers for itself, and smuggles other names' records
 CHAIN = "chain.ports.test"  # a CNAME out of the wildcard: the target's address is its own
@@ -118,7 +128,7 @@ def probe(*args: str) -> str:
     return "python3 /work/probe.py " + " ".join(args)
 
 
-def test_records_of_other_names_in_an_answer_open_nothing(net, world):  # noqa: F811
+def test_records_of_other_names_in_an_answer_open_nothing(net, world):
     write_config(
         world["project"], config({"host": "*.ports.test", "ports": [22]}), state=str(world["state"])
     )
@@ -150,7 +160,7 @@ def test_records_of_other_names_in_an_answer_open_nothing(net, world):  # noqa: 
     assert opened == {EXTRA: [f"{net.ip4}:22"], CHAIN: [f"[{net.ip6}]:22"], SWAP: None}, opened
 
 
-def test_a_live_edit_that_drops_the_ports_rule_closes_the_port(net, world):  # noqa: F811
+def test_a_live_edit_that_drops_the_ports_rule_closes_the_port(net, world):
     """With --network-config-write the agent may edit the rules; once an edit takes the
     ports away, a new connection is refused at once, however often the name is asked."""
     path = write_config(
@@ -182,3 +192,137 @@ def test_a_live_edit_that_drops_the_ports_rule_closes_the_port(net, world):  # n
     arrived = net.arrivals()[before:]
     # The first connection, those made before the edit was in force, and none after.
     assert arrived == [f"{net.ip4} 22"] * (1 + through), (arrived, out)
+
+
+#: The agent takes the DNS guard's upstream flows: bound to the resolver's address and
+#: port 53 (a local address, as Docker's 127.0.0.11), it sends a datagram to each port
+#: the guard asks from, before the guard does. Conntrack then takes the guard's queries
+#: for replies on the agent's flows (no DNAT to the real resolver): they reach the agent,
+#: which answers them with the address of its choice.
+HIJACK = r"""
+import socket, struct, sys, threading
+sys.path.insert(0, "/work")
+from probe import ask, connect, ns
+
+name, target = sys.argv[1:3]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((ns(), 53))
+refused = 0
+for port in range(20053, 20053 + 128):
+    try:
+        s.sendto(b"\0" * 12, (ns(), port))
+    except OSError:
+        refused += 1
+print(f"spray refused {refused}/128", flush=True)
+
+def respond():
+    while True:
+        data, peer = s.recvfrom(4096)
+        end = 12
+        while data[end]:
+            end += data[end] + 1
+        end += 5
+        rr = struct.pack("!HHHIH", 0xC00C, 1, 1, 600, 4) + socket.inet_aton(target)
+        s.sendto(data[:2] + struct.pack("!HHHHH", 0x8180, 1, 1, 0, 0) + data[12:end] + rr, peer)
+        print("hijacked a query", flush=True)
+
+threading.Thread(target=respond, daemon=True).start()
+print("answer", ask(name, "A"), flush=True)
+print(connect(target, 22))
+"""
+
+
+def dockerish_dns(
+    staged_source: str, uplink: str, resolver: str, records: dict[str, Any]
+) -> subprocess.Popen[str]:
+    """Once the sandbox's firewall is up: its resolver at a local address with its port 53
+    DNATed to a resolver in the namespace, and unprivileged ports, as Docker sets up a
+    container on a user-defined network (127.0.0.11, ip_unprivileged_port_start=0).
+    Returns the resolver process."""
+    deadline = time.monotonic() + 60
+    ns = None
+    while ns is None:
+        assert time.monotonic() < deadline, "the sandbox's firewall never came up"
+        time.sleep(0.1)
+        links = subprocess.run(["ip", "-n", uplink, "-o", "link"], capture_output=True, text=True)
+        # The sandbox's veth peer in the uplink is sp-<run id>; its namespace spsbx-<run id>.
+        found = [w.split("@")[0] for w in links.stdout.split() if w.startswith("sp-")]
+        if found:
+            name = "spsbx-" + found[0].removeprefix("sp-").rstrip(":")
+            chain = ["ip", "netns", "exec", name, "iptables-legacy", "-w", "-t", "nat", "-S"]
+            if "SECURE_PROXY_NAT" in subprocess.run(chain, capture_output=True, text=True).stdout:
+                ns = name
+    run = ["ip", "netns", "exec", ns]
+    for argv in (
+        ["sysctl", "-qw", "net.ipv4.ip_unprivileged_port_start=0"],
+        ["ip", "addr", "add", f"{resolver}/32", "dev", "lo"],
+        ["iptables-legacy", "-w", "-t", "nat", "-A", "OUTPUT", "-d", resolver, "-p", "udp",
+         "--dport", "53", "-j", "DNAT", "--to-destination", f"{resolver}:5353"],
+        ["iptables-legacy", "-w", "-t", "nat", "-A", "POSTROUTING", "-s", resolver, "-p", "udp",
+         "--sport", "5353", "-j", "SNAT", "--to-source", ":53"],
+    ):  # fmt: skip
+        subprocess.run([*run, *argv], check=True, capture_output=True)
+    serve = ["-m", "tests.harness.dns", "serve", "--bind", resolver, "--port", "5353"]
+    proc = subprocess.Popen(
+        [*run, python_bin(), *serve, "--records", json.dumps(records)],
+        env={"PYTHONPATH": staged_source, "PATH": os.environ["PATH"]},
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert proc.stdout and proc.stdout.readline().strip() == "READY"
+    return proc
+
+
+def test_the_agent_cannot_take_the_dns_guards_upstream_flows(
+    net, world, module_topology, staged_source
+):
+    write_config(world["project"], config({"host": NAME, "ports": [22]}), state=str(world["state"]))
+    (world["project"] / "probe.py").write_text(PROBE)
+    (world["project"] / "hijack.py").write_text(HIJACK)
+    script = "\n".join(
+        [
+            "while [ ! -e /work/ready ]; do sleep 0.1; done",
+            step("hijack", f"python3 /work/hijack.py {NAME} {net.other4}"),
+            "cat /tmp/hijack.out",
+            "echo END",
+        ]
+    )
+    env = {"HOME": str(world["home"]), "XDG_STATE_HOME": str(world["state"])}
+    argv = cli_argv(
+        ["--logs-dir", str(world["logs"]), "--", *sh(script)],
+        module_topology.net,
+        net.internet.add_hosts(),
+    )
+    before = len(net.arrivals())
+    cli = subprocess.Popen(
+        argv,
+        cwd=world["project"],
+        env=cli_env({**net.internet.env(), **env}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    (resolver,) = net.resolver.addresses
+    dns = None
+    try:
+        dns = dockerish_dns(staged_source, module_topology.net, resolver, {NAME: [net.ip4]})
+        (world["project"] / "ready").touch()
+        out, err = cli.communicate(timeout=60)
+    finally:
+        for proc in (cli, dns):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert out.splitlines()[-1:] == ["END"], (out, err)
+    time.sleep(0.5)
+    arrived = net.arrivals()[before:]
+    # The agent's datagrams from the resolver's port are refused; the guard's queries
+    # reach the real resolver, whose answer (the name's own address) comes back.
+    assert "spray refused 128/128" in out and "hijacked" not in out, out
+    assert "ConnectionRefusedError" in line(out, "hijack"), out
+    assert arrived == [], arrived
+    log = (world["logs"] / "traffic.jsonl").read_text().splitlines()
+    opened = [r["opened"] for r in map(json.loads, log) if r.get("kind") == "dns"]
+    assert opened == [[f"{net.ip4}:22"]], opened
