@@ -4,7 +4,8 @@ sandbox`, enforce mode), checked in sshd's log on the net host: what arrived.
 - The test resolver plays a hostile upstream for some names under the `*.ports.test`
   rule: answers that carry A/AAAA records for other names, the name's own in the
   additional section, or (over TCP) another question's. Only the addresses of the
-  asked name's own chain may open.
+  asked name's own chain may open, and never one off the internet (the resolver's
+  own, loopback, the metadata address as IPv4-mapped IPv6).
 - A live edit that drops the ports rule closes the port for new connections.
 - With the sandbox's namespace set up as Docker's on a user-defined network (a local
   resolver address, unprivileged low ports), the agent tries to answer the DNS
@@ -26,7 +27,7 @@ import pytest
 from tests.e2e import test_ports
 from tests.e2e.test_ports import APP_UID, NAME, Net, cli, config, line, ports_net, step
 from tests.harness import python_bin
-from tests.harness.sandbox import cli_argv, cli_env, sh, write_config
+from tests.harness.sandbox import cli_argv, cli_env, sandbox_nameservers, sh, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -35,6 +36,7 @@ world = test_ports.world  # a fresh project, home, state and logs directory per 
 EXTRA = "extra.ports.test"  # answers for itself, and smuggles other names' records
 CHAIN = "chain.ports.test"  # a CNAME out of the wildcard: the target's address is its own
 SWAP = "swap.ports.test"  # answered (over TCP) as if another name had been asked
+LOCAL = "local.ports.test"  # the resolver's own (private) address, loopback, metadata
 
 #: Run as appuser in the box: raw DNS queries through the resolv.conf server (so the
 #: DNS guard), and TCP connects. Stdlib only.
@@ -107,6 +109,12 @@ def hostile(ip4: str, ip6: str, other4: str, other6: str) -> dict[str, Any]:
         },
         CHAIN: {"answer": [[CHAIN, "CNAME", "edge.cdn.test"], ["edge.cdn.test", "AAAA", ip6]]},
         SWAP: {"question": "elsewhere.test", "answer": smuggled},
+        LOCAL: {
+            "answer": [
+                *([LOCAL, "A", a] for a in (*sandbox_nameservers(), "127.0.0.1")),
+                [LOCAL, "AAAA", "::ffff:169.254.169.254"],
+            ]
+        },
     }
 
 
@@ -141,6 +149,7 @@ def test_records_of_other_names_in_an_answer_open_nothing(net, world):
             step("ask6", probe("ask", EXTRA, "AAAA")),
             step("chain", probe("ask", CHAIN, "AAAA")),
             step("swap", probe("ask", SWAP, "A", "tcp")),
+            step("local", probe("ask", LOCAL, "A")),
             # The smuggled addresses: refused, though the answers named them.
             step("other4", probe("connect", net.other4, "22")),
             step("other6", probe("connect", net.other6, "22")),
@@ -149,7 +158,7 @@ def test_records_of_other_names_in_an_answer_open_nothing(net, world):
             step("cname6", probe("connect", net.ip6, "22")),
         ],
     )
-    for tag in ("ask4", "ask6", "chain", "swap", "own4", "cname6"):
+    for tag in ("ask4", "ask6", "chain", "swap", "local", "own4", "cname6"):
         assert line(out, tag) == f"{tag} ok", out
     for tag in ("other4", "other6"):
         assert "ConnectionRefusedError" in line(out, tag), out
@@ -157,7 +166,8 @@ def test_records_of_other_names_in_an_answer_open_nothing(net, world):
     assert sorted(arrived) == sorted([f"{net.ip4} 22", f"{net.ip6} 22"]), arrived
     log = (world["logs"] / "traffic.jsonl").read_text().splitlines()
     opened = {r["host"]: r["opened"] for r in map(json.loads, log) if r.get("kind") == "dns"}
-    assert opened == {EXTRA: [f"{net.ip4}:22"], CHAIN: [f"[{net.ip6}]:22"], SWAP: None}, opened
+    want = {EXTRA: [f"{net.ip4}:22"], CHAIN: [f"[{net.ip6}]:22"], SWAP: None, LOCAL: []}
+    assert opened == want, opened
 
 
 def test_a_live_edit_that_drops_the_ports_rule_closes_the_port(net, world):
