@@ -81,7 +81,8 @@ def ports_net(topo: Topology, staged_source: str, records: Records = name_record
     """The test internet, a test resolver answering `records`, and sshd."""
     work = Path(tempfile.mkdtemp(prefix="sp-ports-", dir="/tmp"))
     os.chmod(work, 0o755)
-    internet = Internet.start(topo, work, staged_source)
+    # Its record: every connection the web server took, on which address (other4 too).
+    internet = Internet.start(topo, work, staged_source, record=work / "web.jsonl")
     other4 = topo.add_address(f"{topo.v4_prefix}.77")
     other6 = topo.add_address(str(topo.v6_net[0x77]))
     answers = records(topo.net_ip, topo.net_ip6, other4, other6)

@@ -28,6 +28,7 @@ from tests.e2e import test_ports
 from tests.e2e.test_ports import APP_UID, NAME, Net, cli, config, line, ports_net, step
 from tests.harness import python_bin
 from tests.harness.sandbox import cli_argv, cli_env, sandbox_nameservers, sh, write_config
+from tests.harness.upstream import read_records
 
 pytestmark = pytest.mark.e2e
 
@@ -36,6 +37,7 @@ world = test_ports.world  # a fresh project, home, state and logs directory per 
 EXTRA = "extra.ports.test"  # answers for itself, and smuggles other names' records
 CHAIN = "chain.ports.test"  # a CNAME out of the wildcard: the target's address is its own
 SWAP = "swap.ports.test"  # answered (over TCP) as if another name had been asked
+WEB = "web.ports.test"  # an HTTP rule's name the resolver has no record for
 LOCAL = "local.ports.test"  # the resolver's own (private) address, loopback, metadata
 
 #: Run as appuser in the box: raw DNS queries through the resolv.conf server (so the
@@ -204,26 +206,29 @@ def test_a_live_edit_that_drops_the_ports_rule_closes_the_port(net, world):
     assert arrived == [f"{net.ip4} 22"] * (1 + through), (arrived, out)
 
 
-#: The agent takes the DNS guard's upstream flows: bound to the resolver's address and
-#: port 53 (a local address, as Docker's 127.0.0.11), it sends a datagram to each port
-#: the guard asks from, before the guard does. Conntrack then takes the guard's queries
-#: for replies on the agent's flows (no DNAT to the real resolver): they reach the agent,
-#: which answers them with the address of its choice.
+#: The agent takes proxy-user's DNS flows: bound to the resolver's address and port 53
+#: (a local address, as Docker's 127.0.0.11), it sends a datagram to each port the DNS
+#: guard asks from (fixed) and each ephemeral port (the interceptor's lookups), before
+#: they do. Conntrack then takes their queries for replies on the agent's flows (no
+#: DNAT to the real resolver): they reach the agent, which answers them with the
+#: address of its choice.
 HIJACK = r"""
-import socket, struct, sys, threading
+import socket, struct, subprocess, sys, threading
 sys.path.insert(0, "/work")
 from probe import ask, connect, ns
 
-name, target = sys.argv[1:3]
+name, web, target = sys.argv[1:4]
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((ns(), 53))
 refused = 0
-for port in range(20053, 20053 + 128):
-    try:
-        s.sendto(b"\0" * 12, (ns(), port))
-    except OSError:
-        refused += 1
-print(f"spray refused {refused}/128", flush=True)
+
+def spray(ports):
+    global refused
+    for port in ports:
+        try:
+            s.sendto(b"\0" * 12, (ns(), port))
+        except OSError:
+            refused += 1
 
 def respond():
     while True:
@@ -237,8 +242,19 @@ def respond():
         print("hijacked a query", flush=True)
 
 threading.Thread(target=respond, daemon=True).start()
+spray(range(20053, 20053 + 128))  # the ports the DNS guard asks from
 print("answer", ask(name, "A"), flush=True)
-print(connect(target, 22))
+try:
+    print("ssh", connect(target, 22), flush=True)
+except OSError as exc:
+    print("ssh", repr(exc), flush=True)
+# Then the interceptor's lookups (ephemeral ports); it resolves the request's host
+# itself (the dialled address is ignored).
+spray(range(32768, 61000))
+curl = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10"]
+curl += ["--resolve", f"{web}:80:198.18.0.99", f"http://{web}/hijacked"]
+print("http", subprocess.run(curl, capture_output=True, text=True).stdout, flush=True)
+print(f"spray refused {refused}/28360", flush=True)
 """
 
 
@@ -284,16 +300,16 @@ def dockerish_dns(
     return proc
 
 
-def test_the_agent_cannot_take_the_dns_guards_upstream_flows(
-    net, world, module_topology, staged_source
-):
-    write_config(world["project"], config({"host": NAME, "ports": [22]}), state=str(world["state"]))
+def test_the_agent_cannot_take_proxy_users_dns_flows(net, world, module_topology, staged_source):
+    """The web name has no record: only a hijacked lookup gives it an address."""
+    rules = ({"host": NAME, "ports": [22]}, {"host": WEB})
+    write_config(world["project"], config(*rules), state=str(world["state"]))
     (world["project"] / "probe.py").write_text(PROBE)
     (world["project"] / "hijack.py").write_text(HIJACK)
     script = "\n".join(
         [
             "while [ ! -e /work/ready ]; do sleep 0.1; done",
-            step("hijack", f"python3 /work/hijack.py {NAME} {net.other4}"),
+            step("hijack", f"python3 /work/hijack.py {NAME} {WEB} {net.other4}"),
             "cat /tmp/hijack.out",
             "echo END",
         ]
@@ -328,11 +344,15 @@ def test_the_agent_cannot_take_the_dns_guards_upstream_flows(
     assert out.splitlines()[-1:] == ["END"], (out, err)
     time.sleep(0.5)
     arrived = net.arrivals()[before:]
-    # The agent's datagrams from the resolver's port are refused; the guard's queries
-    # reach the real resolver, whose answer (the name's own address) comes back.
-    assert "spray refused 128/128" in out and "hijacked" not in out, out
-    assert "ConnectionRefusedError" in line(out, "hijack"), out
-    assert arrived == [], arrived
+    # Nothing reached the agent's address: neither SSH (the port keeper opened only the
+    # real answer's address) nor the web request (the interceptor found no address).
+    web = [r for r in read_records(net.work / "web.jsonl") if r.get("local") == net.other4]
+    assert (arrived, web) == ([], []), (arrived, web, out)
+    # The agent's datagrams from the resolver's port are refused; proxy-user's queries
+    # reach the real resolver, whose answers come back.
+    assert line(out, "hijack") == "hijack ok", out
+    assert "spray refused 28360/28360" in out and "hijacked" not in out, out
+    assert "ssh ConnectionRefusedError" in out and "http 502" in out, out
     log = (world["logs"] / "traffic.jsonl").read_text().splitlines()
     opened = [r["opened"] for r in map(json.loads, log) if r.get("kind") == "dns"]
     assert opened == [[f"{net.ip4}:22"]], opened
