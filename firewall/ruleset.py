@@ -294,6 +294,24 @@ def _family_spec(
                 target_opts=_reject(port_unreach),
             )
         )
+        # A user's UDP *from* port 53. Where the resolver's address is local (Docker's
+        # 127.0.0.11, its port 53 DNATed to the real one, and any user may bind a port
+        # below 1024 there), the agent binds it and sends to each port the guard asks
+        # from: conntrack then takes the guard's queries for replies on the agent's
+        # flows, so they reach the agent (no DNAT), which answers them with the
+        # addresses it likes, and the port keeper opens a rule's ports to those. (TCP
+        # cannot be taken so: a SYN never joins a flow another socket started.)
+        filter_rules.append(
+            Rule(
+                "REJECT",
+                proto="udp",
+                matches=(
+                    Match("udp", (Opt("sport", str(DNS_PORT)),)),
+                    _owner(proxy_uid, negated=True),
+                ),
+                target_opts=_reject(port_unreach),
+            )
+        )
     filter_rules += [
         Rule("ACCEPT", out_iface="lo"),
         # Traffic REDIRECTed to the interceptor. The loopback rule does not catch it:

@@ -112,13 +112,36 @@ def answer_count(data: bytes) -> tuple[str, int]:
     return RCODE.get(record.header.rcode, str(record.header.rcode)), len(record.rr)
 
 
-def answer_addresses(data: bytes) -> tuple[list[str], int]:
-    """(the A and AAAA addresses of an answer, their smallest TTL)."""
+def _owner(label: Any) -> str:
+    return str(label).lower().rstrip(".")
+
+
+def answer_addresses(data: bytes, name: str) -> tuple[list[str], int]:
+    """(the A and AAAA addresses an answer gives `name`, the name asked, their smallest TTL).
+
+    Only the answer section's records of the name and of the names its CNAMEs lead to:
+    those are all a client takes from it. An upstream may add records for any other
+    name (or put them in the additional section), or answer another question (a TCP
+    answer's is not compared with the query's); opening a port to those would open it
+    to addresses the rule's name never resolved to."""
     try:
         record = DNSRecord.parse(data)
     except (DNSError, ValueError, IndexError, struct.error, UnicodeError):
         return [], 0
-    found = [rr for rr in record.rr if rr.rtype in (QTYPE.A, QTYPE.AAAA)]
+    chain = {_owner(name)}
+    cnames = [
+        (_owner(rr.rname), _owner(rr.rdata.label)) for rr in record.rr if rr.rtype == QTYPE.CNAME
+    ]
+    grew = True
+    while grew:  # the CNAMEs may come in any order
+        grew = False
+        for owner, target in cnames:
+            if owner in chain and target not in chain:
+                chain.add(target)
+                grew = True
+    found = [
+        rr for rr in record.rr if rr.rtype in (QTYPE.A, QTYPE.AAAA) and _owner(rr.rname) in chain
+    ]
     return [str(rr.rdata) for rr in found], min((rr.ttl for rr in found), default=0)
 
 
@@ -331,7 +354,7 @@ class Guard:
             if answer is None:
                 answer = servfail(query)
             elif policy.ports_for(decision.host):
-                opened = await self._open_ports(decision.host, answer)
+                opened = await self._open_ports(decision.host, query.name, answer)
         if not policy.log_to_file:
             return answer
         line = self._line(decision, query, tcp, started, answer, opened)
@@ -344,10 +367,10 @@ class Guard:
         self._owe(self._line(decision, query, tcp, started, answer, opened))
         return answer
 
-    async def _open_ports(self, host: str, answer: bytes) -> list[str] | None:
+    async def _open_ports(self, host: str, name: str, answer: bytes) -> list[str] | None:
         """Have the port keeper open the host's ports to the answer's addresses, and wait
         for it: the reply goes out after. None: nothing to open, or the keeper failed."""
-        addresses, ttl = answer_addresses(answer)
+        addresses, ttl = answer_addresses(answer, name)
         if not addresses:
             return None
         if self.opener is None:

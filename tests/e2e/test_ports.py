@@ -10,20 +10,23 @@ connection never left the box.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
 
 from runtime.trafficlog import schema_path
+from tests.harness import Topology
 from tests.harness.sandbox import Internet, Resolver, run_cli, sh, write_config
 
 pytestmark = pytest.mark.e2e
@@ -64,15 +67,26 @@ def _run(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True, timeout=30)
 
 
-@pytest.fixture(scope="module")
-def net(module_topology, staged_source) -> Iterator[Net]:
-    topo = module_topology
+#: The test resolver's records, from the four addresses sshd listens on
+#: (ip4, ip6, other4, other6).
+Records = Callable[[str, str, str, str], dict[str, Any]]
+
+
+def name_records(ip4: str, ip6: str, other4: str, other6: str) -> dict[str, Any]:
+    return {NAME: [ip4, ip6]}
+
+
+@contextlib.contextmanager
+def ports_net(topo: Topology, staged_source: str, records: Records = name_records):
+    """The test internet, a test resolver answering `records`, and sshd."""
     work = Path(tempfile.mkdtemp(prefix="sp-ports-", dir="/tmp"))
     os.chmod(work, 0o755)
-    internet = Internet.start(topo, work, staged_source)
-    resolver = Resolver.start(topo, {NAME: [topo.net_ip, topo.net_ip6]}, staged_source)
+    # Its record: every connection the web server took, on which address (other4 too).
+    internet = Internet.start(topo, work, staged_source, record=work / "web.jsonl")
     other4 = topo.add_address(f"{topo.v4_prefix}.77")
     other6 = topo.add_address(str(topo.v6_net[0x77]))
+    answers = records(topo.net_ip, topo.net_ip6, other4, other6)
+    resolver = Resolver.start(topo, answers, staged_source)
     # The repository sshd serves (root's: sshd logs in as root with the test's key).
     seed = work / "seed"
     seed.mkdir()
@@ -118,9 +132,17 @@ def net(module_topology, staged_source) -> Iterator[Net]:
         topo.wait_tcp(topo.net, address, 22, proc=sshd)
     net = Net(internet, resolver, work, repo, sshd_log, topo.net_ip, topo.net_ip6, other4, other6)
     net.arrivals()  # readable
-    yield net
-    topo.stop(sshd)
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        yield net
+    finally:
+        topo.stop(sshd)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def net(module_topology, staged_source) -> Iterator[Net]:
+    with ports_net(module_topology, staged_source) as n:
+        yield n
 
 
 @pytest.fixture

@@ -4,6 +4,11 @@ Server, e.g. on the net host:
     python -m tests.harness.dns serve --bind 198.18.5.1 --bind 2001:db8:5::1 \
         --records '{"example.com": ["198.18.5.1", "2001:db8:5::1"]}'
 It prints "READY" once every socket is bound, then one JSON line per query answered.
+A name may instead map to a crafted answer, sent whatever the query type (a hostile
+upstream): {"answer": [[name, type, value, ttl?], ...], "additional": [...],
+"question": another name?}, types
+A, AAAA and CNAME, e.g. {"x.test": {"answer": [["x.test", "A", "198.18.5.1"],
+["other.test", "A", "198.18.5.77"]]}}.
 
 Client, e.g. in the box as an unprivileged uid:
     python -m tests.harness.dns query --server 198.18.5.1 --name example.com [--tcp]
@@ -63,9 +68,42 @@ def _parse_question(msg: bytes) -> tuple[int, str, int, int]:
     return qid, ".".join(labels).lower(), qtype, off + 4
 
 
-def build_response(request: bytes, records: Mapping[str, Sequence[str]]) -> tuple[bytes, dict]:
+#: A crafted answer: {"answer": [[name, type, value, ttl?], ...], "additional": [...],
+#: "question": the name it claims to answer, if not the one asked}.
+Crafted = Mapping[str, Any]
+
+
+def _record(entry: Sequence[Any]) -> bytes:
+    """One resource record, its owner name written out (no compression)."""
+    rname, rtype, value, *rest = entry
+    ttl = int(rest[0]) if rest else 60
+    if rtype == "CNAME":
+        rdata, code = encode_name(str(value)), 5
+    else:
+        family = socket.AF_INET6 if rtype == "AAAA" else socket.AF_INET
+        rdata, code = socket.inet_pton(family, str(value)), QTYPES[rtype]
+    return encode_name(str(rname)) + struct.pack("!HHIH", code, 1, ttl, len(rdata)) + rdata
+
+
+def build_crafted(request: bytes, crafted: Crafted) -> tuple[bytes, dict]:
+    qid, name, qtype, qend = _parse_question(request)
+    answer = [_record(e) for e in crafted.get("answer", ())]
+    extra = [_record(e) for e in crafted.get("additional", ())]
+    question = request[12:qend]
+    if "question" in crafted:  # an answer to another question than the one asked
+        question = encode_name(str(crafted["question"])) + struct.pack("!HH", qtype, 1)
+    header = struct.pack("!HHHHHH", qid, 0x8180, 1, len(answer), 0, len(extra))
+    log = {"name": name, "qtype": qtype, "rcode": 0, "answers": len(answer)}
+    return header + question + b"".join(answer + extra), log
+
+
+def build_response(
+    request: bytes, records: Mapping[str, Sequence[str] | Crafted]
+) -> tuple[bytes, dict]:
     qid, name, qtype, qend = _parse_question(request)
     addrs = records.get(name)
+    if isinstance(addrs, Mapping):
+        return build_crafted(request, addrs)
     rcode = 0 if addrs is not None else RCODE_NXDOMAIN
     answers = []
     for addr in addrs or ():
@@ -123,11 +161,14 @@ class DnsServer:
     def __init__(
         self,
         binds: Sequence[str],
-        records: Mapping[str, Sequence[str]],
+        records: Mapping[str, Sequence[str] | Crafted],
         port: int = 53,
         log: Any = None,
     ) -> None:
-        self.records = {k.lower().rstrip("."): list(v) for k, v in records.items()}
+        self.records = {
+            k.lower().rstrip("."): v if isinstance(v, Mapping) else list(v)
+            for k, v in records.items()
+        }
         self.queries: list[dict] = []
         self._log = log
         self._lock = threading.Lock()

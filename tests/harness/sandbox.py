@@ -363,7 +363,7 @@ class Resolver:
         threading.Thread(target=pump, daemon=True).start()
 
     @classmethod
-    def start(cls, topo: Topology, records: Mapping[str, list[str]], source_path: str) -> Resolver:
+    def start(cls, topo: Topology, records: Mapping[str, Any], source_path: str) -> Resolver:
         addresses = sandbox_nameservers()
         if not addresses:
             raise RuntimeError(

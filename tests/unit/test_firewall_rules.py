@@ -271,6 +271,10 @@ def test_with_the_dns_guard_unredirected_user_dns_is_refused_before_any_accept()
         assert with_guard[0] == (
             f"-p udp -m udp --dport 53 -m owner ! --uid-owner 999 -j REJECT --reject-with {unreach}"
         )
+        # ... and a user's datagram from port 53 (it would take the guard's upstream flows).
+        assert with_guard[1] == (
+            f"-p udp -m udp --sport 53 -m owner ! --uid-owner 999 -j REJECT --reject-with {unreach}"
+        )
         without = rules(build_ruleset(999, 58080, ["198.18.0.1"]), fam, "filter")
         assert without[0] == "-o lo -j ACCEPT"
 

@@ -233,8 +233,28 @@ def test_answer_addresses_reads_a_and_aaaa_with_the_smallest_ttl() -> None:
     reply = DNSRecord.question("x.test").reply()
     reply.add_answer(RR("x.test", QTYPE.A, rdata=A("198.18.0.1"), ttl=300))
     reply.add_answer(RR("x.test", QTYPE.A, rdata=A("198.18.0.2"), ttl=20))
-    assert answer_addresses(reply.pack()) == (["198.18.0.1", "198.18.0.2"], 20)
-    assert answer_addresses(b"junk") == ([], 0)
+    assert answer_addresses(reply.pack(), "x.test") == (["198.18.0.1", "198.18.0.2"], 20)
+    assert answer_addresses(b"junk", "x.test") == ([], 0)
+
+
+def test_answer_addresses_are_only_the_question_names_and_its_cname_chains() -> None:
+    """A hostile upstream's records for other names, or in the additional section, open
+    nothing: a client takes only the name's chain from an answer."""
+    from dnslib import AAAA, CNAME, QTYPE, RR, A, DNSRecord
+
+    reply = DNSRecord.question("git.example.com").reply()
+    reply.add_answer(RR("elsewhere.test", QTYPE.A, rdata=A("198.18.0.66"), ttl=5))
+    reply.add_answer(RR("Edge.CDN.test", QTYPE.A, rdata=A("198.18.0.1"), ttl=300))
+    reply.add_answer(RR("cdn.test", QTYPE.CNAME, rdata=CNAME("edge.cdn.test"), ttl=300))
+    reply.add_answer(RR("GIT.example.com", QTYPE.CNAME, rdata=CNAME("cdn.test"), ttl=300))
+    reply.add_answer(RR("unrelated.test", QTYPE.CNAME, rdata=CNAME("other.test"), ttl=300))
+    reply.add_answer(RR("other.test", QTYPE.AAAA, rdata=AAAA("2001:db8::66"), ttl=5))
+    reply.add_ar(RR("git.example.com", QTYPE.A, rdata=A("198.18.0.67"), ttl=5))
+    assert answer_addresses(reply.pack(), "git.example.com.") == (["198.18.0.1"], 300)
+    # An answer to another question than the one asked (TCP answers are not compared).
+    assert answer_addresses(reply.pack(), "other.test") == (["2001:db8::66"], 5)
+    assert answer_addresses(reply.pack(), "elsewhere.test") == (["198.18.0.66"], 5)
+    assert answer_addresses(reply.pack(), "nothing.test") == ([], 0)
 
 
 def test_the_keeper_is_asked_through_its_socket_before_the_answer_goes_out(
