@@ -1,0 +1,271 @@
+"""Real work through the guard: `npm ci` and `pip install` from static registries over HTTPS
+in the test internet, each mode side by side with the same run's direct baseline.
+
+    /opt/sp-venv/bin/python bench/realwork_bench.py [--quick] [--rounds N] [--json out.json]
+
+Registries (tests/harness/registry.py, deterministic, no real names): an npm project
+of 200 packages (lockfileVersion 3, sha512 integrity, tarballs of 2 KB to ~1 MB, ~12 MB)
+on https://npm.registry.test, and 20 wheels with dependencies between them behind a
+PEP 503 index on https://py.registry.test. Both are static files of
+tests.harness.upstream (Python, one thread a connection, keep-alive) on the net host.
+
+Every run is one `copilot_here --engine sandbox` with the test internet:
+  direct   no config: inactive, network untouched, nothing logged (the baseline)
+  enforce  enforce, only the two registry hosts allowed, traffic log on
+  monitor  monitor, the same rules, traffic log on
+The modes are interleaved (the order rotates each round). Inside the sandbox the
+script times `npm ci` (fresh empty cache, no node_modules: every tarball is fetched)
+and `pip install --no-cache-dir` into a venv made before the clock starts; "total"
+is the CLI's wall time on the host (sandbox start-up, both commands, exit). Figures
+are medians over the rounds; ratios are against direct's median of the same run.
+The upstream records every connection and request, so the table also says how many
+TLS connections each client opened, and the traffic log is counted in the guarded
+modes (every fetch must be in it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.harness import Topology, cleanup_leftovers, stage_source  # noqa: E402
+from tests.harness.registry import build_npm, build_pypi, start_static_internet  # noqa: E402
+from tests.harness.sandbox import enforce, run_cli, sh, write_config  # noqa: E402
+from tests.harness.upstream import read_records  # noqa: E402
+
+NPM_HOST = "npm.registry.test"
+PY_HOST = "py.registry.test"
+MODES = ("direct", "enforce", "monitor")
+APP_UID = 1000  # the sandbox's appuser when the CLI runs as root
+
+SCRIPT = r"""
+cd /work
+CA=${{SSL_CERT_FILE:-/ca/upstream-ca.pem}}  # the guard's bundle, or the test CA when direct
+(
+  C=$(mktemp -d)
+  t0=$(date +%s%N)
+  npm ci --cafile "$CA" --cache "$C" --no-audit --no-fund --loglevel=warn >/tmp/npm.out 2>&1
+  rc=$?
+  t1=$(date +%s%N)
+  echo "NPM $rc $(( (t1 - t0) / 1000 )) $(ls node_modules 2>/dev/null | wc -l)"
+  [ "$rc" = 0 ] || sed 's/^/NPMERR /' /tmp/npm.out | tail -20
+)
+(
+  V=$(mktemp -d)/venv
+  /usr/bin/python3 -m venv "$V" || echo "PIPERR venv"
+  t0=$(date +%s%N)
+  "$V/bin/pip" install -q --no-cache-dir --disable-pip-version-check --cert "$CA" \
+    --index-url https://{py_host}/simple/ {requirements} >/tmp/pip.out 2>&1
+  rc=$?
+  t1=$(date +%s%N)
+  echo "PIP $rc $(( (t1 - t0) / 1000 )) $("$V/bin/pip" list 2>/dev/null | grep -c '^spw-')"
+  [ "$rc" = 0 ] || sed 's/^/PIPERR /' /tmp/pip.out | tail -20
+)
+echo END
+"""
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+
+    def version(argv: list[str]) -> str:
+        r = subprocess.run(argv, capture_output=True, text=True, check=False)
+        return (r.stdout or r.stderr).strip().splitlines()[0] if r.returncode == 0 else "?"
+
+    import mitmproxy.version
+
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "mitmproxy": mitmproxy.version.VERSION,
+        "node": version(["node", "--version"]),
+        "npm": version(["npm", "--version"]),
+        "pip": version(["/usr/bin/python3", "-m", "pip", "--version"]).split(" from ")[0],
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def config(mode: str) -> dict[str, Any] | None:
+    if mode == "direct":
+        return None
+    data = enforce(NPM_HOST, PY_HOST)
+    data["mode"] = mode
+    return data
+
+
+def chown_tree(path: Path) -> None:
+    for p in (path, *path.rglob("*")):
+        os.lchown(p, APP_UID, APP_UID)
+
+
+class Bench:
+    def __init__(self, work: Path, topo: Topology, packages: int, wheels: int) -> None:
+        self.work = work
+        self.topo = topo
+        self.source = stage_source(work / "src")
+        root = work / "www"
+        t = time.monotonic()
+        self.npm = build_npm(root, NPM_HOST, count=packages)
+        self.py = build_pypi(root, PY_HOST, count=wheels)
+        print(
+            f"registries: {packages} npm tarballs ({self.npm.total_bytes / 1e6:.1f} MB), "
+            f"{wheels} wheels ({self.py.total_bytes / 1e6:.2f} MB), "
+            f"built in {time.monotonic() - t:.1f} s",
+            flush=True,
+        )
+        self.record = work / "upstream.jsonl"
+        self.internet = start_static_internet(
+            topo, work, self.source, root, [NPM_HOST, PY_HOST], record=self.record
+        )
+        self.script = SCRIPT.format(py_host=PY_HOST, requirements=" ".join(self.py.requirements))
+        self.projects: dict[str, Path] = {}
+        for mode in MODES:
+            project = work / f"project-{mode}"
+            shutil.copytree(self.npm.project, project)
+            cfg = config(mode)
+            if cfg:
+                write_config(project, cfg, state=str(work / "state"))
+            chown_tree(project)
+            self.projects[mode] = project
+        self.home = work / "home"
+        self.home.mkdir(mode=0o777)
+
+    def run(self, mode: str) -> dict[str, Any]:
+        project = self.projects[mode]
+        shutil.rmtree(project / "node_modules", ignore_errors=True)
+        logs = self.work / f"logs-{mode}-{time.monotonic_ns()}"
+        before = len(read_records(self.record))
+        env = {"HOME": str(self.home), "XDG_STATE_HOME": str(self.work / "state")}
+        args = ["--logs-dir", str(logs), "--", *sh(self.script)]
+        t = time.monotonic()
+        r = run_cli(project, args, self.internet, timeout=900, env=env)
+        total = time.monotonic() - t
+        lines = r.stdout.splitlines()
+        if r.returncode != 0 or "END" not in lines:
+            raise RuntimeError(f"{mode}: exit {r.returncode}\n{r.stdout}\n{r.stderr}")
+        out: dict[str, Any] = {"mode": mode, "total_s": total}
+        for tool in ("NPM", "PIP"):
+            fields = next(x for x in lines if x.startswith(tool + " ")).split()
+            if fields[1] != "0":
+                errors = [x for x in lines if x.startswith(tool + "ERR")]
+                raise RuntimeError(f"{mode}: {tool.lower()} failed:\n" + "\n".join(errors))
+            out[tool.lower() + "_s"] = int(fields[2]) / 1e6
+            out[tool.lower() + "_installed"] = int(fields[3])
+        records = read_records(self.record)[before:]
+        for host in (NPM_HOST, PY_HOST):
+            reqs = [x for x in records if x.get("ev") == "request" and x.get("host") == host]
+            conns = [x for x in records if x.get("ev") == "data" and x.get("sni") == host]
+            key = "npm" if host == NPM_HOST else "pip"
+            out[key + "_requests"] = len(reqs)
+            out[key + "_connections"] = len(conns)
+        logged = list(logs.rglob("traffic.jsonl"))
+        if mode != "direct":
+            entries = [json.loads(x) for p in logged for x in p.read_text().splitlines() if x]
+            http = [e for e in entries if e.get("kind") == "http"]
+            out["logged_npm"] = sum(1 for e in http if e.get("host") == NPM_HOST)
+            out["logged_pip"] = sum(1 for e in http if e.get("host") == PY_HOST)
+        shutil.rmtree(logs, ignore_errors=True)
+        return out
+
+
+def summarize(runs: list[dict[str, Any]], modes: tuple[str, ...]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for key in ("npm_s", "pip_s", "total_s"):
+        base = statistics.median(r[key] for r in runs if r["mode"] == "direct")
+        row: dict[str, Any] = {}
+        for mode in modes:
+            values = [r[key] for r in runs if r["mode"] == mode]
+            med = statistics.median(values)
+            row[mode] = {"median": med, "min": min(values), "max": max(values), "ratio": med / base}
+        summary[key] = row
+    for key in ("npm_connections", "pip_connections", "npm_requests", "pip_requests"):
+        summary[key] = {
+            mode: statistics.median(r[key] for r in runs if r["mode"] == mode) for mode in modes
+        }
+    return summary
+
+
+def print_table(summary: dict[str, Any], modes: tuple[str, ...]) -> None:
+    head = "| command | " + " | ".join(f"{m} s (min-max)" for m in modes)
+    head += " | " + " | ".join(f"{m} vs direct" for m in modes if m != "direct") + " |"
+    print(head)
+    print("|---|" + "---:|" * (len(modes) * 2 - 1))
+    names = {"npm_s": "npm ci", "pip_s": "pip install", "total_s": "sandbox run (total)"}
+    for key, name in names.items():
+        row = summary[key]
+        cells = [f"{row[m]['median']:.2f} ({row[m]['min']:.2f}-{row[m]['max']:.2f})" for m in modes]
+        ratios = [f"x{row[m]['ratio']:.2f}" for m in modes if m != "direct"]
+        print(f"| {name} | " + " | ".join(cells + ratios) + " |")
+    for key in ("npm_connections", "pip_connections", "npm_requests", "pip_requests"):
+        vals = ", ".join(f"{m} {summary[key][m]:g}" for m in modes)
+        print(f"upstream {key.replace('_', ' ')} (median): {vals}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="60 packages, 10 wheels, 2 rounds")
+    ap.add_argument("--rounds", type=int, help="rounds of every mode (default 5, quick 2)")
+    ap.add_argument("--no-monitor", action="store_true", help="direct and enforce only")
+    ap.add_argument("--json", type=Path, help="write every run and the summary here")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("realwork_bench needs root (namespaces, the sandbox engine)", file=sys.stderr)
+        return 2
+    packages, wheels = (60, 10) if args.quick else (200, 20)
+    rounds = args.rounds or (2 if args.quick else 5)
+    modes = MODES[:2] if args.no_monitor else MODES
+    info = machine()
+    print(json.dumps(info), flush=True)
+    cleanup_leftovers()
+    work = Path(tempfile.mkdtemp(prefix="sp-realwork-", dir="/tmp"))
+    os.chmod(work, 0o755)
+    runs: list[dict[str, Any]] = []
+    try:
+        with Topology() as topo:
+            bench = Bench(work, topo, packages, wheels)
+            try:
+                bench.run("direct")  # warm-up (page cache, the venv's pip): not counted
+                for rnd in range(rounds):
+                    order = modes[rnd % len(modes) :] + modes[: rnd % len(modes)]
+                    for mode in order:
+                        load = os.getloadavg()[0]
+                        res = bench.run(mode)
+                        res["round"], res["load1"] = rnd, load
+                        runs.append(res)
+                        print(json.dumps(res), flush=True)
+            finally:
+                topo.stop(bench.internet.proc)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    summary = summarize(runs, modes)
+    print()
+    print(f"{packages} npm packages, {wheels} wheels, {rounds} rounds, medians")
+    print_table(summary, modes)
+    if args.json:
+        data = {"machine": info, "packages": packages, "wheels": wheels, "rounds": rounds}
+        data |= {"runs": runs, "summary": summary}
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
