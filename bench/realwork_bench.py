@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -51,27 +52,55 @@ PY_HOST = "py.registry.test"
 MODES = ("direct", "enforce", "monitor")
 APP_UID = 1000  # the sandbox's appuser when the CLI runs as root
 
+#: CPU seconds (user + system) used so far by the guard's processes (proxy-user's:
+#: the interceptor, the DNS guard); 0 when there is no such user (direct).
+GUARD_CPU = """
+import os, pwd
+try:
+    uid = pwd.getpwnam("proxy-user").pw_uid
+except KeyError:
+    uid = None
+ticks = 0
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        if uid is None or os.stat(f"/proc/{pid}").st_uid != uid:
+            continue
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    except OSError:
+        pass
+print(ticks / os.sysconf("SC_CLK_TCK"))
+"""
+
 SCRIPT = r"""
 cd /work
 CA=${{SSL_CERT_FILE:-/ca/upstream-ca.pem}}  # the guard's bundle, or the test CA when direct
 (
   C=$(mktemp -d)
+  g0=$(/usr/bin/python3 -c "$GUARD_CPU")
   t0=$(date +%s%N)
-  npm ci --cafile "$CA" --cache "$C" --no-audit --no-fund --loglevel=warn >/tmp/npm.out 2>&1
+  /usr/bin/time -f '%U %S' -o /tmp/npm.time \
+    npm ci --cafile "$CA" --cache "$C" --no-audit --no-fund --loglevel=warn >/tmp/npm.out 2>&1
   rc=$?
   t1=$(date +%s%N)
-  echo "NPM $rc $(( (t1 - t0) / 1000 )) $(ls node_modules 2>/dev/null | wc -l)"
+  g1=$(/usr/bin/python3 -c "$GUARD_CPU")
+  echo "NPM $rc $(( (t1 - t0) / 1000 )) $(ls node_modules 2>/dev/null | wc -l)" \
+    "$(tail -1 /tmp/npm.time) $g0 $g1"
   [ "$rc" = 0 ] || sed 's/^/NPMERR /' /tmp/npm.out | tail -20
 )
 (
   V=$(mktemp -d)/venv
   /usr/bin/python3 -m venv "$V" || echo "PIPERR venv"
+  g0=$(/usr/bin/python3 -c "$GUARD_CPU")
   t0=$(date +%s%N)
-  "$V/bin/pip" install -q --no-cache-dir --disable-pip-version-check --cert "$CA" \
+  /usr/bin/time -f '%U %S' -o /tmp/pip.time \
+    "$V/bin/pip" install -q --no-cache-dir --disable-pip-version-check --cert "$CA" \
     --index-url https://{py_host}/simple/ {requirements} >/tmp/pip.out 2>&1
   rc=$?
   t1=$(date +%s%N)
-  echo "PIP $rc $(( (t1 - t0) / 1000 )) $("$V/bin/pip" list 2>/dev/null | grep -c '^spw-')"
+  g1=$(/usr/bin/python3 -c "$GUARD_CPU")
+  echo "PIP $rc $(( (t1 - t0) / 1000 )) $("$V/bin/pip" list 2>/dev/null | grep -c '^spw-')" \
+    "$(tail -1 /tmp/pip.time) $g0 $g1"
   [ "$rc" = 0 ] || sed 's/^/PIPERR /' /tmp/pip.out | tail -20
 )
 echo END
@@ -136,7 +165,9 @@ class Bench:
         self.internet = start_static_internet(
             topo, work, self.source, root, [NPM_HOST, PY_HOST], record=self.record
         )
-        self.script = SCRIPT.format(py_host=PY_HOST, requirements=" ".join(self.py.requirements))
+        self.script = f"GUARD_CPU={shlex.quote(GUARD_CPU)}\n" + SCRIPT.format(
+            py_host=PY_HOST, requirements=" ".join(self.py.requirements)
+        )
         self.projects: dict[str, Path] = {}
         for mode in MODES:
             project = work / f"project-{mode}"
@@ -168,8 +199,11 @@ class Bench:
             if fields[1] != "0":
                 errors = [x for x in lines if x.startswith(tool + "ERR")]
                 raise RuntimeError(f"{mode}: {tool.lower()} failed:\n" + "\n".join(errors))
-            out[tool.lower() + "_s"] = int(fields[2]) / 1e6
-            out[tool.lower() + "_installed"] = int(fields[3])
+            key = tool.lower()
+            out[key + "_s"] = int(fields[2]) / 1e6
+            out[key + "_installed"] = int(fields[3])
+            out[key + "_client_cpu_s"] = float(fields[4]) + float(fields[5])
+            out[key + "_guard_cpu_s"] = float(fields[7]) - float(fields[6])
         records = read_records(self.record)[before:]
         for host in (NPM_HOST, PY_HOST):
             reqs = [x for x in records if x.get("ev") == "request" and x.get("host") == host]
@@ -187,6 +221,10 @@ class Bench:
         return out
 
 
+CPU_KEYS = ("npm_client_cpu_s", "npm_guard_cpu_s", "pip_client_cpu_s", "pip_guard_cpu_s")
+COUNT_KEYS = ("npm_connections", "pip_connections", "npm_requests", "pip_requests")
+
+
 def summarize(runs: list[dict[str, Any]], modes: tuple[str, ...]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for key in ("npm_s", "pip_s", "total_s"):
@@ -197,7 +235,7 @@ def summarize(runs: list[dict[str, Any]], modes: tuple[str, ...]) -> dict[str, A
             med = statistics.median(values)
             row[mode] = {"median": med, "min": min(values), "max": max(values), "ratio": med / base}
         summary[key] = row
-    for key in ("npm_connections", "pip_connections", "npm_requests", "pip_requests"):
+    for key in CPU_KEYS + COUNT_KEYS:
         summary[key] = {
             mode: statistics.median(r[key] for r in runs if r["mode"] == mode) for mode in modes
         }
@@ -215,7 +253,10 @@ def print_table(summary: dict[str, Any], modes: tuple[str, ...]) -> None:
         cells = [f"{row[m]['median']:.2f} ({row[m]['min']:.2f}-{row[m]['max']:.2f})" for m in modes]
         ratios = [f"x{row[m]['ratio']:.2f}" for m in modes if m != "direct"]
         print(f"| {name} | " + " | ".join(cells + ratios) + " |")
-    for key in ("npm_connections", "pip_connections", "npm_requests", "pip_requests"):
+    for key in CPU_KEYS:
+        vals = ", ".join(f"{m} {summary[key][m]:.2f}" for m in modes)
+        print(f"{key.replace('_', ' ')} (median): {vals}")
+    for key in COUNT_KEYS:
         vals = ", ".join(f"{m} {summary[key][m]:g}" for m in modes)
         print(f"upstream {key.replace('_', ' ')} (median): {vals}")
 
