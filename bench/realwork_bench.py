@@ -17,10 +17,14 @@ The modes are interleaved (the order rotates each round). Inside the sandbox the
 script times `npm ci` (fresh empty cache, no node_modules: every tarball is fetched)
 and `pip install --no-cache-dir` into a venv made before the clock starts; "total"
 is the CLI's wall time on the host (sandbox start-up, both commands, exit). Figures
-are medians over the rounds; ratios are against direct's median of the same run.
+are medians over the rounds; ratios are against direct's median of the same run, and
+"per round" is the median of each round's own ratio (load drifts between rounds).
 The upstream records every connection and request, so the table also says how many
 TLS connections each client opened, and the traffic log is counted in the guarded
-modes (every fetch must be in it).
+modes (every fetch must be in it). CPU seconds (user + system) per command: the
+client's (/usr/bin/time), the guard's (every process of proxy-user inside the
+sandbox: interceptor, DNS guard) and, per run, the upstream server's: on a machine
+whose cores are all busy, the wall-time overhead follows the guard's CPU.
 """
 
 from __future__ import annotations
@@ -180,6 +184,12 @@ class Bench:
         self.home = work / "home"
         self.home.mkdir(mode=0o777)
 
+    def upstream_cpu(self) -> float:
+        """CPU seconds the test internet's server has used (all its threads)."""
+        fields = Path(f"/proc/{self.internet.proc.pid}/stat").read_text().rsplit(")", 1)[1]
+        utime, stime = fields.split()[11:13]
+        return (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
+
     def run(self, mode: str) -> dict[str, Any]:
         project = self.projects[mode]
         shutil.rmtree(project / "node_modules", ignore_errors=True)
@@ -187,13 +197,15 @@ class Bench:
         before = len(read_records(self.record))
         env = {"HOME": str(self.home), "XDG_STATE_HOME": str(self.work / "state")}
         args = ["--logs-dir", str(logs), "--", *sh(self.script)]
+        up0 = self.upstream_cpu()
         t = time.monotonic()
         r = run_cli(project, args, self.internet, timeout=900, env=env)
         total = time.monotonic() - t
+        upstream = self.upstream_cpu() - up0
         lines = r.stdout.splitlines()
         if r.returncode != 0 or "END" not in lines:
             raise RuntimeError(f"{mode}: exit {r.returncode}\n{r.stdout}\n{r.stderr}")
-        out: dict[str, Any] = {"mode": mode, "total_s": total}
+        out: dict[str, Any] = {"mode": mode, "total_s": total, "upstream_cpu_s": upstream}
         for tool in ("NPM", "PIP"):
             fields = next(x for x in lines if x.startswith(tool + " ")).split()
             if fields[1] != "0":
@@ -221,7 +233,13 @@ class Bench:
         return out
 
 
-CPU_KEYS = ("npm_client_cpu_s", "npm_guard_cpu_s", "pip_client_cpu_s", "pip_guard_cpu_s")
+CPU_KEYS = (
+    "npm_client_cpu_s",
+    "npm_guard_cpu_s",
+    "pip_client_cpu_s",
+    "pip_guard_cpu_s",
+    "upstream_cpu_s",
+)
 COUNT_KEYS = ("npm_connections", "pip_connections", "npm_requests", "pip_requests")
 
 
@@ -234,6 +252,10 @@ def summarize(runs: list[dict[str, Any]], modes: tuple[str, ...]) -> dict[str, A
             values = [r[key] for r in runs if r["mode"] == mode]
             med = statistics.median(values)
             row[mode] = {"median": med, "min": min(values), "max": max(values), "ratio": med / base}
+            # The same ratio taken within each round (the load drifts between rounds).
+            by_round = {r["round"]: r[key] for r in runs if r["mode"] == mode}
+            direct = {r["round"]: r[key] for r in runs if r["mode"] == "direct"}
+            row[mode]["paired"] = statistics.median(v / direct[k] for k, v in by_round.items())
         summary[key] = row
     for key in CPU_KEYS + COUNT_KEYS:
         summary[key] = {
@@ -244,14 +266,16 @@ def summarize(runs: list[dict[str, Any]], modes: tuple[str, ...]) -> dict[str, A
 
 def print_table(summary: dict[str, Any], modes: tuple[str, ...]) -> None:
     head = "| command | " + " | ".join(f"{m} s (min-max)" for m in modes)
-    head += " | " + " | ".join(f"{m} vs direct" for m in modes if m != "direct") + " |"
-    print(head)
-    print("|---|" + "---:|" * (len(modes) * 2 - 1))
+    head += " | " + " | ".join(f"{m} vs direct" for m in modes if m != "direct")
+    head += " | " + " | ".join(f"{m} vs direct, per round" for m in modes if m != "direct")
+    print(head + " |")
+    print("|---|" + "---:|" * (len(modes) * 3 - 2))
     names = {"npm_s": "npm ci", "pip_s": "pip install", "total_s": "sandbox run (total)"}
     for key, name in names.items():
         row = summary[key]
         cells = [f"{row[m]['median']:.2f} ({row[m]['min']:.2f}-{row[m]['max']:.2f})" for m in modes]
         ratios = [f"x{row[m]['ratio']:.2f}" for m in modes if m != "direct"]
+        ratios += [f"x{row[m]['paired']:.2f}" for m in modes if m != "direct"]
         print(f"| {name} | " + " | ".join(cells + ratios) + " |")
     for key in CPU_KEYS:
         vals = ", ".join(f"{m} {summary[key][m]:.2f}" for m in modes)
