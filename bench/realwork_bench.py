@@ -78,7 +78,12 @@ print(ticks / os.sysconf("SC_CLK_TCK"))
 
 SCRIPT = r"""
 cd /work
-CA=${{SSL_CERT_FILE:-/ca/upstream-ca.pem}}  # the guard's bundle, or the test CA when direct
+# The guard's bundle (the system roots plus its CA); direct, the system roots plus the
+# test CA: a trust store of the same size, which the client parses per connection.
+CA=${{SSL_CERT_FILE:-}}
+if [ -z "$CA" ]; then
+  CA=$(mktemp); cat /etc/ssl/certs/ca-certificates.crt /ca/upstream-ca.pem >"$CA"
+fi
 (
   C=$(mktemp -d)
   g0=$(/usr/bin/python3 -c "$GUARD_CPU")
