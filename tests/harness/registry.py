@@ -123,9 +123,11 @@ def build_npm(
     seed: int = 1,
     foreign: dict[str, str] | None = None,
     project_name: str = "spk-app",
+    prefix: str = "npm",
 ) -> NpmRegistry:
-    """`count` packages under root/npm/<name>/-/<name>-1.0.<i>.tgz on https://host, and a
-    project at root/project-<project_name> depending on the first `direct` of them.
+    """`count` packages under root/<prefix>/<name>/-/<name>-1.0.<i>.tgz on https://host,
+    and a project at root/project-<project_name> depending on the first `direct` of them.
+    Another `prefix` gives the same packages at URLs of their own.
 
     `foreign`: package name -> another host whose URL its lockfile entry resolves to
     (the tarball is still written under root, so only the host differs): one more
@@ -167,7 +169,7 @@ def build_npm(
         if approx < target:  # an incompressible asset for the rest (fonts, wasm, images)
             files["package/assets/data.bin"] = rng.randbytes(target - approx)
         data = _tgz(files)
-        rel = f"npm/{name}/-/{name}-{version}.tgz"
+        rel = f"{prefix}/{name}/-/{name}-{version}.tgz"
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
         reg.total_bytes += len(data)
@@ -206,7 +208,7 @@ def build_npm(
     # No cafile: it would replace Node's CA list, and the guard's CA is added by
     # NODE_EXTRA_CA_CERTS (the run sets it to the upstream CA when nothing else does).
     (reg.project / ".npmrc").write_text(
-        f"registry=https://{host}/npm/\naudit=false\nfund=false\nupdate-notifier=false\n"
+        f"registry=https://{host}/{prefix}/\naudit=false\nfund=false\nupdate-notifier=false\n"
     )
     return reg
 
