@@ -14,8 +14,13 @@ the intent (absent chains included).
 from __future__ import annotations
 
 import contextlib
+import ctypes.util
+import functools
 import ipaddress
 import multiprocessing
+import os
+import sys
+import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +85,27 @@ def ipv6_available() -> bool:
 
 
 def _iptc() -> Any:
+    """python-iptables, imported once per process (in_child imports it before forking,
+    so the helpers inherit it instead of paying the import each).
+
+    Its import looks up libc, libip4tc, libip6tc, libxtables and its own libxtwrapper
+    with ctypes.util.find_library, which runs `ldconfig -p` for every lookup and gcc
+    and ld for a miss (libxtwrapper is a miss: it lives in site-packages): ~25
+    processes, 0.2-0.8 s. Here each name is looked up once, and IPTABLES_LIBDIR (its
+    own setting for where libraries are) names site-packages, so libxtwrapper is
+    opened by path. It also tries distutils (deprecated; in a venv with setuptools,
+    its shim imports pkg_resources: ~0.1 s) for site-packages' path before falling
+    back to sysconfig: it gets the fallback at once."""
+    if "iptc" in sys.modules:
+        return sys.modules["iptc"]
+    original = ctypes.util.find_library
+    saved_libdir = os.environ.get("IPTABLES_LIBDIR")
+    ctypes.util.find_library = functools.cache(original)
+    if saved_libdir is None:
+        os.environ["IPTABLES_LIBDIR"] = sysconfig.get_path("platlib")
+    blocked = [name for name in ("distutils", "distutils.sysconfig") if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]  # import raises ModuleNotFoundError
     try:
         import iptc
     except Exception as exc:  # ImportError, XTablesError when libxtables is missing
@@ -87,6 +113,12 @@ def _iptc() -> Any:
             f"python-iptables cannot load ({exc}): install the iptables package "
             "(libxtables, libip4tc, libip6tc) in the image"
         ) from exc
+    finally:
+        for name in blocked:
+            del sys.modules[name]
+        ctypes.util.find_library = original
+        if saved_libdir is None:
+            os.environ.pop("IPTABLES_LIBDIR", None)
     return iptc
 
 
@@ -408,6 +440,7 @@ def in_child(fn: Callable[..., T], *args: Any) -> T:
     target REDIRECT", "Extension owner revision 0 not supported"), and the other way
     round. So every family is handled in a process of its own.
     """
+    _iptc()  # here, not in each child: importing it leaves no extension loaded
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
 
