@@ -146,8 +146,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     ruleset = build_from_args(args)
     iptables.check_capabilities()
     remove_marker()
-    iptables.apply(ruleset, hook_policies(ruleset))
-    problems = iptables.verify(ruleset)
+    problems = iptables.apply(ruleset, hook_policies(ruleset))
     if problems:
         raise FirewallError(
             f"rules read back differ from the intended set ({problems[0]}; "

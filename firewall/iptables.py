@@ -483,16 +483,29 @@ def _open_all(spec: FamilySpec) -> None:
         _table(spec.family, table)
 
 
-def apply(ruleset: Ruleset, policies: HookPolicies | None = None) -> None:
-    """Make the kernel match the rule set; `policies` are what removed chains' hooks
-    get back (what read_policies recorded before the first apply)."""
+def _apply_and_read_back(spec: FamilySpec, policies: HookPolicies) -> list[str]:
+    """One family's apply, then what the kernel holds compared with the intent (read
+    afresh: read_table refreshes the table from the kernel)."""
+    apply_family(spec, policies)
+    problems = [p for t in spec.tables for p in diff_table(t, read_table(spec.family, t))]
+    return problems + _absent_problems(spec)
+
+
+def apply(ruleset: Ruleset, policies: HookPolicies | None = None) -> list[str]:
+    """Make the kernel match the rule set and read it back: the differences (none when
+    the rules in the kernel are exactly the intended ones, as verify() says).
+    `policies` are what removed chains' hooks get back (what read_policies recorded
+    before the first apply). One helper process per family opens, another applies and
+    reads back (a fork each: ~20-50 ms on a busy machine)."""
     check_capabilities()
     fams = families_to_lock(ruleset)
     # Open every table before changing any: a missing ip6tables fails before v4 moves.
     for fam in fams:
         in_child(_open_all, fam)
+    problems: list[str] = []
     for fam in fams:
-        in_child(apply_family, fam, policies or {})
+        problems += in_child(_apply_and_read_back, fam, policies or {})
+    return problems
 
 
 def read_policies(ruleset: Ruleset) -> HookPolicies | None:
