@@ -50,7 +50,11 @@ WARM_MODULES = (
     "runtime.trafficlog",
     "runtime.fsutil",
     "iptc",
+    "publicsuffixlist",  # the config's wildcard check, imported on first use
+    "hashlib",
+    "certifi",
     "watchdog.observers",
+    "watchdog.events",
     "watchdog.observers.inotify",
     "mitmproxy.net.encoding",
     "xmlrpc.client",
