@@ -36,7 +36,7 @@ assert not loaded, loaded
 for name in ("onboarding", "proxyauth", "flow_detail", "block_global", "scripts"):
     assert name not in options, name
 assert chain[:7] == ["TermLog", "Core", "DisableH2C", "Proxyserver", "NextLayer",
-                     "TlsConfig", "ErrorCheck"], chain
+                     "TlsConfigCALoadedOnce", "ErrorCheck"], chain
 assert chain[7:] == ["PolicyStore", "BlockSink", "HttpOnly", "UpgradeGuard", "PolicyGate",
                      "CredentialGuard", "UpstreamPinning", "TrafficLogger", "Readiness"], chain
 print("END")
@@ -80,5 +80,36 @@ def test_the_interceptor_imports_only_what_transparent_mode_runs() -> None:
 
 def test_mitmproxys_default_addons_still_load_beside_it() -> None:
     r = run(DUMP)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "END"
+
+
+CA_ONCE = """
+import asyncio, tempfile
+import runtime.container.interceptor.main as main
+from mitmproxy import certs, hooks
+
+loads = []
+real = certs.CertStore.from_store.__func__
+certs.CertStore.from_store = classmethod(lambda cls, *a, **k: loads.append(a) or real(cls, *a, **k))
+
+async def scenario():
+    master = main.make_master()
+    tls = master.addons.get("tlsconfig")
+    with tempfile.TemporaryDirectory() as d:
+        master.options.update(confdir=d)
+        assert len(loads) == 1, loads
+        master.addons.invoke_addon_sync(tls, hooks.RunningHook())
+        assert len(loads) == 1, "the CA was loaded again at running"
+        master.options.update(confdir=d + "/other")  # a real change still reloads
+        assert len(loads) == 2, loads
+
+asyncio.run(scenario())
+print("END")
+"""
+
+
+def test_the_ca_is_loaded_once_at_start() -> None:
+    r = run(CA_ONCE)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "END"

@@ -217,6 +217,22 @@ MITMPROXY_ADDONS: tuple[tuple[str, str], ...] = (
 )
 
 
+def _ca_loaded_once(tls_config: type) -> type:
+    """mitmproxy's TlsConfig, but `running` does not load the CA again when the options
+    already did (mitmproxy reloads it there as a workaround for its console; loading
+    checks the RSA key: ~50-150 ms of start-up on this hardware). A later change of
+    confdir or certs still reloads it (configure)."""
+
+    class TlsConfigCALoadedOnce(tls_config):  # type: ignore[misc,valid-type]
+        name = "tlsconfig"  # the addon's name, as mitmproxy's own
+
+        def running(self) -> None:
+            if getattr(self, "certstore", None) is None:
+                super().running()
+
+    return TlsConfigCALoadedOnce
+
+
 def make_master() -> Master:
     """mitmproxy's master with MITMPROXY_ADDONS (termlog first), then ours: every option
     is declared once this returns. Needs a running event loop."""
@@ -226,8 +242,9 @@ def make_master() -> Master:
     from mitmproxy.options import Options
 
     master = Master(Options(), with_termlog=True)
-    for module, cls in MITMPROXY_ADDONS:
-        master.addons.add(getattr(importlib.import_module(f"mitmproxy.addons.{module}"), cls)())
+    for module, name in MITMPROXY_ADDONS:
+        cls = getattr(importlib.import_module(f"mitmproxy.addons.{module}"), name)
+        master.addons.add((_ca_loaded_once(cls) if name == "TlsConfig" else cls)())
     master.addons.add(*make_addons())
     return master
 
