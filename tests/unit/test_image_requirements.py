@@ -56,4 +56,7 @@ def test_pins_are_the_versions_the_tests_run() -> None:
         for name, version in pinned().items()
         if metadata.version(name) != version
     }
-    assert not differ, f"image pins vs this venv: {differ}"
+    assert not differ, (
+        f"image/runtime-requirements.txt vs this venv: {differ}: scripts/bootstrap installs "
+        "with the pins as constraints; update the pins (and rebuild the image) or the venv"
+    )
