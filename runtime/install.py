@@ -236,7 +236,7 @@ def install(
     for name in SHARE_FILES:
         shutil.copyfile(share_file(source, name), prefix / name)
         os.chmod(prefix / name, 0o644)
-    hosts = registries.record(prefix)
+    hosts = registries.record(prefix, sorted(wheels.glob("pip-*.whl")) if wheels else ())
     os.chmod(prefix / registries.REGISTRIES_FILE, 0o644)
 
     if reuse_venv and not skip_venv:

@@ -570,6 +570,10 @@ def test_the_venv_holds_the_pinned_closure_and_nothing_left_out(image: str) -> N
     assert not top & {"flask", "tornado", "urwid", "ldap3", "passlib"}, top
     dpkg = podman_run(image, ["dpkg-query", "-W", "-f", "${Status}", "python3-venv"])
     assert "install ok installed" not in dpkg.stdout, dpkg.stdout
+    # pip's default hosts still recorded for the default rules (read from the builder's
+    # pip wheel now that python3-venv's is gone).
+    recorded = podman_run(image, ["cat", "/opt/secure-proxy/registries.json"])
+    assert json.loads(recorded.stdout)["pypi"], recorded.stdout
 
 
 def test_size_the_runtime_adds(image: str, base_image: str) -> None:
