@@ -29,30 +29,34 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv /build/venv
 
-# Dependency layer: from pyproject.toml alone, so editing the source reuses it.
+# Dependency layer: from image/runtime-requirements.txt alone (pinned, installed
+# without their declared dependencies: mitmproxy's console, web UI, onboarding app and
+# proxy authentication stacks stay out), so editing the source reuses it.
 # pip_ca (optional secret): a CA bundle for pip behind an intercepting proxy.
 WORKDIR /src
-COPY pyproject.toml image/requirements.py ./
+COPY image/runtime-requirements.txt image/slim.py ./
 RUN --mount=type=secret,id=pip_ca \
     --mount=type=cache,target=/root/.cache/pip,sharing=locked \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
  && /build/venv/bin/pip install -q --upgrade pip setuptools wheel \
- && python3 requirements.py pyproject.toml > /build/requirements.txt \
- && /build/venv/bin/pip wheel --use-pep517 --wheel-dir /wheels \
-      -r /build/requirements.txt "setuptools>=68" wheel
+ && /build/venv/bin/pip wheel --use-pep517 --no-deps --wheel-dir /wheels \
+      -r runtime-requirements.txt "setuptools>=68" wheel pip
 
 # The runtime venv with every dependency, at its final path (same base, so the same
 # /usr/bin/python3): the final stage copies it, then the installer adds our code.
 # Debug symbols go (zstandard, brotli and cryptography ship ~30 MB of them); pip
-# and setuptools go (nothing installs into this venv at run time).
+# and setuptools go (nothing installs into this venv at run time); so do the parts
+# transparent mode never runs and all bytecode (slim.py trim; the final stage writes
+# the bytecode of what the runtime imports).
 RUN python3 -m venv /opt/secure-proxy/venv \
- && /opt/secure-proxy/venv/bin/pip install -q --no-cache-dir --no-index --find-links /wheels \
-      -r /build/requirements.txt \
+ && /opt/secure-proxy/venv/bin/pip install -q --no-cache-dir --no-compile --no-deps --no-index \
+      --find-links /wheels -r runtime-requirements.txt \
  && /opt/secure-proxy/venv/bin/python -m pip uninstall -y -q pip setuptools \
+ && python3 slim.py trim /opt/secure-proxy/venv \
  && find /opt/secure-proxy/venv -type f -name '*.so*' -exec strip --strip-unneeded {} +
 
 # Our own wheel (pure Python), built offline from the wheels above.
-COPY README.md ./
+COPY pyproject.toml README.md ./
 COPY runtime ./runtime
 COPY firewall ./firewall
 COPY config ./config
@@ -70,9 +74,16 @@ ARG COPILOT_PACKAGE=@github/copilot
 # ARG, not ENV: the user's shell in the container must not inherit it.
 ARG DEBIAN_FRONTEND=noninteractive
 
-# Run-time packages only: no compiler, no apt lists.
-RUN apt-get update \
- && apt-get install -y --no-install-recommends iptables ipset python3 python3-venv ca-certificates \
+# Run-time packages only: no compiler, no apt lists, no python3-venv (the venv comes
+# ready from the builder; pip runs from its wheel at build time only). When this layer
+# brings Python, it leaves out the standard library's bytecode (~12 MB, compiled by
+# the package scripts): the installer below writes it for what the runtime imports.
+RUN had_python=$(command -v python3 || true) \
+ && apt-get update \
+ && apt-get install -y --no-install-recommends iptables ipset python3 ca-certificates \
+ && if [ -z "$had_python" ]; then \
+      find /usr/lib/python3* -depth -name __pycache__ -type d -exec rm -rf {} +; \
+    fi \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log
 
@@ -97,18 +108,20 @@ COPY --from=builder /opt/secure-proxy/venv /opt/secure-proxy/venv
 # change rerun the installer below (else a stale runtime would be reused).
 COPY --from=builder /build/inputs.sha256 /opt/secure-proxy/build-inputs.sha256
 
-# The one installer (runtime/install.py), the same the sandbox engine uses: venv
-# (`python3 -m venv` over the copied one, pip offline from the builder's wheels: only
-# our distribution is new by now), config, supervisor files, proxy-user. Source and
-# wheels are bind-mounted from the builder, so neither lands in a layer. pip and
-# setuptools (re-added by `python3 -m venv`) leave again in the same layer.
+# The one installer (runtime/install.py), the same the sandbox engine uses: our
+# distribution into the copied venv (offline, without dependencies: they are all
+# there, and mitmproxy's left-out ones must stay out; pip runs from the builder's pip
+# wheel, so the venv gets no pip), config, supervisor files, proxy-user; then the
+# bytecode of what the runtime imports (slim.py warm: proxy-user cannot write it at
+# run time). Source and wheels are bind-mounted from the builder, so neither lands in
+# a layer.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     --mount=type=bind,from=builder,source=/src,target=/src \
     cd /src \
  && PYTHONDONTWRITEBYTECODE=1 python3 -m runtime.install --root / --source /src --wheels /wheels \
- && /opt/secure-proxy/venv/bin/python -m pip uninstall -y -q pip setuptools \
- && rm -rf /root/.cache /tmp/* \
- && /opt/secure-proxy/venv/bin/python -c "import runtime.container.init, firewall.cli, mitmproxy, iptc"
+      --no-deps \
+ && cd / && /opt/secure-proxy/venv/bin/python -I /src/slim.py warm \
+ && rm -rf /root/.cache /tmp/*
 
 WORKDIR /work
 # Healthy when no firewall of ours sends traffic anywhere (inactive: nothing to

@@ -169,10 +169,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
     ruleset = build_from_args(args)
     iptables.check_capabilities()
     remove_marker()
-    iptables.apply(ruleset, hook_policies(ruleset))
+    problems = iptables.apply(ruleset, hook_policies(ruleset))
     if ruleset.level is LockLevel.FULL and args.policy is not None:
         open_literal_ports(Path(args.policy))
-    problems = iptables.verify(ruleset)
     if problems:
         raise FirewallError(
             f"rules read back differ from the intended set ({problems[0]}; "

@@ -183,13 +183,31 @@ def install_venv_reusing(root: Path, source: Path, reuse: Path) -> Path:
     return venv
 
 
-def install_venv_pip(root: Path, source: Path, wheels: Path | None) -> Path:
-    """The image build: a real venv, our distribution and its dependencies from pip."""
+def pip_command(venv: Path, wheels: Path | None) -> list[str]:
+    """The venv's own pip, or else pip run from its wheel in the wheel directory (the
+    image: the venv copied from the builder has no pip, and gets none)."""
+    own = venv / "bin" / "pip"
+    if own.exists():
+        return [str(own)]
+    found = sorted(wheels.glob("pip-*.whl")) if wheels else []
+    if not found:
+        raise InstallError(f"no pip in {venv}/bin and no pip-*.whl in {wheels or '--wheels'}")
+    return [str(venv / "bin" / "python"), f"{found[-1]}/pip"]
+
+
+def install_venv_pip(root: Path, source: Path, wheels: Path | None, no_deps: bool = False) -> Path:
+    """The image build: a real venv, our distribution (and its dependencies unless
+    `no_deps`: the image's builder installed them from image/runtime-requirements.txt)
+    from pip. A venv already there is used as it is."""
     if root != Path("/"):
         raise InstallError("a pip-built venv has absolute paths: install it with --root /")
     venv = paths.venv_dir()
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    argv = [str(venv / "bin" / "pip"), "install", "--no-cache-dir"]
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # No bytecode here: image/slim.py warm writes it for what the runtime imports.
+    argv = [*pip_command(venv, wheels), "install", "--no-cache-dir", "--no-compile"]
+    if no_deps:
+        argv.append("--no-deps")
     target = str(source)
     if wheels:
         argv += ["--no-index", "--find-links", str(wheels)]
@@ -209,6 +227,7 @@ def install(
     reuse_venv: Path | None = None,
     wheels: Path | None = None,
     skip_venv: bool = False,
+    no_deps: bool = False,
 ) -> dict[str, object]:
     started = time.monotonic()
     root = root.resolve()
@@ -217,13 +236,13 @@ def install(
     for name in SHARE_FILES:
         shutil.copyfile(share_file(source, name), prefix / name)
         os.chmod(prefix / name, 0o644)
-    hosts = registries.record(prefix)
+    hosts = registries.record(prefix, sorted(wheels.glob("pip-*.whl")) if wheels else ())
     os.chmod(prefix / registries.REGISTRIES_FILE, 0o644)
 
     if reuse_venv and not skip_venv:
         install_venv_reusing(root, source, reuse_venv)
     elif not skip_venv:
-        install_venv_pip(root, source, wheels)
+        install_venv_pip(root, source, wheels, no_deps)
 
     sup = _under(root, paths.supervisor_dir())
     (sup / "conf.d").mkdir(parents=True, exist_ok=True)
@@ -274,9 +293,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     venv.add_argument("--wheels", type=Path, help="pip install offline from this wheel dir")
     venv.add_argument("--skip-venv", action="store_true", help="venv already in place")
+    ap.add_argument(
+        "--no-deps",
+        action="store_true",
+        help="pip: our distribution only, its dependencies are in the venv already",
+    )
     args = ap.parse_args(argv)
     try:
-        manifest = install(args.root, args.source, args.reuse_venv, args.wheels, args.skip_venv)
+        manifest = install(
+            args.root, args.source, args.reuse_venv, args.wheels, args.skip_venv, args.no_deps
+        )
     except (InstallError, subprocess.CalledProcessError, OSError) as exc:
         print(f"secure-proxy-install: {exc}", file=sys.stderr)
         return 1

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -62,21 +63,24 @@ _READ_PYPI = (
 )
 
 
-def _pip_default_hosts() -> list[str]:
-    """pip's default index and file hosts, from an importable pip or pip's wheel."""
+def _pip_default_hosts(pip_wheels: Sequence[Path] = ()) -> list[str]:
+    """pip's default index and file hosts, from an importable pip or pip's wheel (the
+    system's, else one of `pip_wheels`: the image has no python3-venv, whose
+    python3-pip-whl used to bring one, but the builder's wheel directory has pip's)."""
     wheels = [w for pattern in PIP_WHEEL_GLOBS for w in sorted(glob.glob(pattern))]
+    wheels = wheels or [str(w) for w in sorted(pip_wheels)]
     return _stdout([sys.executable, "-c", _READ_PYPI, *wheels[-1:]]).split()
 
 
-def pypi_hosts() -> list[str]:
+def pypi_hosts(pip_wheels: Sequence[Path] = ()) -> list[str]:
     urls = os.environ.get("PIP_INDEX_URL", "").split()
     if urls:
         return [h for h in (_host(u) for u in urls) if h]
-    return _pip_default_hosts()
+    return _pip_default_hosts(pip_wheels)
 
 
-def detect() -> dict[str, list[str]]:
-    return {"npm": npm_hosts(), "pypi": pypi_hosts()}
+def detect(pip_wheels: Sequence[Path] = ()) -> dict[str, list[str]]:
+    return {"npm": npm_hosts(), "pypi": pypi_hosts(pip_wheels)}
 
 
 def registry_hosts(share: Path) -> dict[str, list[str]] | None:
@@ -96,8 +100,8 @@ def registry_hosts(share: Path) -> dict[str, list[str]] | None:
     }
 
 
-def record(share: Path) -> dict[str, list[str]]:
+def record(share: Path, pip_wheels: Sequence[Path] = ()) -> dict[str, list[str]]:
     """The installer's call: ask the tools, write registries.json."""
-    hosts = detect()
+    hosts = detect(pip_wheels)
     (share / REGISTRIES_FILE).write_text(json.dumps(hosts, indent=2) + "\n")
     return hosts

@@ -182,6 +182,10 @@ class Component:
         )
 
 
+#: How often wait_ready asks supervisord for the programs' states (failure detection).
+STATE_POLL = 0.25
+
+
 def wait_ready(
     components: Sequence[Component],
     pause: Callable[[float], None],
@@ -194,6 +198,7 @@ def wait_ready(
     """
     start_time = time.monotonic()
     pending = list(components)
+    next_look = 0.0
     while pending:
         if sup is not None and sup.poll() is not None:
             raise SetupFailed(
@@ -202,9 +207,16 @@ def wait_ready(
                 + "\n".join(tail(paths.component_log("supervisord-stdout")))
             )
         elapsed = time.monotonic() - start_time
+        # Markers at every poll (a stat), supervisord's states less often: each look is
+        # an XML-RPC round trip, CPU on both sides while the services start beside it.
+        look = elapsed >= next_look
+        if look:
+            next_look = elapsed + STATE_POLL
         for component in list(pending):
             if component.marker.exists():
                 pending.remove(component)
+                continue
+            if not look:
                 continue
             why = component.failure(process_info(component.name))
             if why and component.marker.exists():  # it finished between the two looks

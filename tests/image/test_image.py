@@ -19,6 +19,7 @@ import pytest
 from runtime import paths
 from runtime.host.hostlogs import default_logs_dir
 from tests.harness import Topology, python_bin
+from tests.harness.imagereqs import canonical, left_out, pinned
 from tests.harness.upstream import UpstreamCA, wait_ready
 
 pytestmark = pytest.mark.timeout(600)
@@ -516,6 +517,63 @@ def test_image_has_what_runs_and_nothing_for_building(image: str) -> None:
         "OK network.schema.json",
         "OK imports",
     } <= set(lines)
+
+
+# Runs in the image: the venv's distributions, and the interceptor's master built.
+DISTRIBUTIONS = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from importlib import metadata
+    dists = {d.metadata["Name"]: d.version for d in metadata.distributions()}
+    import runtime.container.interceptor.main as main
+    async def build():
+        return [type(a).__name__ for a in main.make_master().addons.chain]
+    chain = asyncio.run(build())
+    print("RESULT", json.dumps({"dists": dists, "chain": chain, "modules": sorted(sys.modules)}))
+    """
+)
+
+
+def podman_run(image: str, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            *("podman", "run", "--rm", "--runtime", "runc", "--network", "none"),
+            *("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"),
+            *("--entrypoint", argv[0], image, *argv[1:]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_venv_holds_the_pinned_closure_and_nothing_left_out(image: str) -> None:
+    """image/runtime-requirements.txt is what the venv holds: mitmproxy without its
+    console/web/onboarding/proxy-auth dependencies, no pip or setuptools; the
+    interceptor's master builds there (its start is in the enforce tests above);
+    Debian's python3-venv is not installed (the venv comes ready from the builder)."""
+    venv_python = "/opt/secure-proxy/venv/bin/python"
+    result = podman_run(image, [venv_python, "-c", DISTRIBUTIONS])
+    print(result.stdout[-3000:], result.stderr[-3000:])
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout.split("RESULT ", 1)[1])
+    dists = {canonical(name): version for name, version in found["dists"].items()}
+    sneaked = sorted(set(dists) & (left_out() | {"pip", "setuptools"}))
+    assert sneaked == [], f"left out of image/runtime-requirements.txt but installed: {sneaked}"
+    expected = {**pinned(), "copilot-here-secure-proxy": dists.get("copilot-here-secure-proxy")}
+    assert dists == expected, {
+        k: (dists.get(k), expected.get(k)) for k in set(dists) ^ set(expected)
+    }
+    assert "PolicyGate" in found["chain"] and "Proxyserver" in found["chain"], found["chain"]
+    top = {m.split(".")[0] for m in found["modules"]}
+    assert not top & {"flask", "tornado", "urwid", "ldap3", "passlib"}, top
+    dpkg = podman_run(image, ["dpkg-query", "-W", "-f", "${Status}", "python3-venv"])
+    assert "install ok installed" not in dpkg.stdout, dpkg.stdout
+    # pip's default hosts still recorded for the default rules (read from the builder's
+    # pip wheel now that python3-venv's is gone).
+    recorded = podman_run(image, ["cat", "/opt/secure-proxy/registries.json"])
+    assert json.loads(recorded.stdout)["pypi"], recorded.stdout
 
 
 def test_size_the_runtime_adds(image: str, base_image: str) -> None:

@@ -628,8 +628,7 @@ def test_command_line_sets_the_declared_options(tmp_path, monkeypatch):
     assert opts["secure_proxy_ready_marker"] == str(tmp_path / "ready")
     bundle = Path(opts["ssl_verify_upstream_trusted_ca"])
     assert bundle.parent == tmp_path / "confdir" and bundle.read_text().endswith("EXTRA\n")
-    assert opts["connection_strategy"] == "lazy" and opts["onboarding"] is False
-    assert opts["flow_detail"] == 0 and opts["stream_large_bodies"] == "1m"
+    assert opts["connection_strategy"] == "lazy" and opts["stream_large_bodies"] == "1m"
     # Nothing is ever relayed unjudged: no raw TCP, no pass-through hosts.
     assert opts["rawtcp"] is False and opts["websocket"] is True
     assert opts["tcp_hosts"] == opts["udp_hosts"] == []

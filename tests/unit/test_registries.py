@@ -72,3 +72,15 @@ def test_without_a_record_nothing_is_detected(tmp_path: Path, monkeypatch) -> No
     assert registries.registry_hosts(tmp_path) is None
     (tmp_path / registries.REGISTRIES_FILE).write_text("not json")
     assert registries.registry_hosts(tmp_path) is None
+
+
+def test_without_a_system_pip_wheel_the_installers_wheel_is_read(tmp_path, monkeypatch):
+    """The image has no python3-venv (no /usr/share/python-wheels): the installer
+    hands over the builder's pip wheel, and pip's defaults are read from it."""
+    wheel = tmp_path / "pip-26.3-py3-none-any.whl"
+    seen: list[list[str]] = []
+    monkeypatch.setattr(registries, "PIP_WHEEL_GLOBS", (str(tmp_path / "none-*.whl"),))
+    monkeypatch.setattr(registries, "_stdout", lambda argv: seen.append(argv) or "a.test b.test")
+    monkeypatch.delenv("PIP_INDEX_URL", raising=False)
+    assert registries.pypi_hosts([wheel]) == ["a.test", "b.test"]
+    assert seen[-1][-1] == str(wheel)

@@ -43,8 +43,8 @@ from __future__ import annotations
 
 from typing import Any
 
-# First: it defers modules mitmproxy would import below and we never use.
-from runtime.container.interceptor import lazy  # noqa: F401  (installs itself)
+# First: mitmproxy.addons must not run its package body (all default addons).
+from runtime.container.interceptor import lean  # noqa: F401  (installs itself)
 from runtime.container.interceptor.blocksink import BlockSink
 from runtime.container.interceptor.credentials import CredentialGuard
 from runtime.container.interceptor.gate import PolicyGate

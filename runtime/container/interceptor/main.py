@@ -1,4 +1,5 @@
-"""Start-up: the command line becomes mitmproxy options, then DumpMaster runs our addons.
+"""Start-up: the command line becomes mitmproxy options, then a master runs our addons
+after the few of mitmproxy's that transparent mode needs (MITMPROXY_ADDONS).
 
 Every option is declared once, by the addon that reads it (`load`) or by
 mitmproxy itself; the command line (CLI below) only names which option a flag
@@ -27,8 +28,8 @@ from runtime.container.interceptor.gate import STREAM_LARGE_BODIES
 from runtime.container.interceptor.readiness import write_atomic
 
 if TYPE_CHECKING:
+    from mitmproxy.master import Master
     from mitmproxy.options import Options
-    from mitmproxy.tools.dump import DumpMaster
 
 UPSTREAM_BUNDLE_NAME = "upstream-trust.pem"
 SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -37,13 +38,7 @@ SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 FIXED_OPTIONS: dict[str, Any] = {
     "listen_host": "",  # each mode names its own address
     "connection_strategy": "lazy",
-    "onboarding": False,
-    "flow_detail": 0,
     "stream_large_bodies": STREAM_LARGE_BODIES,
-    # Clients reach us only through the box's REDIRECT rules (we listen on
-    # loopback); their source may be a global IPv6 address, which
-    # block_global would refuse.
-    "block_global": False,
     "ssl_insecure": False,
     # Never relay what is not HTTP: with rawtcp on, mitmproxy passes unknown bytes
     # (and whatever follows a non-WebSocket 101) to the dialled address as raw TCP,
@@ -224,17 +219,56 @@ def mitmproxy_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
-def make_master() -> DumpMaster:
-    """DumpMaster with our addons: every option is declared once this returns."""
-    from mitmproxy.options import Options
-    from mitmproxy.tools.dump import DumpMaster
+#: mitmproxy's addons that transparent mode runs, in DumpMaster's order (module, class).
+#: Left out of DumpMaster's set: the onboarding app, proxy authentication, the dumper
+#: (flow_detail 0 printed nothing), Block (block_global: clients reach us only through
+#: the box's REDIRECT, from any source address), DNS, scripts, replay, map/modify,
+#: save, export/cut, sticky auth/cookies, upstream auth, alt-svc (reverse mode),
+#: browser, comment, command history, anticache/anticomp, read-file, keep-serving.
+#: Their options are then undeclared: setting one is an error, not a silent no-op.
+MITMPROXY_ADDONS: tuple[tuple[str, str], ...] = (
+    ("core", "Core"),  # option checks, the `set` command
+    ("disable_h2c", "DisableH2C"),  # h2c upgrade headers go, HTTP/2 prior knowledge is killed
+    ("proxyserver", "Proxyserver"),  # listens, runs the connection handlers
+    ("next_layer", "NextLayer"),  # TLS / HTTP layer choice (HttpOnly judges it after)
+    ("tlsconfig", "TlsConfig"),  # the CA, certificates, upstream verification
+    ("errorcheck", "ErrorCheck"),  # an error while starting (port taken) exits 1
+)
 
-    master = DumpMaster(Options(), with_termlog=True, with_dumper=True)
+
+def _ca_loaded_once(tls_config: type) -> type:
+    """mitmproxy's TlsConfig, but `running` does not load the CA again when the options
+    already did (mitmproxy reloads it there as a workaround for its console; loading
+    checks the RSA key: ~50-150 ms of start-up on this hardware). A later change of
+    confdir or certs still reloads it (configure)."""
+
+    class TlsConfigCALoadedOnce(tls_config):  # type: ignore[misc,valid-type]
+        name = "tlsconfig"  # the addon's name, as mitmproxy's own
+
+        def running(self) -> None:
+            if getattr(self, "certstore", None) is None:
+                super().running()
+
+    return TlsConfigCALoadedOnce
+
+
+def make_master() -> Master:
+    """mitmproxy's master with MITMPROXY_ADDONS (termlog first), then ours: every option
+    is declared once this returns. Needs a running event loop."""
+    import importlib
+
+    from mitmproxy.master import Master
+    from mitmproxy.options import Options
+
+    master = Master(Options(), with_termlog=True)
+    for module, name in MITMPROXY_ADDONS:
+        cls = getattr(importlib.import_module(f"mitmproxy.addons.{module}"), name)
+        master.addons.add((_ca_loaded_once(cls) if name == "TlsConfig" else cls)())
     master.addons.add(*make_addons())
     return master
 
 
-async def serve(master: DumpMaster, options: dict[str, Any]) -> int:
+async def serve(master: Master, options: dict[str, Any]) -> int:
     """Apply the options (the policy loads here, or nothing starts) and run until signalled."""
     from mitmproxy.exceptions import OptionsError
 

@@ -1,0 +1,71 @@
+"""wait_ready checks markers at every poll but asks supervisord (an XML-RPC round trip,
+CPU on both sides while the services start) only every STATE_POLL, and still fails
+fast when a program fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runtime.container import supervisor
+from runtime.container.console import SetupFailed
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def pause(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    c = Clock()
+    monkeypatch.setattr(supervisor.time, "monotonic", c.monotonic)
+    return c
+
+
+def components(tmp_path: Path) -> list[supervisor.Component]:
+    return [
+        supervisor.Component("firewall", tmp_path / "fw", 30, True),
+        supervisor.Component("dnsguard", tmp_path / "dns", 30, False),
+        supervisor.Component("interceptor", tmp_path / "ic", 30, False),
+    ]
+
+
+def test_markers_every_poll_states_every_state_poll(tmp_path, monkeypatch, clock) -> None:
+    asked: list[str] = []
+
+    def info(name: str) -> dict[str, Any]:
+        asked.append(name)
+        return {"statename": "RUNNING" if name != "firewall" else "STARTING"}
+
+    monkeypatch.setattr(supervisor, "process_info", info)
+
+    def pause(seconds: float) -> None:
+        clock.pause(seconds)
+        if clock.now >= 101.0:  # every service ready after 1 s
+            for c in components(tmp_path):
+                c.marker.touch()
+
+    supervisor.wait_ready(components(tmp_path), pause)
+    assert clock.now == pytest.approx(101.0, abs=0.06)
+    looks = 1 + 1.0 / supervisor.STATE_POLL  # at 0, 0.25, ...: 5 looks of 3 programs
+    assert len(asked) <= 3 * looks, asked  # was 3 per 50 ms poll: 60
+
+
+def test_a_failed_program_still_stops_the_wait_soon(tmp_path, monkeypatch, clock) -> None:
+    monkeypatch.setattr(
+        supervisor,
+        "process_info",
+        lambda name: {"statename": "FATAL" if clock.now >= 100.3 else "STARTING"},
+    )
+    with pytest.raises(SetupFailed, match="could not lock the network"):
+        supervisor.wait_ready(components(tmp_path), clock.pause)
+    assert clock.now <= 100.3 + supervisor.STATE_POLL + 0.06
