@@ -1,0 +1,204 @@
+"""Attacks on the interceptor's workers (N mitmproxy processes on 58080..58080+N-1)
+by the agent inside `copilot_here --engine sandbox`, with workers 2: connecting to a
+worker's port directly (not via the REDIRECT), tricks against every worker, and a
+live edit every worker must apply. One sandbox for the module; what arrived is read
+from the test internet's own record and the traffic log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness.sandbox import (
+    Internet,
+    Session,
+    client_script,
+    enforce,
+    host_logs,
+    write_config,
+)
+from tests.harness.upstream import read_records
+
+pytestmark = pytest.mark.e2e
+
+BASE = 58080
+NEW = 8  # new connections per probe kind: the nth rules give each worker half
+
+# The agent. Phase "direct": plain HTTP straight to each worker port, IPv4 and IPv6,
+# and to the accepted ports nobody listens on, naming this box (a worker that
+# forwarded it would connect to itself) or an allowed host; then requests through
+# the REDIRECT. Phase "tricks" (after the test's edit to enforce): NEW new
+# connections each of a refused host, an allowed one, and tricks naming the refused
+# host. Every probe prints one JSON line; END marks the script's end.
+AGENT = r"""
+import json, os, socket, ssl, sys, time
+NEW = int(sys.argv[1])
+ctx = ssl.create_default_context()
+def probe(kind, addr, data, tls=None, timeout=4):
+    t = time.monotonic()
+    try:
+        s = socket.create_connection(addr, timeout=timeout)
+        if tls:
+            s = ctx.wrap_socket(s, server_hostname=tls)
+        s.sendall(data)
+        got = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        out = got.split(b"\r\n", 1)[0].decode(errors="replace")
+    except Exception as exc:
+        out = type(exc).__name__
+    print(json.dumps({"kind": kind, "addr": list(addr), "out": out,
+                      "secs": round(time.monotonic() - t, 2)}), flush=True)
+def get(path, host):
+    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+def wait(name):
+    while not os.path.exists("/tmp/" + name):
+        time.sleep(0.05)
+for addr in [("127.0.0.1", 58080), ("127.0.0.1", 58081), ("::1", 58080), ("::1", 58081),
+             ("127.0.0.1", 58082), ("127.0.0.1", 58083)]:
+    for i, name in enumerate(["0.0.0.0", "[::ffff:127.0.0.1]", "api.github.com"]):
+        probe("direct", addr, get(f"/direct/{addr[1]}/{i}", name))
+for i in range(NEW):
+    probe("through", ("api.github.com", 443), get(f"/through/{i}", "api.github.com"),
+          "api.github.com")
+print("DIRECT-DONE", flush=True)
+wait("go-tricks")
+G, E = ("api.github.com", 443), ("evil.test", 443)
+for i in range(NEW):
+    probe("ok", G, get(f"/ok/{i}", "api.github.com"), "api.github.com")
+    probe("refused", E, get(f"/evil/{i}", "evil.test"), "evil.test")
+    probe("mismatch", G, get(f"/mismatch/{i}", "evil.test"), "api.github.com")
+    probe("absolute", G, get(f"https://evil.test/abs/{i}", "api.github.com"), "api.github.com")
+    probe("connect", G, b"CONNECT evil.test:443 HTTP/1.1\r\nHost: evil.test:443\r\n\r\n"
+          + get(f"/connect/{i}", "evil.test"), "api.github.com")
+    probe("raw", ("evil.test", 80), b"\x16\x03\x01 not http " + get(f"/raw/{i}", "evil.test"))
+    probe("h2", ("evil.test", 80), b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00" * 9)
+    probe("h2c", G, b"GET /h2c/%d HTTP/1.1\r\nHost: evil.test\r\nUpgrade: h2c\r\n"
+          b"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nConnection: Upgrade, HTTP2-Settings\r\n\r\n"
+          % i, "api.github.com")
+print("END", flush=True)
+"""
+
+MONITOR = {**enforce("api.github.com"), "mode": "monitor", "workers": 2}
+ENFORCE = {**MONITOR, "mode": "enforce"}
+
+
+@pytest.fixture(scope="module")
+def internet(module_topology, staged_source) -> Iterator[Internet]:
+    work = Path(tempfile.mkdtemp(prefix="sp-wa-", dir="/tmp"))
+    os.chmod(work, 0o755)
+    net = Internet.start(module_topology, work, staged_source, record=work / "record.jsonl")
+    yield net
+    shutil.rmtree(work, ignore_errors=True)
+
+
+class Run:
+    def __init__(self, s: Session, project: Path, internet: Internet) -> None:
+        self.s, self.project, self.internet = s, project, internet
+
+    def lines(self, end: str) -> list[dict]:
+        got = []
+        while True:
+            line = self.s.wait_for(lambda ln: ln == end or ln.startswith("{"), timeout=120)
+            if line == end:
+                return got
+            got.append(json.loads(line))
+
+    def arrived(self) -> Counter[str]:
+        return Counter(
+            r["path"] for r in read_records(self.internet.record) if r.get("ev") == "request"
+        )
+
+    def traffic(self) -> list[dict]:
+        log = host_logs(self.project) / "traffic.jsonl"
+        return [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+
+    def worker_log(self, n: int) -> str:
+        return self.s.root(["cat", f"/var/log/secure-proxy/interceptor_{n}.log"]).stdout
+
+
+@pytest.fixture(scope="module")
+def run(internet) -> Iterator[Run]:
+    project = Path(tempfile.mkdtemp(prefix="sp-proj-", dir="/tmp"))
+    os.chmod(project, 0o755)
+    write_config(project, MONITOR)
+    argv = ["--network-config-write", "--", *client_script(AGENT), str(NEW)]
+    try:
+        with Session(project, argv, internet) as s:
+            yield Run(s, project, internet)
+    finally:
+        shutil.rmtree(project, ignore_errors=True)
+
+
+def test_a_worker_port_dialled_directly_serves_nothing_and_cannot_loop(run: Run):
+    """Straight to 127.0.0.1/[::1]:58080+n, in monitor mode (everything is forwarded):
+    a request naming this box (`0.0.0.0`, `::ffff:127.0.0.1`: mitmproxy's self-connect
+    check misses both) made the worker connect to itself, again and again, thousands
+    of connections and log lines from one request. Now such a connection is closed
+    unread: nothing is judged, forwarded or logged; ports of the accepted range where
+    no worker listens refuse; the workers still serve redirected traffic."""
+    probes = run.lines("DIRECT-DONE")
+    direct = [p for p in probes if p["kind"] == "direct"]
+    assert len(direct) == 18, probes
+    for p in direct:
+        if p["addr"][1] < BASE + 2:
+            assert p["out"] in ("", "ConnectionResetError"), p  # closed, no answer
+            assert p["secs"] < 2, p
+        else:
+            assert p["out"] == "ConnectionRefusedError", p
+    through = [p for p in probes if p["kind"] == "through"]
+    assert [p["out"] for p in through] == ["HTTP/1.1 200 OK"] * NEW, through
+    arrived = run.arrived()
+    assert not [p for p in arrived if p.startswith("/direct/")], arrived
+    assert all(arrived[f"/through/{i}"] == 1 for i in range(NEW)), arrived
+    lines = run.traffic()
+    assert not [e for e in lines if "/direct/" in str(e.get("path"))], lines[:5]
+    assert len([e for e in lines if str(e.get("path")).startswith("/through/")]) == 2 * NEW
+    for n in (0, 1):
+        assert "dialled straight to the interceptor" in run.worker_log(n), n
+
+
+def test_after_a_live_edit_every_worker_refuses_and_no_trick_gets_past(run: Run):
+    """The agent edits the writable config from monitor to enforce: both workers reload
+    it, and NEW new connections each (half to each worker) of a refused host, domain
+    fronting, absolute-form, CONNECT, h2c, HTTP/2 prior knowledge and bytes that are
+    not HTTP: nothing of the refused host's arrives, every allowed request does."""
+    write_config(run.project, ENFORCE, approve=False)
+    deadline = time.monotonic() + 20
+    while not all("mode enforce" in run.worker_log(n) for n in (0, 1)):
+        assert time.monotonic() < deadline, [run.worker_log(n)[-800:] for n in (0, 1)]
+        time.sleep(0.2)
+    assert run.s.root(["touch", "/tmp/go-tricks"]).returncode == 0
+    probes = run.lines("END")
+    by_kind: dict[str, list[str]] = {}
+    for p in probes:
+        by_kind.setdefault(p["kind"], []).append(p["out"])
+    assert by_kind["ok"] == ["HTTP/1.1 200 OK"] * NEW, by_kind
+    assert by_kind["refused"] == ["HTTP/1.1 403 Forbidden"] * NEW, by_kind
+    for kind in ("mismatch", "absolute", "connect", "h2c"):
+        assert len(by_kind[kind]) == NEW, by_kind
+        assert not [o for o in by_kind[kind] if "200" in o], (kind, by_kind[kind])
+    arrived = run.arrived()
+    assert all(arrived[f"/ok/{i}"] == 1 for i in range(NEW)), arrived
+    leaked = [
+        p
+        for p in arrived
+        if p.split("/")[1] in ("evil", "mismatch", "abs", "connect", "raw", "h2c")
+    ]
+    assert leaked == [], leaked
+    # no request reached evil.test under any name
+    hosts = {r.get("host") for r in read_records(run.internet.record) if r.get("ev") == "request"}
+    assert "evil.test" not in hosts, hosts
+    run.s.wait(timeout=30)
