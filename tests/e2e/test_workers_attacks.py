@@ -70,9 +70,21 @@ for addr in [("127.0.0.1", 58080), ("127.0.0.1", 58081), ("::1", 58080), ("::1",
              ("127.0.0.1", 58082), ("127.0.0.1", 58083)]:
     for i, name in enumerate(["0.0.0.0", "[::ffff:127.0.0.1]", "api.github.com"]):
         probe("direct", addr, get(f"/direct/{addr[1]}/{i}", name))
+squat = []
+for addr in [("127.0.0.1", 58082), ("127.0.0.1", 58083), ("::1", 58082), ("::1", 58083)]:
+    l = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET)
+    l.bind(addr); l.listen(16); l.setblocking(False); squat.append(l)
 for i in range(NEW):
     probe("through", ("api.github.com", 443), get(f"/through/{i}", "api.github.com"),
           "api.github.com")
+taken = 0
+for l in squat:
+    try:
+        while True:
+            l.accept()[0].close(); taken += 1
+    except BlockingIOError:
+        pass
+print(json.dumps({"kind": "squat", "out": taken}), flush=True)
 print("DIRECT-DONE", flush=True)
 wait("go-tricks")
 G, E = ("api.github.com", 443), ("evil.test", 443)
@@ -88,6 +100,14 @@ for i in range(NEW):
     probe("h2c", G, b"GET /h2c/%d HTTP/1.1\r\nHost: evil.test\r\nUpgrade: h2c\r\n"
           b"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nConnection: Upgrade, HTTP2-Settings\r\n\r\n"
           % i, "api.github.com")
+print("TRICKS-DONE", flush=True)
+wait("go-kill")
+i, end = 0, time.monotonic() + 7
+while time.monotonic() < end:
+    probe("k-ok", G, get(f"/k-ok/{i}", "api.github.com"), "api.github.com", 2)
+    probe("k-evil", E, get(f"/k-evil/{i}", "evil.test"), "evil.test", 2)
+    probe("k-ok", G, get(f"/k-ok/{i}b", "api.github.com"), "api.github.com", 2)
+    i += 1  # three a round: each kind meets both workers (the nth rules alternate)
 print("END", flush=True)
 """
 
@@ -158,6 +178,8 @@ def test_a_worker_port_dialled_directly_serves_nothing_and_cannot_loop(run: Run)
             assert p["secs"] < 2, p
         else:
             assert p["out"] == "ConnectionRefusedError", p
+    # The agent listening on the accepted ports where no worker listens gets nothing.
+    assert [p["out"] for p in probes if p["kind"] == "squat"] == [0], probes
     through = [p for p in probes if p["kind"] == "through"]
     assert [p["out"] for p in through] == ["HTTP/1.1 200 OK"] * NEW, through
     arrived = run.arrived()
@@ -181,7 +203,7 @@ def test_after_a_live_edit_every_worker_refuses_and_no_trick_gets_past(run: Run)
         assert time.monotonic() < deadline, [run.worker_log(n)[-800:] for n in (0, 1)]
         time.sleep(0.2)
     assert run.s.root(["touch", "/tmp/go-tricks"]).returncode == 0
-    probes = run.lines("END")
+    probes = run.lines("TRICKS-DONE")
     by_kind: dict[str, list[str]] = {}
     for p in probes:
         by_kind.setdefault(p["kind"], []).append(p["out"])
@@ -201,4 +223,41 @@ def test_after_a_live_edit_every_worker_refuses_and_no_trick_gets_past(run: Run)
     # no request reached evil.test under any name
     hosts = {r.get("host") for r in read_records(run.internet.record) if r.get("ev") == "request"}
     assert "evil.test" not in hosts, hosts
-    run.s.wait(timeout=30)
+
+
+def test_a_worker_killed_again_and_again_lets_nothing_out_unjudged_or_unlogged(run: Run):
+    """Worker 1 killed with -9 three times while new connections flow (enforce): no
+    refused request arrives, every allowed one that arrived was logged (its start line)
+    before it went out, and every 200 the agent saw arrived."""
+    assert run.s.root(["touch", "/tmp/go-kill"]).returncode == 0
+    killed = 0
+    deadline = time.monotonic() + 20
+    while killed < 3 and time.monotonic() < deadline:
+        pid = run.s.root(["supervisorctl", "pid", "interceptor:interceptor_1"]).stdout.strip()
+        if pid.isdigit() and int(pid) > 0:
+            assert run.s.root(["kill", "-9", pid]).returncode == 0
+            killed += 1
+            time.sleep(1.5)
+        else:
+            time.sleep(0.1)
+    assert killed == 3
+    probes = run.lines("END")
+    oks = [p for p in probes if p["kind"] == "k-ok"]
+    evils = [p for p in probes if p["kind"] == "k-evil"]
+    assert len(oks) >= 4 and len(evils) >= 4, probes
+    assert not [p for p in evils if "200" in p["out"]], evils
+    failed = [p for p in oks if p["out"] != "HTTP/1.1 200 OK"]
+    assert 0 < len(failed) < len(oks), oks  # the outages were real, and short
+    assert [p for p in evils if p["out"] == "HTTP/1.1 403 Forbidden"], evils
+    arrived = run.arrived()
+    assert not [p for p in arrived if p.startswith("/k-evil/")], arrived
+    got = {p for p in arrived if p.startswith("/k-ok/")}
+    assert all(arrived[p] == 1 for p in got), arrived
+    assert len(got) >= len(oks) - len(failed)
+    phases = Counter(
+        (e["path"], e["phase"]) for e in run.traffic() if str(e.get("path")).startswith("/k-ok/")
+    )
+    # Logged before it went out (a start line each); a kill may cost the end line only.
+    starts = {p for (p, ph), n in phases.items() if ph == "start" and n == 1}
+    assert starts >= got and all(n == 1 for n in phases.values()), phases
+    assert run.s.wait(timeout=30) == 0, run.s.stderr
