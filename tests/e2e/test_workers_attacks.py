@@ -32,6 +32,7 @@ pytestmark = pytest.mark.e2e
 
 BASE = 58080
 NEW = 8  # new connections per probe kind: the nth rules give each worker half
+ROUNDS = 4  # rounds of tricks
 
 # The agent. Phase "direct": plain HTTP straight to each worker port, IPv4 and IPv6,
 # and to the accepted ports nobody listens on, naming this box (a worker that
@@ -88,18 +89,23 @@ print(json.dumps({"kind": "squat", "out": taken}), flush=True)
 print("DIRECT-DONE", flush=True)
 wait("go-tricks")
 G, E = ("api.github.com", 443), ("evil.test", 443)
-for i in range(NEW):
+for i in range(int(sys.argv[2])):
+    # 7 new connections to 443 and 3 to 80 a round: odd, so that each kind meets
+    # both workers in turn (the nth rules count each port's new connections).
     probe("ok", G, get(f"/ok/{i}", "api.github.com"), "api.github.com")
+    probe("ok", G, get(f"/ok/{i}b", "api.github.com"), "api.github.com")
     probe("refused", E, get(f"/evil/{i}", "evil.test"), "evil.test")
     probe("mismatch", G, get(f"/mismatch/{i}", "evil.test"), "api.github.com")
     probe("absolute", G, get(f"https://evil.test/abs/{i}", "api.github.com"), "api.github.com")
     probe("connect", G, b"CONNECT evil.test:443 HTTP/1.1\r\nHost: evil.test:443\r\n\r\n"
-          + get(f"/connect/{i}", "evil.test"), "api.github.com")
-    probe("raw", ("evil.test", 80), b"\x16\x03\x01 not http " + get(f"/raw/{i}", "evil.test"))
-    probe("h2", ("evil.test", 80), b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00" * 9)
+          + get(f"/connect/{i}", "evil.test"), "api.github.com", 2)
     probe("h2c", G, b"GET /h2c/%d HTTP/1.1\r\nHost: evil.test\r\nUpgrade: h2c\r\n"
           b"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nConnection: Upgrade, HTTP2-Settings\r\n\r\n"
-          % i, "api.github.com")
+          % i, "api.github.com", 2)
+    probe("refused", ("evil.test", 80), get(f"/evil80/{i}", "evil.test"))
+    probe("raw", ("evil.test", 80), b"\x00\x01 not http\r\n" + get(f"/raw/{i}", "evil.test"), 2)
+    probe("h2", ("evil.test", 80), b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+          b"\x00\x00\x00\x04\x00\x00\x00\x00\x00", 2)
 print("TRICKS-DONE", flush=True)
 wait("go-kill")
 i, end = 0, time.monotonic() + 7
@@ -154,7 +160,7 @@ def run(internet) -> Iterator[Run]:
     project = Path(tempfile.mkdtemp(prefix="sp-proj-", dir="/tmp"))
     os.chmod(project, 0o755)
     write_config(project, MONITOR)
-    argv = ["--network-config-write", "--", *client_script(AGENT), str(NEW)]
+    argv = ["--network-config-write", "--", *client_script(AGENT), str(NEW), str(ROUNDS)]
     try:
         with Session(project, argv, internet) as s:
             yield Run(s, project, internet)
@@ -207,13 +213,13 @@ def test_after_a_live_edit_every_worker_refuses_and_no_trick_gets_past(run: Run)
     by_kind: dict[str, list[str]] = {}
     for p in probes:
         by_kind.setdefault(p["kind"], []).append(p["out"])
-    assert by_kind["ok"] == ["HTTP/1.1 200 OK"] * NEW, by_kind
-    assert by_kind["refused"] == ["HTTP/1.1 403 Forbidden"] * NEW, by_kind
-    for kind in ("mismatch", "absolute", "connect", "h2c"):
-        assert len(by_kind[kind]) == NEW, by_kind
+    assert by_kind["ok"] == ["HTTP/1.1 200 OK"] * 2 * ROUNDS, by_kind
+    assert by_kind["refused"] == ["HTTP/1.1 403 Forbidden"] * 2 * ROUNDS, by_kind
+    for kind in ("mismatch", "absolute", "connect", "h2c", "raw", "h2"):
+        assert len(by_kind[kind]) == ROUNDS, by_kind
         assert not [o for o in by_kind[kind] if "200" in o], (kind, by_kind[kind])
     arrived = run.arrived()
-    assert all(arrived[f"/ok/{i}"] == 1 for i in range(NEW)), arrived
+    assert all(arrived[f"/ok/{i}{b}"] == 1 for i in range(ROUNDS) for b in ("", "b")), arrived
     leaked = [
         p
         for p in arrived
@@ -223,6 +229,8 @@ def test_after_a_live_edit_every_worker_refuses_and_no_trick_gets_past(run: Run)
     # no request reached evil.test under any name
     hosts = {r.get("host") for r in read_records(run.internet.record) if r.get("ev") == "request"}
     assert "evil.test" not in hosts, hosts
+    # Nothing of the bytes that are not HTTP was answered as a request.
+    assert not [o for o in by_kind["raw"] + by_kind["h2"] if o.startswith("HTTP/")], by_kind
 
 
 def test_a_worker_killed_again_and_again_lets_nothing_out_unjudged_or_unlogged(run: Run):
