@@ -102,6 +102,10 @@ class Reloader:
         log(f"firewall level {self.level.value} -> {new.value}")
         try:
             services.switch(self.level, new)
+        except services.ServicesDown as exc:
+            self.level = new  # the firewall is there: the next edit starts from it
+            log(f"firewall level {new.value} in force, failing closed: {exc}")
+            return False
         except (SetupFailed, *supervisor.RPC_ERRORS) as exc:
             log(f"the new level is NOT in force (the next edit tries again): {exc}")
             return False

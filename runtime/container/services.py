@@ -25,6 +25,7 @@ Ready means all N ready; a reload signals all N.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -147,6 +148,14 @@ def signal_services(level: LockLevel) -> list[str]:
     return failed
 
 
+#: The levels, least strict first.
+LEVELS = (LockLevel.NONE, LockLevel.INTERCEPT, LockLevel.FULL)
+
+
+class ServicesDown(SetupFailed):
+    """switch: the firewall is at the new, stricter level, but its services are not up."""
+
+
 def switch(old: LockLevel, new: LockLevel) -> None:
     """From one level to another, after policy.json changed. Raises SetupFailed.
 
@@ -154,13 +163,39 @@ def switch(old: LockLevel, new: LockLevel) -> None:
     the firewall is re-applied at the new level (it reads the level from
     policy.json; at none it removes our chains); services the new level does not
     use stop after the firewall no longer sends them anything. So the command's
-    traffic meets the new level from the moment the firewall is applied.
+    traffic meets the new level from the moment the firewall is applied. When the
+    services of a stricter level cannot start, the firewall moves anyway (fail closed)
+    and ServicesDown says so.
     """
     starting = [name for name in SERVICES[new] if name not in SERVICES[old]]
-    for name in starting:
-        supervisor.start_program(namespec(name))
-    supervisor.wait_ready([c for name in starting for c in components(name)], time.sleep)
     staying = [name for name in SERVICES[new] if name in SERVICES[old]]
+    stricter = LEVELS.index(new) > LEVELS.index(old)
+    try:
+        for name in starting:
+            supervisor.start_program(namespec(name))
+        supervisor.wait_ready(
+            [c for name in starting for c in components(name)], time.sleep, backoff_fails=stricter
+        )
+    except (SetupFailed, *supervisor.RPC_ERRORS) as exc:
+        if not stricter:
+            raise
+        # A stricter level whose services cannot start (the agent, free at the old
+        # level, may hold their ports first): the firewall moves to it all the same,
+        # so traffic fails closed instead of staying free for the rest of the run
+        # (supervisord keeps retrying the services; once up they serve).
+        for name in staying:
+            with contextlib.suppress(*supervisor.RPC_ERRORS):
+                supervisor.signal_process(namespec(name), "HUP")
+        why = supervisor.run_once("firewall", FIREWALL_TIMEOUT)
+        if why is not None:
+            raise SetupFailed(
+                f"the firewall could not move to level {new.value}: {why} "
+                f"(log: {paths.component_log('firewall')})"
+            ) from exc
+        raise ServicesDown(
+            f"level {new.value} is in force but its services did not start ({exc}); "
+            "traffic to them fails closed"
+        ) from exc
     for name in staying:
         supervisor.signal_process(namespec(name), "HUP")
     why = supervisor.run_once("firewall", FIREWALL_TIMEOUT)

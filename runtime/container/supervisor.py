@@ -190,11 +190,13 @@ def wait_ready(
     components: Sequence[Component],
     pause: Callable[[float], None],
     sup: subprocess.Popen[bytes] | None = None,
+    backoff_fails: bool = False,
 ) -> None:
     """Every component's marker, or a clear failure (fail closed: the command waits).
 
     `pause` waits between polls (the init's: it also takes an aborting signal);
-    `sup`, when the caller started supervisord, is watched too.
+    `sup`, when the caller started supervisord, is watched too. `backoff_fails`: a
+    service that exited while starting (BACKOFF) fails at once, not after its retries.
     """
     start_time = time.monotonic()
     pending = list(components)
@@ -218,7 +220,11 @@ def wait_ready(
                 continue
             if not look:
                 continue
-            why = component.failure(process_info(component.name))
+            info = process_info(component.name)
+            why = component.failure(info)
+            if not why and backoff_fails and (info or {}).get("statename") == "BACKOFF":
+                why = f"The {component.name} exited while starting. Log: {component.log}\n"
+                why += "\n".join(tail(component.log))
             if why and component.marker.exists():  # it finished between the two looks
                 pending.remove(component)
                 continue

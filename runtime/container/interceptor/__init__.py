@@ -11,6 +11,8 @@ Small addons, one concern each, in the order mitmproxy calls them:
   (once) and then HTTP; anything else mitmproxy would relay as raw TCP/UDP
   (bytes that are not HTTP, a CRLF before the request line, DNS, QUIC) is
   closed and logged as `not_http`. `rawtcp` is off as well; this is the second lock.
+  At `client_connected` it closes a connection dialled straight to our own port
+  (not REDIRECTed), which could otherwise make a worker forward to itself.
 - UpgradeGuard (httponly.py): a request asking to switch to a protocol other
   than WebSocket is refused (`not_http`); h2c upgrade headers are dropped; a
   `101` that does not start a WebSocket mitmproxy can judge frame by frame is killed.

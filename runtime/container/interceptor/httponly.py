@@ -13,9 +13,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
-from mitmproxy import ctx, http
+from mitmproxy import connection, ctx, http
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers import ClientTLSLayer, HttpLayer, ServerTLSLayer
+from mitmproxy.proxy.mode_specs import TransparentMode
 
 from runtime.container.interceptor.gate import not_http_decision, scheme_of
 from runtime.core.hosts import HostError, normalize_host
@@ -83,6 +84,30 @@ class HttpOnly:
     def __init__(self, store: PolicyStore, traffic: TrafficLogger | None = None) -> None:
         self.store = store
         self.traffic = traffic
+
+    def client_connected(self, client: connection.Client) -> None:
+        """Only connections the firewall REDIRECTed (dialled to port 80/443) are served.
+
+        One dialled straight to our own port (127.0.0.1:58080+n) has that port as its
+        original destination: judged, an allowed request would go to the named host
+        on that port, and one naming this box (`0.0.0.0`, `::ffff:127.0.0.1`, which
+        mitmproxy's own self-connect check misses) in monitor mode or under a rule
+        allowing private addresses would be sent back to us, again and again: one
+        request becomes thousands of connections and log lines (the worker's file
+        descriptors, CPU and the disk). Setting `error` closes the connection unread."""
+        mode = client.proxy_mode
+        if not isinstance(mode, TransparentMode) or not client.sockname:
+            return
+        host, port = str(client.sockname[0]), int(client.sockname[1])
+        if port == mode.listen_port(ctx.options.listen_port):
+            logger.warning(
+                "closed a connection dialled straight to the interceptor ({}:{}, from {}):"
+                " only redirected web traffic is served",
+                host,
+                port,
+                client.peername[0] if client.peername else "?",
+            )
+            client.error = "dialled the interceptor's own port"
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         chosen = nextlayer.layer
