@@ -126,5 +126,6 @@ def literal_entries(policy: Policy) -> list[Entry]:
     out: list[Entry] = []
     for rule in policy.rules:
         if rule.ports and ip_literal(rule.host) is not None:
-            out += [Entry(rule.host, port, 0) for port in sorted(rule.ports)]
+            address = ip_literal(rule.host) or rule.host  # canonical, as answers are
+            out += [Entry(address, port, 0) for port in sorted(rule.ports)]
     return out

@@ -61,6 +61,9 @@ def entries_for(
         return [], [f"no rule opens a port for {host}"]
     rules = policy.port_rules_for_host(host)
     timeout = ipset.clamp(ttl)
+    # An IP-literal rule's entries are for the run: re-adding one with a timeout would
+    # make it expire (`ipset add -exist` refreshes the timeout), so answers leave them be.
+    for_the_run = {(e.address, e.port) for e in ipset.literal_entries(policy)}
     entries: list[ipset.Entry] = []
     refused: list[str] = []
     for text in list(addresses)[:MAX_ADDRESSES]:
@@ -74,7 +77,11 @@ def entries_for(
         if not any(rule_allows_address(rule, address) for rule in rules):
             refused.append(f"{address}: off the internet and no rule allows private addresses")
             continue
-        entries += [ipset.Entry(address, port, timeout) for port in sorted(ports)]
+        entries += [
+            ipset.Entry(address, port, timeout)
+            for port in sorted(ports)
+            if (address, port) not in for_the_run
+        ]
     return entries, refused
 
 

@@ -179,6 +179,26 @@ def test_keeper_takes_the_ports_from_the_policy_and_clamps_the_ttl() -> None:
     assert {e.timeout for e in long} == {ipset.MAX_TIMEOUT}
 
 
+def test_an_answer_never_puts_a_timeout_on_an_ip_literal_rules_entry() -> None:
+    """`ipset add -exist` refreshes an entry's timeout: a name answering the address of
+    an IP-literal rule would turn that rule's entry for the run into one that expires."""
+    policy = ports_policy(
+        {"host": "198.18.0.5", "ports": [22]},
+        {"host": "[2001:db8:0::5]", "ports": [22]},
+        {"host": "git.example.com", "ports": [22, 2222]},
+    )
+    entries, refused = entries_for(policy, "git.example.com", ["198.18.0.5", "2001:db8::5"], 60)
+    assert [e.line() for e in entries] == [
+        "add sp_ports4 198.18.0.5,tcp:2222 timeout 60",
+        "add sp_ports6 2001:db8::5,tcp:2222 timeout 60",
+    ]
+    assert refused == []
+    assert {(e.address, e.port, e.timeout) for e in ipset.literal_entries(policy)} == {
+        ("198.18.0.5", 22, 0),
+        ("2001:db8::5", 22, 0),
+    }
+
+
 def test_keeper_opens_nothing_for_names_without_ports_or_bad_addresses() -> None:
     policy = ports_policy({"host": "github.com", "ports": [22]}, {"host": "example.com"})
     assert entries_for(policy, "example.com", ["198.18.0.5"], 60)[0] == []
