@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import json
 import socket
 import struct
 import threading
@@ -159,8 +160,6 @@ class PortOpener:
         self.timeout = timeout
 
     def __call__(self, name: str, addresses: list[str], ttl: int) -> list[str] | None:
-        import json
-
         message = json.dumps({"name": name, "addresses": addresses, "ttl": ttl}).encode()
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:

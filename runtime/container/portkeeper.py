@@ -37,6 +37,8 @@ from typing import Any
 from loguru import logger
 
 from firewall import ipset
+from firewall.cli import resolve_uid
+from firewall.iptables import FirewallError, ipv6_available
 from runtime.core.addresses import parse_address, rule_allows_address
 from runtime.core.hosts import HostError, normalize_host
 from runtime.core.policy import Policy
@@ -125,7 +127,7 @@ class Keeper:
 
 
 def families() -> list[int]:
-    return [4, 6] if Path("/proc/net/if_inet6").exists() else [4]
+    return [4, 6] if ipv6_available() else [4]
 
 
 def reset(policy: Policy) -> None:
@@ -196,17 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     logger.remove()
     logger.add(sys.stderr, level=os.environ.get("SECURE_PROXY_LOG_LEVEL", "INFO"))
     try:
-        import pwd
-
-        uid = (
-            int(args.proxy_user)
-            if str(args.proxy_user).isdigit()
-            else pwd.getpwnam(args.proxy_user).pw_uid
-        )
+        uid = resolve_uid(str(args.proxy_user))
         keeper = Keeper(read_policy(args.policy))
         reset(keeper.policy)
         sock = bind(args.socket, uid)
-    except (OSError, ValueError, KeyError, TypeError, ipset.IpsetError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, ipset.IpsetError, FirewallError) as exc:
         logger.error("cannot start: {}; no port of a rule opens (fail closed)", exc)
         return 2
     flags = {"stop": False, "reload": False}

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.gitserver import build_git_root, objects, refs
-from tests.harness.sandbox import Internet, run_cli, sh, write_config
+from tests.harness.sandbox import Internet, run_cli, sh, step, write_config
 from tests.harness.upstream import read_records
 
 pytestmark = pytest.mark.e2e
@@ -90,14 +90,6 @@ def cli(world: dict[str, Path], net: Net, args: list[str]):
     env = {"HOME": str(world["home"]), "XDG_STATE_HOME": str(world["state"])}
     logs = ["--logs-dir", str(world["logs"])]
     return run_cli(world["project"], [*logs, *args], net.internet, timeout=120, env=env)
-
-
-def step(tag: str, command: str) -> str:
-    """One probe in its own subshell: `TAG ok` or `TAG failed <its stderr>`."""
-    return (
-        f"( {command} ) >/tmp/{tag}.out 2>&1 && echo '{tag} ok' "
-        f"|| echo \"{tag} failed $(tr '\\n' ' ' < /tmp/{tag}.out)\""
-    )
 
 
 def http(tag: str, method: str, url: str) -> str:

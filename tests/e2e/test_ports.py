@@ -27,7 +27,7 @@ import pytest
 
 from runtime.trafficlog import schema_path
 from tests.harness import Topology
-from tests.harness.sandbox import Internet, Resolver, run_cli, sh, write_config
+from tests.harness.sandbox import Internet, Resolver, run_cli, sh, step, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -164,14 +164,6 @@ def cli(world: dict[str, Path], net: Net, args: list[str]):
     env = {"HOME": str(world["home"]), "XDG_STATE_HOME": str(world["state"])}
     logs = ["--logs-dir", str(world["logs"])]
     return run_cli(world["project"], [*logs, *args], net.internet, timeout=120, env=env)
-
-
-def step(tag: str, command: str) -> str:
-    """One probe in its own subshell: `TAG ok` or `TAG failed <its output>`."""
-    return (
-        f"( {command} ) >/tmp/{tag}.out 2>&1 && echo '{tag} ok' "
-        f"|| echo \"{tag} failed $(tr '\\n' ' ' < /tmp/{tag}.out)\""
-    )
 
 
 CONNECT = (

@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 
 from tests.e2e import test_ports
-from tests.e2e.test_ports import APP_UID, NAME, Net, cli, config, line, ports_net, step
+from tests.e2e.test_ports import APP_UID, NAME, Net, cli, config, line, ports_net
 from tests.harness import python_bin
-from tests.harness.sandbox import cli_argv, cli_env, sandbox_nameservers, sh, write_config
+from tests.harness.sandbox import cli_argv, cli_env, sandbox_nameservers, sh, step, write_config
 from tests.harness.upstream import read_records
 
 pytestmark = pytest.mark.e2e

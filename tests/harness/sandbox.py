@@ -395,6 +395,14 @@ def sh(script: str) -> list[str]:
     return ["sh", "-c", script]
 
 
+def step(tag: str, command: str) -> str:
+    """One probe in its own subshell: `TAG ok` or `TAG failed <its output>`."""
+    return (
+        f"( {command} ) >/tmp/{tag}.out 2>&1 && echo '{tag} ok' "
+        f"|| echo \"{tag} failed $(tr '\\n' ' ' < /tmp/{tag}.out)\""
+    )
+
+
 def quote(argv: Sequence[str]) -> str:
     return shlex.join(argv)
 
