@@ -239,7 +239,7 @@ MITMPROXY_ADDONS: tuple[tuple[str, str], ...] = (
 def _ca_loaded_once(tls_config: type) -> type:
     """mitmproxy's TlsConfig, but `running` does not load the CA again when the options
     already did (mitmproxy reloads it there as a workaround for its console; loading
-    checks the RSA key: ~50-150 ms of start-up on this hardware). A later change of
+    takes a few ms with the P-256 key ca.py makes, 50-150 ms with an RSA one). A later change of
     confdir or certs still reloads it (configure)."""
 
     class TlsConfigCALoadedOnce(tls_config):  # type: ignore[misc,valid-type]
