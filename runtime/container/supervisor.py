@@ -184,6 +184,11 @@ class Component:
 
 #: How often wait_ready asks supervisord for the programs' states (failure detection).
 STATE_POLL = 0.25
+#: How often wait_ready knocks until supervisord first answers. supervisord 4.3 spawns
+#: its autostart programs only when its first poll returns: after 1 s, or at once when
+#: something arrives on its socket (upstream's fix, Supervisor/supervisor#1700, is not
+#: released). The first answered look is what starts the services.
+KNOCK_POLL = 0.005
 
 
 def wait_ready(
@@ -201,6 +206,7 @@ def wait_ready(
     start_time = time.monotonic()
     pending = list(components)
     next_look = 0.0
+    answered = False  # supervisord has answered a look (KNOCK_POLL until then)
     while pending:
         if sup is not None and sup.poll() is not None:
             raise SetupFailed(
@@ -221,6 +227,9 @@ def wait_ready(
             if not look:
                 continue
             info = process_info(component.name)
+            if info is None and not answered:
+                next_look = elapsed  # not listening yet: knock again at the next poll
+            answered = answered or info is not None
             why = component.failure(info)
             if not why and backoff_fails and (info or {}).get("statename") == "BACKOFF":
                 why = f"The {component.name} exited while starting. Log: {component.log}\n"
@@ -233,7 +242,7 @@ def wait_ready(
             if elapsed > component.timeout:
                 raise SetupFailed(component.too_slow())
         if pending:
-            pause(0.05)
+            pause(0.05 if answered else KNOCK_POLL)
 
 
 def stop(sup: subprocess.Popen[bytes] | None, reaped: dict[int, int]) -> None:

@@ -69,3 +69,32 @@ def test_a_failed_program_still_stops_the_wait_soon(tmp_path, monkeypatch, clock
     with pytest.raises(SetupFailed, match="could not lock the network"):
         supervisor.wait_ready(components(tmp_path), clock.pause)
     assert clock.now <= 100.3 + supervisor.STATE_POLL + 0.06
+
+
+def test_until_supervisord_answers_it_is_asked_at_once_not_every_state_poll(
+    tmp_path, monkeypatch, clock
+) -> None:
+    """supervisord 4.3 starts its programs only when its first poll returns (1 s) or
+    something knocks on its socket: the first answered look must follow its listening
+    closely, not STATE_POLL later."""
+    listening_at = 100.13
+    first_answer: list[float] = []
+
+    def info(name: str) -> dict[str, Any] | None:
+        if clock.now < listening_at:
+            return None  # no socket yet
+        first_answer.append(clock.now)
+        return {"statename": "STARTING"}
+
+    monkeypatch.setattr(supervisor, "process_info", info)
+
+    def pause(seconds: float) -> None:
+        clock.pause(seconds)
+        if clock.now >= 101.0:
+            for c in components(tmp_path):
+                c.marker.touch()
+
+    supervisor.wait_ready(components(tmp_path), pause)
+    assert first_answer[0] - listening_at <= supervisor.KNOCK_POLL + 1e-9
+    later = [t for t in first_answer if t > first_answer[0] + 1e-9]
+    assert len(later) <= 3 * (1.0 / supervisor.STATE_POLL + 1)  # then every STATE_POLL
