@@ -127,7 +127,7 @@ def start(env: dict[str, str]) -> subprocess.Popen[bytes]:
     out = open(paths.component_log("supervisord-stdout"), "ab")  # noqa: SIM115
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "supervisor.supervisord", "-c", str(conf)],
+            [sys.executable, "-m", "runtime.container.launch", "supervisord", "-c", str(conf)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
