@@ -160,6 +160,18 @@ def _base_python(reuse: Path) -> str:
     return str(reuse / "bin" / "python3")
 
 
+def deps_pth(reused: Path) -> str:
+    """The thin venv's .pth line: the reused site dir, and its own .pth files read as a
+    site dir's are (packages some .pth adds included), but for an editable install of
+    this project: ours is copied in, and that finder would point back at the checkout
+    and cost every program's start ~10 ms (it imports pathlib, re, urllib)."""
+    ours = f"__editable__.{DIST_NAME}-"
+    names = sorted(p.name for p in reused.glob("*.pth") if not p.name.startswith(ours))
+    where = repr(str(reused))
+    reads = "".join(f"; site.addpackage({where}, {name!r}, None)" for name in names)
+    return f"import site, sys; sys.path.append({where}){reads}\n"
+
+
 def install_venv_reusing(root: Path, source: Path, reuse: Path) -> Path:
     """A thin venv whose dependencies come from an existing one (a .pth line): seconds
     become milliseconds. Our packages are copied in, so the runtime cannot change
@@ -170,10 +182,7 @@ def install_venv_reusing(root: Path, source: Path, reuse: Path) -> Path:
     base = _base_python(reuse)
     subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True)
     site = _site_packages(venv)
-    # A site dir, not a plain path: the reused venv's own .pth files are read too, so
-    # the thin venv sees what the reused one sees (packages some .pth adds included).
-    reused = _site_packages(reuse)
-    (site / "secure-proxy-deps.pth").write_text(f"import site; site.addsitedir({str(reused)!r})\n")
+    (site / "secure-proxy-deps.pth").write_text(deps_pth(_site_packages(reuse)))
     for pkg in PACKAGES:
         shutil.copytree(source / pkg, site / pkg, ignore=_ignore)
     python = paths.venv_dir() / "bin" / "python"
