@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import os
 import signal
 import socket
@@ -18,18 +19,17 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from loguru import logger
+from mitmproxy.exceptions import OptionsError
+from mitmproxy.master import Master
+from mitmproxy.options import Options
 
 from runtime import paths
 from runtime.container.interceptor import make_addons
 from runtime.container.interceptor.gate import STREAM_LARGE_BODIES
 from runtime.container.interceptor.readiness import write_atomic
-
-if TYPE_CHECKING:
-    from mitmproxy.master import Master
-    from mitmproxy.options import Options
 
 UPSTREAM_BUNDLE_NAME = "upstream-trust.pem"
 SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -255,11 +255,6 @@ def _ca_loaded_once(tls_config: type) -> type:
 def make_master() -> Master:
     """mitmproxy's master with MITMPROXY_ADDONS (termlog first), then ours: every option
     is declared once this returns. Needs a running event loop."""
-    import importlib
-
-    from mitmproxy.master import Master
-    from mitmproxy.options import Options
-
     master = Master(Options(), with_termlog=True)
     for module, name in MITMPROXY_ADDONS:
         cls = getattr(importlib.import_module(f"mitmproxy.addons.{module}"), name)
@@ -270,8 +265,6 @@ def make_master() -> Master:
 
 async def serve(master: Master, options: dict[str, Any]) -> int:
     """Apply the options (the policy loads here, or nothing starts) and run until signalled."""
-    from mitmproxy.exceptions import OptionsError
-
     try:
         master.options.update(**options)
     except OptionsError as exc:
