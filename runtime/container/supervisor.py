@@ -182,6 +182,9 @@ class Component:
         )
 
 
+#: How often wait_ready looks for the markers (a stat each): the command starts at most
+#: this long after the last service is ready.
+MARKER_POLL = 0.01
 #: How often wait_ready asks supervisord for the programs' states (failure detection).
 STATE_POLL = 0.25
 #: How often wait_ready knocks until supervisord first answers. supervisord 4.3 spawns
@@ -242,7 +245,7 @@ def wait_ready(
             if elapsed > component.timeout:
                 raise SetupFailed(component.too_slow())
         if pending:
-            pause(0.05 if answered else KNOCK_POLL)
+            pause(MARKER_POLL if answered else KNOCK_POLL)
 
 
 def stop(sup: subprocess.Popen[bytes] | None, reaped: dict[int, int]) -> None:
