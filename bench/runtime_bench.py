@@ -171,6 +171,10 @@ def phases(ev: dict[str, float]) -> dict[str, float]:
         "init saw every marker": ready - t0,
         "command launch (setpriv, exec)": ev["first instruction"] - ready,
         "total: init exec to first instruction": ev["first instruction"] - t0,
+        # Not start-up: how long the init takes to stop the services once the command
+        # has exited (each run's exit waits for it).
+        "stop: command exited to supervisord stopped": ev["supervisord stopped"]
+        - ev["command exited (0)"],
     }
 
 
