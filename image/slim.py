@@ -100,17 +100,20 @@ def _import_all(package: str) -> None:
 def _run_interceptor_start() -> None:
     import asyncio
 
-    from mitmproxy.certs import CertStore
+    from mitmproxy.certs import DEFAULT_DHPARAM, CertStore
     from mitmproxy.net import encoding
 
     import runtime.container.interceptor.main as interceptor
+    from runtime.container.ca import new_ca
 
     async def build() -> None:
         interceptor.make_master()
 
     asyncio.run(build())
     with tempfile.TemporaryDirectory() as tmp:
-        CertStore.create_store(Path(tmp), "warm", 2048)
+        key, cert = new_ca()  # the CA as the init makes it (P-256)
+        (Path(tmp) / "warm-ca.pem").write_bytes(key + cert)
+        (Path(tmp) / "warm-dhparam.pem").write_bytes(DEFAULT_DHPARAM)
         store = CertStore.from_store(tmp, "warm", 2048)
         store.get_cert("warm.test", ["warm.test"])
     for codec in ("gzip", "deflate", "br", "zstd"):
