@@ -1,6 +1,7 @@
 """Runtime benchmark (a script, not a test): start-up phases and reload latency.
 
-    /opt/sp-venv/bin/python bench/runtime_bench.py [--quick] [--workers-only] [--json out.json]
+    /opt/sp-venv/bin/python bench/runtime_bench.py [--quick] [--workers-only | --startup-only]
+        [--starts N] [--json out.json]
 
 Run as root. Drives `copilot_here --engine sandbox` (the same init, supervisord,
 firewall and interceptor as the image) against the e2e test internet:
@@ -371,11 +372,17 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--workers-only", action="store_true", help="only the 1 vs 2 workers section")
+    ap.add_argument(
+        "--startup-only",
+        action="store_true",
+        help="only the start-up section (e.g. run alternately from two checkouts to compare)",
+    )
+    ap.add_argument("--starts", type=int, help="starts per config (default 5, --quick 2)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("run as root (namespaces, iptables)", file=sys.stderr)
         return 2
-    starts = 2 if args.quick else 5
+    starts = args.starts or (2 if args.quick else 5)
     reloads = 4 if args.quick else 12
     cleanup_leftovers()
     work = Path(tempfile.mkdtemp(prefix="sp-rtbench-", dir="/tmp"))
@@ -383,7 +390,8 @@ def main() -> int:
     source = stage_source(work / "src")
     out: dict[str, Any] = {"quick": args.quick}
     with Topology() as topo:
-        out["workers"] = workers_section(work, topo, source, args.quick)
+        if not args.startup_only:
+            out["workers"] = workers_section(work, topo, source, args.quick)
         if args.workers_only:
             if args.json:
                 args.json.write_text(json.dumps(out, indent=1))
@@ -398,6 +406,7 @@ def main() -> int:
             project = work / f"proj-{n}"
             project.mkdir(mode=0o755)
             write_config(project, config)
+            start_once(project, internet)  # warm-up (page cache, the test internet's start)
             runs = [phases(start_once(project, internet)) for _ in range(starts)]
             med = {k: median([r[k] for r in runs]) for k in runs[0]}
             out[f"startup, {label}"] = {"median_s": med, "runs": runs}
@@ -408,6 +417,12 @@ def main() -> int:
         out["startup baseline (unshare + command, no runtime) s"] = base
         total = out["startup, enforce config"]["median_s"]["total: init exec to first instruction"]
         print(f"start-up baseline, no runtime: {base * 1000:.0f} ms; runtime x{total / base:.0f}")
+        if args.startup_only:
+            topo.stop(internet.proc)
+            if args.json:
+                args.json.write_text(json.dumps(out, indent=1))
+            shutil.rmtree(work, ignore_errors=True)
+            return 0
 
         project = work / "proj-reload"
         project.mkdir(mode=0o755)
