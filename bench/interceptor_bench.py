@@ -39,6 +39,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from runtime.container import ca as container_ca  # noqa: E402
 from runtime.core.policy import Mode, Policy, make_rule  # noqa: E402
 from runtime.resolve import write_policy  # noqa: E402
 from tests.harness import Topology, cleanup_leftovers, python_bin, stage_source  # noqa: E402
@@ -124,6 +125,22 @@ Promise.all(Array.from({length: N}, worker)).then(() => {
   agent.destroy();
 });
 """
+
+
+def make_init_ca(confdir: Path, published: Path) -> None:
+    """The interceptor's CA as the init makes it (P-256, runtime.container.ca), not
+    the RSA one mitmproxy would make itself in an empty confdir: the handshakes
+    measured are the ones a container runs. Plain mitmproxy keeps its own (RSA)."""
+    saved = {k: os.environ.get(k) for k in ("SECURE_PROXY_CONFDIR", "SECURE_PROXY_CA_CERT")}
+    os.environ.update(SECURE_PROXY_CONFDIR=str(confdir), SECURE_PROXY_CA_CERT=str(published))
+    try:
+        container_ca.make_ca((PROXY_UID, PROXY_UID))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def sh(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -320,6 +337,7 @@ def main() -> int:
         ) -> tuple[subprocess.Popen[Any], Path]:
             marker = work / rundir / "ready"
             err = work / f"interceptor-{port}.log"
+            make_init_ca(work / confdir, work / cadir / "ca.pem")
             with err.open("w") as handle:
                 proc = topo.box_popen(
                     [

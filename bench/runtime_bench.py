@@ -363,6 +363,14 @@ def workers_section(work: Path, topo: Topology, source: str, quick: bool) -> dic
     }
 
 
+def cpu_probe() -> float:
+    """Seconds one core takes for a fixed piece of pure Python: this shared VM's speed
+    moves by a third from hour to hour, so runs at different moments compare by it."""
+    t = time.perf_counter()
+    sum(range(30_000_000))
+    return time.perf_counter() - t
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -388,7 +396,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="sp-rtbench-", dir="/tmp"))
     work.chmod(0o755)
     source = stage_source(work / "src")
-    out: dict[str, Any] = {"quick": args.quick}
+    out: dict[str, Any] = {"quick": args.quick, "cpu_probe_s": cpu_probe()}
+    print(f"CPU probe (sum(range(30M)) on one core): {out['cpu_probe_s']:.3f} s", flush=True)
     with Topology() as topo:
         if not args.startup_only:
             out["workers"] = workers_section(work, topo, source, args.quick)
