@@ -55,8 +55,23 @@ def _under(root: Path, path: Path) -> Path:
     return root / path.relative_to("/")
 
 
-def _ignore(_dir: str, names: list[str]) -> set[str]:
-    return {n for n in names if n == "__pycache__" or n.endswith((".pyc", ".pyo"))}
+def _ignore(directory: str, names: list[str]) -> set[str]:
+    # __pycache__ is copied: a .pyc there names its source's mtime and size, which the
+    # copy keeps (copy2), so Python uses a valid one and recompiles a stale one.
+    if Path(directory).name == "__pycache__":
+        return set()
+    return {n for n in names if n.endswith((".pyc", ".pyo"))}
+
+
+def compile_packages(site: Path) -> None:
+    """Bytecode for our copied packages, as the image has (slim warm): without it every
+    program compiles them at each start (the runtime's directories are root's, the
+    services run as proxy-user, and PYTHONDONTWRITEBYTECODE may be set): ~40 ms more per
+    program, eight programs at once. Up-to-date ones (copied) are only checked."""
+    import compileall
+
+    for pkg in PACKAGES:
+        compileall.compile_dir(site / pkg, quiet=2, workers=1)
 
 
 DIST_NAME = "copilot_here_secure_proxy"  # the distribution's name, as in its dist-info
@@ -185,6 +200,7 @@ def install_venv_reusing(root: Path, source: Path, reuse: Path) -> Path:
     (site / "secure-proxy-deps.pth").write_text(deps_pth(_site_packages(reuse)))
     for pkg in PACKAGES:
         shutil.copytree(source / pkg, site / pkg, ignore=_ignore)
+    compile_packages(site)
     python = paths.venv_dir() / "bin" / "python"
     scripts = {**console_scripts(source), **EXTRA_SCRIPTS}
     for name, target in scripts.items():
