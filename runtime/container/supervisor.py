@@ -42,16 +42,18 @@ def rpc() -> Any:
     ).supervisor
 
 
-def knock() -> None:
+def knock() -> bool:
     """Wake supervisord's loop: a connection to its socket. It acts (spawns, stops the
     next group, exits) only when its poll returns, which is after 1 s unless something
-    arrives on one of its descriptors; a program's exit is not always such a thing."""
-    with (
-        contextlib.suppress(OSError),
-        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock,
-    ):
-        sock.settimeout(0.2)
-        sock.connect(str(paths.supervisor_socket()))
+    arrives on one of its descriptors; a program's exit is not always such a thing.
+    True when supervisord took the connection."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.2)
+            sock.connect(str(paths.supervisor_socket()))
+    except OSError:
+        return False
+    return True
 
 
 def process_info(name: str) -> dict[str, Any] | None:
@@ -243,9 +245,11 @@ def wait_ready(
             if not look:
                 continue
             info = process_info(component.name)
-            if info is None and not answered:
-                next_look = elapsed  # not listening yet: knock again at the next poll
-            answered = answered or info is not None
+            if not answered:
+                # A fault is an answer too; only a socket that takes no connection is not.
+                answered = info is not None or knock()
+                if not answered:
+                    next_look = elapsed  # not listening yet: knock again at the next poll
             why = component.failure(info)
             if not why and backoff_fails and (info or {}).get("statename") == "BACKOFF":
                 why = f"The {component.name} exited while starting. Log: {component.log}\n"

@@ -87,6 +87,7 @@ def test_until_supervisord_answers_it_is_asked_at_once_not_every_state_poll(
         return {"statename": "STARTING"}
 
     monkeypatch.setattr(supervisor, "process_info", info)
+    monkeypatch.setattr(supervisor, "knock", lambda: clock.now >= listening_at)
 
     def pause(seconds: float) -> None:
         clock.pause(seconds)
@@ -98,3 +99,21 @@ def test_until_supervisord_answers_it_is_asked_at_once_not_every_state_poll(
     assert first_answer[0] - listening_at <= supervisor.KNOCK_POLL + 1e-9
     later = [t for t in first_answer if t > first_answer[0] + 1e-9]
     assert len(later) <= 3 * (1.0 / supervisor.STATE_POLL + 1)  # then every STATE_POLL
+
+
+def test_a_fault_is_an_answer_the_knocking_stops(tmp_path, monkeypatch, clock) -> None:
+    """process_info is None on an XML-RPC fault too (a name supervisord does not know):
+    supervisord answered, so the polls slow to MARKER_POLL and STATE_POLL, and a
+    component that never becomes ready still ends the wait at its timeout."""
+    asked: list[float] = []
+
+    def info(name: str) -> None:
+        asked.append(clock.now)
+        return None
+
+    monkeypatch.setattr(supervisor, "process_info", info)
+    monkeypatch.setattr(supervisor, "knock", lambda: True)
+    with pytest.raises(SetupFailed, match="did not report a verified lock"):
+        supervisor.wait_ready(components(tmp_path)[:1], clock.pause)
+    assert clock.now == pytest.approx(130.0, abs=0.3)
+    assert len(asked) <= 30 / supervisor.STATE_POLL + 2  # not every KNOCK_POLL
