@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +66,8 @@ def take(environ: MutableMapping[str, str]) -> Tokens:
 def swap(tokens: Tokens, owner: tuple[int, int], path: Path | None = None) -> Tokens:
     """Placeholders for the tokens, the pairs written for the interceptor. A token too
     short to stand in for (runtime.core.credentials.MIN_RANDOM) stays as it is."""
+    import secrets  # here: hmac and OpenSSL's hashes cost every start ~5 ms, most need none
+
     for value in dict.fromkeys(tokens.by_name.values()):
         made = placeholder_for(value, secrets.choice)
         if made is not None:
