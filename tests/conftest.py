@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,3 +52,12 @@ def staged_source() -> Iterator[str]:
     path = stage_source(base)
     yield path
     shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def project() -> Iterator[Path]:
+    """A fresh project directory (world-readable: the sandbox's users traverse it)."""
+    path = Path(tempfile.mkdtemp(prefix="sp-proj-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

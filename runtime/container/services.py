@@ -156,6 +156,17 @@ class ServicesDown(SetupFailed):
     """switch: the firewall is at the new, stricter level, but its services are not up."""
 
 
+def move_firewall(new: LockLevel) -> None:
+    """Re-apply the firewall (it reads the level from policy.json); SetupFailed if it
+    cannot."""
+    why = supervisor.run_once("firewall", FIREWALL_TIMEOUT)
+    if why is not None:
+        raise SetupFailed(
+            f"the firewall could not move to level {new.value}: {why} "
+            f"(log: {paths.component_log('firewall')})"
+        )
+
+
 def switch(old: LockLevel, new: LockLevel) -> None:
     """From one level to another, after policy.json changed. Raises SetupFailed.
 
@@ -186,24 +197,14 @@ def switch(old: LockLevel, new: LockLevel) -> None:
         for name in staying:
             with contextlib.suppress(*supervisor.RPC_ERRORS):
                 supervisor.signal_process(namespec(name), "HUP")
-        why = supervisor.run_once("firewall", FIREWALL_TIMEOUT)
-        if why is not None:
-            raise SetupFailed(
-                f"the firewall could not move to level {new.value}: {why} "
-                f"(log: {paths.component_log('firewall')})"
-            ) from exc
+        move_firewall(new)
         raise ServicesDown(
             f"level {new.value} is in force but its services did not start ({exc}); "
             "traffic to them fails closed"
         ) from exc
     for name in staying:
         supervisor.signal_process(namespec(name), "HUP")
-    why = supervisor.run_once("firewall", FIREWALL_TIMEOUT)
-    if why is not None:
-        raise SetupFailed(
-            f"the firewall could not move to level {new.value}: {why} "
-            f"(log: {paths.component_log('firewall')})"
-        )
+    move_firewall(new)
     for name in SERVICES[old]:
         if name not in SERVICES[new]:
             supervisor.stop_program(namespec(name))

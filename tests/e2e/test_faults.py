@@ -151,15 +151,7 @@ class Matrix:
         return sorted(re.findall(r"pid (\d+)", out))
 
     def states(self) -> dict[str, str]:
-        """Program -> state; a group (the interceptor's workers) is RUNNING when all are."""
-        out = self.s.root(["supervisorctl", "status"]).stdout
-        states: dict[str, str] = {}
-        for ln in out.splitlines():
-            if len(ln.split()) > 1:
-                name, state = ln.split()[0].split(":", 1)[0], ln.split()[1]
-                if states.get(name, "RUNNING") == "RUNNING":
-                    states[name] = state
-        return states
+        return self.s.program_states()
 
     def wait_running(self, name: str, not_pid: str, limit: float = 15) -> str:
         """The program's new pid once supervisord has it RUNNING again."""

@@ -71,14 +71,6 @@ def internet(module_topology, staged_source) -> Iterator[Internet]:
     shutil.rmtree(work, ignore_errors=True)
 
 
-@pytest.fixture
-def project() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="sp-proj-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def test_connections_from_outside_never_reach_a_listening_agent(internet, project):
     write_config(project, enforce("api.github.com"))
     # The agent's stdin is a pipe we write to: a FIFO in the project tells it when to stop.

@@ -15,11 +15,8 @@ import json
 import os
 import secrets
 import shlex
-import shutil
 import stat
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,14 +25,6 @@ from tests.harness import python_bin
 from tests.harness.sandbox import Session, enforce, host_logs, run_cli, sh, write_config
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def project() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="sp-proj-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

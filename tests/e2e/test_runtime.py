@@ -41,14 +41,6 @@ def internet(module_topology, staged_source) -> Iterator[Internet]:
     shutil.rmtree(work, ignore_errors=True)
 
 
-@pytest.fixture
-def project() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="sp-proj-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 FIREWALL = ["/opt/secure-proxy/venv/bin/secure-proxy-firewall"]
 # As supervisor.d/firewall.conf runs it.
 FIREWALL_ARGS = [

@@ -85,14 +85,6 @@ def net(module_topology, staged_source, real_token) -> Iterator[Net]:
     shutil.rmtree(work, ignore_errors=True)
 
 
-@pytest.fixture
-def project() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="sp-proj-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def copilot_cli() -> str:
     if not os.access(COPILOT, os.X_OK) or not os.stat(COPILOT).st_mode & stat.S_IXOTH:
         pytest.fail(

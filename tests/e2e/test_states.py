@@ -175,14 +175,6 @@ def net(module_topology, staged_source) -> Iterator[Net]:
     shutil.rmtree(work, ignore_errors=True)
 
 
-@pytest.fixture
-def project() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="sp-proj-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def traffic(project: Path) -> list[dict]:
     """The log's records, one per request or query (an HTTP request's start line is
     followed by its end line: the end line stands for it)."""
@@ -209,19 +201,6 @@ def marked(lines: list[str], tag: str) -> dict[str, Any]:
 
 def probe(net: Net, *names: str) -> list[str]:
     return [python_bin(), "-c", PROBE, net.ip, *names]
-
-
-def states(s: Session) -> dict[str, str]:
-    """supervisorctl status as program -> state; a group (the interceptor's workers) is
-    RUNNING when all its processes are."""
-    out = s.root(["supervisorctl", "status"]).stdout
-    states: dict[str, str] = {}
-    for ln in out.splitlines():
-        if len(ln.split()) > 1:
-            name, state = ln.split()[0].split(":", 1)[0], ln.split()[1]
-            if states.get(name, "RUNNING") == "RUNNING":
-                states[name] = state
-    return states
 
 
 def stdout_lines(s: Session, until: str, timeout: float = 60) -> list[str]:
@@ -306,7 +285,7 @@ def test_disabled_with_log_intercepts_web_ports_only(net, project):
         rules = our_rules(s)
         assert "SECURE_PROXY_NAT" in rules and "--dport 53" not in rules, rules
         assert "SECURE_PROXY_OUT" not in rules and "SECURE_PROXY_IN" not in rules, rules
-        running = states(s)
+        running = s.program_states()
         assert running["interceptor"] == "RUNNING" and running["dnsguard"] != "RUNNING", running
     records = traffic(project)
     assert [(r.get("kind", "http"), r["host"], r["path"]) for r in records] == [
@@ -438,7 +417,7 @@ def test_writable_config_switches_rules_on_and_off_during_the_run(net, project):
             s.wait_for(lambda line: line == "LOOP-START")
             _all_for(s, {blocked: 200, allowed: 200}, 1.0)
             assert our_rules(s) == ""
-            running = states(s)
+            running = s.program_states()
             assert running["reloader"] == "RUNNING", running
             assert running["interceptor"] != "RUNNING" and running["dnsguard"] != "RUNNING"
 
@@ -449,7 +428,7 @@ def test_writable_config_switches_rules_on_and_off_during_the_run(net, project):
             _all_for(s, {blocked: 403, allowed: 200}, 2.0)
             rules = our_rules(s)
             assert "SECURE_PROXY_OUT" in rules and "--to-ports 58053" in rules, rules
-            running = states(s)
+            running = s.program_states()
             assert running["dnsguard"] == running["interceptor"] == "RUNNING", running
             verify = s.root(FIREWALL)
             assert verify.returncode == 0, verify.stdout + verify.stderr
@@ -464,7 +443,7 @@ def test_writable_config_switches_rules_on_and_off_during_the_run(net, project):
             # machine that verify may still run when the traffic already flows freely.
             deadline = time.monotonic() + 15
             while True:
-                running = states(s)
+                running = s.program_states()
                 up = sorted(n for n, st in running.items() if st == "RUNNING")
                 if up == ["logguard", "reloader"]:
                     break

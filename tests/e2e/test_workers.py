@@ -88,14 +88,6 @@ def internet(module_topology, staged_source) -> Iterator[Internet]:
     shutil.rmtree(work, ignore_errors=True)
 
 
-@pytest.fixture
-def project() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="sp-proj-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def config(workers: int) -> dict:
     return {**enforce("api.github.com"), "workers": workers}
 

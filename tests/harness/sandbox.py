@@ -296,6 +296,18 @@ class Session:
             env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
         )
 
+    def program_states(self) -> dict[str, str]:
+        """supervisorctl status as program -> state; a group (the interceptor's workers)
+        is RUNNING when all its processes are."""
+        out = self.root(["supervisorctl", "status"]).stdout
+        states: dict[str, str] = {}
+        for ln in out.splitlines():
+            if len(ln.split()) > 1:
+                name, state = ln.split()[0].split(":", 1)[0], ln.split()[1]
+                if states.get(name, "RUNNING") == "RUNNING":
+                    states[name] = state
+        return states
+
 
 def client_script(code: str) -> list[str]:
     """argv running a Python snippet with the sandbox's (reused) interpreter."""
