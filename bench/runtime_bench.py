@@ -224,9 +224,9 @@ def reload_runs(project: Path, internet: Internet, count: int) -> list[dict[str,
                 handle.write(json.dumps(enforce(*hosts)))
             line = s.wait_for(lambda ln, w=want: ln.startswith("STATUS") and ln.endswith(w), 10)
             results.append({"write": t0, "judged": float(line.split()[1])})
-        logs = [
-            s.root(["cat", f"/var/log/secure-proxy/interceptor_{n}.log"]).stdout for n in range(8)
-        ]
+        shared = s.root(["cat", "/var/log/secure-proxy/interceptor.log"]).stdout.splitlines()
+        # The workers share one log, each line naming its worker.
+        logs = ["\n".join(ln for ln in shared if f"| worker {n} |" in ln) for n in range(8)]
     # Per worker, its reload times; an edit counts as reloaded once every worker has it.
     reloaded = [
         [
@@ -258,7 +258,7 @@ def workers_once(project: Path, internet: Internet, workers: int, quick: bool) -
     # Each worker's CPU time (utime + stime, in ticks) around each load: how busy the
     # processes were, so how the work divided between them.
     cpu = (
-        "cpu() { for p in $(pgrep -u proxy-user -f 'secure-proxy-interceptor --worker'); do "
+        "cpu() { for p in $(pgrep -u proxy-user '^interceptor-'); do "
         'echo "CPU $1 $p $(cut -d" " -f14,15 /proc/$p/stat)"; done; }'
     )
     script = "; ".join(

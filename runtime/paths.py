@@ -164,11 +164,6 @@ def component_log(name: str) -> Path:
     return component_log_dir() / f"{name}.log"
 
 
-def interceptor_log(worker: int = 0) -> Path:
-    """Interceptor worker n's own log (supervisor.d/interceptor.conf)."""
-    return component_log(f"interceptor_{worker}")
-
-
 def state_dir() -> Path:
     """proxy-user's private state: the mitmproxy confdir with the CA key lives here."""
     return _path("SECURE_PROXY_STATE_DIR", "/var/lib/secure-proxy")

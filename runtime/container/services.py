@@ -17,10 +17,11 @@ supervisord.conf's programs take `autostart` from the SECURE_PROXY_START_<NAME>
 variables the init gives it (autostart_env()), so one set of program files
 serves every level.
 
-The interceptor is a group of N processes (the config's `workers`, resolved once by
-the init into WORKERS_ENV, which supervisord, the firewall and the reloader inherit):
-interceptor:interceptor_0 .. _N-1, worker n on port 58080+n with its own marker.
-Ready means all N ready; a reload signals all N.
+The interceptor is one supervisord program whose process forks N workers (the
+config's `workers`, resolved once by the init into WORKERS_ENV, which supervisord,
+the firewall and the reloader inherit; interceptor/pool.py): worker n on port
+58080+n with its own marker. Ready means all N ready; a reload signals the pool,
+which passes it to all N.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from runtime.container import supervisor
 from runtime.container.console import SetupFailed
 from runtime.core.config import AUTO_WORKERS_MAX
 
-#: The number of interceptor processes for this run (supervisor.d/interceptor.conf's
-#: numprocs, the firewall's --workers): set by the init, inherited by everything after.
+#: The number of interceptor workers for this run (supervisor.d/interceptor.conf's
+#: --workers, the firewall's --workers): set by the init, inherited by everything after.
 WORKERS_ENV = "SECURE_PROXY_INTERCEPTOR_WORKERS"
 
 FIREWALL_TIMEOUT = float(os.environ.get("SECURE_PROXY_FIREWALL_TIMEOUT", "30"))
@@ -96,30 +97,13 @@ def workers() -> int:
         return 1
 
 
-def worker_name(n: int) -> str:
-    """supervisord's name for interceptor worker n."""
-    return f"interceptor:interceptor_{n}"
-
-
-def namespec(name: str) -> str:
-    """The name supervisord's start/stop/signal take for a program: the interceptor's
-    whole group."""
-    return "interceptor:*" if name == "interceptor" else name
-
-
 def components(name: str) -> list[supervisor.Component]:
     """What readiness means for one program: its marker (the interceptor: N of them)."""
     if name == "firewall":
         return [supervisor.Component(name, paths.firewall_marker(), FIREWALL_TIMEOUT, True)]
     if name == "interceptor":
         return [
-            supervisor.Component(
-                worker_name(n),
-                paths.interceptor_marker(n),
-                INTERCEPTOR_TIMEOUT,
-                False,
-                paths.interceptor_log(n),
-            )
+            supervisor.Component(name, paths.interceptor_marker(n), INTERCEPTOR_TIMEOUT, False)
             for n in range(workers())
         ]
     if name == "dnsguard":
@@ -142,7 +126,7 @@ def signal_services(level: LockLevel) -> list[str]:
     failed = []
     for name in SERVICES[level]:
         try:
-            supervisor.signal_process(namespec(name), "HUP")
+            supervisor.signal_process(name, "HUP")
         except supervisor.RPC_ERRORS as exc:
             failed.append(f"{name}: {exc}")
     return failed
@@ -183,7 +167,7 @@ def switch(old: LockLevel, new: LockLevel) -> None:
     stricter = LEVELS.index(new) > LEVELS.index(old)
     try:
         for name in starting:
-            supervisor.start_program(namespec(name))
+            supervisor.start_program(name)
         supervisor.wait_ready(
             [c for name in starting for c in components(name)], time.sleep, backoff_fails=stricter
         )
@@ -196,15 +180,15 @@ def switch(old: LockLevel, new: LockLevel) -> None:
         # (supervisord keeps retrying the services; once up they serve).
         for name in staying:
             with contextlib.suppress(*supervisor.RPC_ERRORS):
-                supervisor.signal_process(namespec(name), "HUP")
+                supervisor.signal_process(name, "HUP")
         move_firewall(new)
         raise ServicesDown(
             f"level {new.value} is in force but its services did not start ({exc}); "
             "traffic to them fails closed"
         ) from exc
     for name in staying:
-        supervisor.signal_process(namespec(name), "HUP")
+        supervisor.signal_process(name, "HUP")
     move_firewall(new)
     for name in SERVICES[old]:
         if name not in SERVICES[new]:
-            supervisor.stop_program(namespec(name))
+            supervisor.stop_program(name)

@@ -66,42 +66,27 @@ def process_info(name: str) -> dict[str, Any] | None:
 
 ALREADY_STARTED = 60  # supervisor.xmlrpc.Faults
 NOT_RUNNING = 70
-SUCCESS = 80
-
-
-def _group_result(result: Any, ignore: int | None = None) -> None:
-    """A call on a whole group (`name:*`) answers one status per process instead of
-    raising: the first failure (but `ignore`) is raised as the Fault it stands for."""
-    if not isinstance(result, list):
-        return
-    for item in result:
-        status = item.get("status") if isinstance(item, dict) else None
-        if status not in (SUCCESS, ignore):
-            raise xmlrpc.client.Fault(
-                int(status or 0),
-                f"{item.get('group')}:{item.get('name')}: {item.get('description')}",
-            )
 
 
 def signal_process(name: str, signame: str) -> None:
-    """Signal a program, or a group as `name:*`, through supervisord (it knows the pids,
-    also across restarts). Raises one of RPC_ERRORS when that fails."""
-    _group_result(rpc().signalProcess(name, signame))
+    """Signal a program through supervisord (it knows the pid, also across restarts).
+    Raises one of RPC_ERRORS when that fails."""
+    rpc().signalProcess(name, signame)
 
 
 def start_program(name: str) -> None:
-    """Start a program or a group (no-op for what runs); its readiness is its marker."""
+    """Start a program (no-op when it runs); its readiness is its marker."""
     try:
-        _group_result(rpc().startProcess(name, False), ALREADY_STARTED)
+        rpc().startProcess(name, False)
     except xmlrpc.client.Fault as exc:
         if exc.faultCode != ALREADY_STARTED:
             raise
 
 
 def stop_program(name: str) -> None:
-    """Stop a program or a group and wait until it has (no-op when it does not run)."""
+    """Stop a program and wait until it has (no-op when it does not run)."""
     try:
-        _group_result(rpc().stopProcess(name, True), NOT_RUNNING)
+        rpc().stopProcess(name, True)
     except xmlrpc.client.Fault as exc:
         if exc.faultCode != NOT_RUNNING:
             raise
@@ -283,39 +268,32 @@ def stop(sup: subprocess.Popen[bytes] | None, reaped: dict[int, int]) -> None:
     reap_zombies(reaped)
 
 
-def group_info(group: str) -> list[dict[str, Any]] | None:
-    """supervisord's view of every process of a group, None when it does not answer."""
-    try:
-        return [i for i in rpc().getAllProcessInfo() if i.get("group") == group]
-    except RPC_ERRORS:
-        return None
-
-
 class CrashWatch(threading.Thread):
-    """Tells the user once if an interceptor process keeps crashing (the web traffic
-    it would take stays blocked)."""
+    """Tells the user once if the interceptor keeps crashing (the web traffic it would
+    take stays blocked). Its pool forks a dead worker again and exits when one keeps
+    dying, so supervisord's restarts of the pool are what counts here."""
 
     def __init__(self) -> None:
         super().__init__(name="crash-watch", daemon=True)
         self.stop = threading.Event()
 
     def run(self) -> None:
-        starts: dict[str, list[float]] = {}
-        last_pid: dict[str, int] = {}
+        starts: list[float] = []
+        last_pid: int | None = None
         while not self.stop.wait(1.0):
-            infos = group_info("interceptor")
-            for info in infos or []:
-                name = str(info.get("name"))
-                pid = info.get("pid") or None
-                if pid and pid != last_pid.get(name):
-                    if name in last_pid:
-                        starts.setdefault(name, []).append(time.monotonic())
-                    last_pid[name] = pid
-                recent = [t for t in starts.get(name, []) if time.monotonic() - t < 60]
-                if info.get("statename") in ("FATAL", "BACKOFF") or len(recent) >= 3:
-                    log = paths.component_log(name)
-                    say(
-                        f"\n[Network] The interceptor keeps crashing (see {log}); outbound "
-                        "web traffic stays blocked until it recovers."
-                    )
-                    return
+            info = process_info("interceptor")
+            if info is None:
+                continue
+            pid = info.get("pid") or None
+            if pid and pid != last_pid:
+                if last_pid is not None:
+                    starts.append(time.monotonic())
+                last_pid = pid
+            recent = [t for t in starts if time.monotonic() - t < 60]
+            if info.get("statename") in ("FATAL", "BACKOFF") or len(recent) >= 3:
+                say(
+                    f"\n[Network] The interceptor keeps crashing (see "
+                    f"{paths.component_log('interceptor')}); outbound web traffic stays "
+                    "blocked until it recovers."
+                )
+                return

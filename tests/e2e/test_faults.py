@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shutil
 import subprocess
@@ -75,17 +74,6 @@ URLS = [
 ]
 POLICY = enforce("api.github.com", "*.allowed.test", "badca.test", "wrongname.test")
 PROGRAMS = ("interceptor", "dnsguard", "reloader", "logguard")
-
-
-def first_process(program: str) -> str:
-    """supervisord's name for a program's (first) process: the interceptor is a group of
-    workers (the config's "workers", tests/e2e/test_workers.py), the others one each."""
-    return "interceptor:interceptor_0" if program == "interceptor" else program
-
-
-def whole(program: str) -> str:
-    """supervisorctl's name for all of a program's processes."""
-    return "interceptor:*" if program == "interceptor" else program
 
 
 FIREWALL = [
@@ -142,13 +130,25 @@ class Matrix:
         return out
 
     def pid(self, name: str) -> str:
-        """The program's pid; the interceptor's: its first worker's (of the group)."""
-        return self.root(["supervisorctl", "pid", first_process(name)]).stdout.strip()
+        """The program's pid (supervisord's process; the interceptor's: its pool)."""
+        return self.root(["supervisorctl", "pid", name]).stdout.strip()
 
     def pids(self, program: str) -> list[str]:
-        """The pids of all of a program's processes (the interceptor: every worker's)."""
-        out = self.root(["supervisorctl", "status", whole(program)]).stdout
-        return sorted(re.findall(r"pid (\d+)", out))
+        """The pids of all of a program's processes (the interceptor: its pool's and
+        every worker's)."""
+        pid = self.pid(program)
+        workers = self.s.root(["pgrep", "-P", pid]).stdout.split()
+        return sorted([pid, *workers])
+
+    def wait_worker_again(self, n: int, not_pid: str, limit: float = 15) -> str:
+        """Interceptor worker n's new pid once its pool has forked it again."""
+        deadline = time.monotonic() + limit
+        while True:
+            pid = str(self.s.worker_pid(n))
+            if pid not in (not_pid, "0"):
+                return pid
+            assert time.monotonic() < deadline, (n, not_pid)
+            time.sleep(0.1)
 
     def states(self) -> dict[str, str]:
         return self.s.program_states()
@@ -279,17 +279,32 @@ def matrix(module_topology, staged_source) -> Iterator[Matrix]:
 # --------------------------------------------------------------------------- 1-3 processes
 
 
-def test_interceptor_killed_with_9_is_restarted(matrix: Matrix):
-    before = matrix.pid("interceptor")
-    _, stats = matrix.case(
-        "interceptor kill -9",
-        "An interceptor process (the first of the workers) dies mid-traffic: the new "
-        "connections sent to it fail closed (refused) until "
-        "supervisord restarts it, nothing goes around it, the command keeps running.",
+def test_interceptor_worker_killed_with_9_is_forked_again(matrix: Matrix):
+    pool, before = matrix.pid("interceptor"), str(matrix.s.worker_pid(0))
+    matrix.case(
+        "interceptor worker kill -9",
+        "An interceptor worker (the first) dies mid-traffic: the connections it held "
+        "and the new ones sent to it fail closed (refused) until its pool forks it again, "
+        "nothing goes around it, the command keeps running.",
         lambda c: matrix.root(["kill", "-9", before]),
     )
-    matrix.wait_running("interceptor", before)
+    matrix.wait_worker_again(0, before)
+    assert matrix.pid("interceptor") == pool  # the pool forked it; supervisord did nothing
+
+
+def test_interceptor_killed_with_9_is_restarted(matrix: Matrix):
+    before, pool = matrix.pids("interceptor"), matrix.pid("interceptor")
+    _, stats = matrix.case(
+        "interceptor kill -9",
+        "The interceptor's pool dies mid-traffic and its workers with it: connections "
+        "fail closed (refused) until supervisord restarts it, nothing goes around it, "
+        "the command keeps running.",
+        lambda c: matrix.root(["kill", "-9", pool]),
+    )
+    pool = matrix.wait_running("interceptor", pool)
     assert stats.failed > 0, stats  # the outage was real
+    workers = matrix.s.root(["pgrep", "-P", pool]).stdout.split()
+    assert workers and not set(workers) & set(before), (workers, before)
 
 
 @pytest.mark.parametrize("program", PROGRAMS)
@@ -297,8 +312,8 @@ def test_supervisorctl_restart(matrix: Matrix, program: str):
     before = matrix.pid(program)
 
     def restart(case: Case) -> None:
-        out = matrix.root(["supervisorctl", "restart", whole(program)], timeout=30).stdout
-        assert f"{first_process(program)}: started" in out, out
+        out = matrix.root(["supervisorctl", "restart", program], timeout=30).stdout
+        assert f"{program}: started" in out, out
 
     matrix.case(
         f"supervisorctl restart {program}",

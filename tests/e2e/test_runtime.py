@@ -191,8 +191,9 @@ def test_interceptor_restart_and_kill9_fail_closed_then_recover(internet, projec
                 assert time.time() - t0 < 20, seen
 
         for action in (
-            ["supervisorctl", "restart", "interceptor:*"],
-            ["sh", "-c", "kill -9 $(supervisorctl pid interceptor:interceptor_0)"],
+            ["supervisorctl", "restart", "interceptor"],
+            ["sh", "-c", "kill -9 $(pgrep -x interceptor-0)"],  # a worker: its pool forks it
+            ["sh", "-c", "kill -9 $(supervisorctl pid interceptor)"],  # the pool and its workers
         ):
             seen = phase(action)
             # During the outage requests failed (refused), never went around the proxy;
@@ -414,9 +415,9 @@ def test_user_is_told_once_when_the_interceptor_keeps_crashing(internet, project
     with Session(project, ["--", *sh("echo UP; sleep 30")], internet) as s:
         s.wait_for(lambda line: line == "UP")
         for _ in range(4):
-            s.root(["sh", "-c", "kill -9 $(supervisorctl pid interceptor:interceptor_0)"])
+            s.root(["sh", "-c", "kill -9 $(supervisorctl pid interceptor)"])
             deadline = time.monotonic() + 10
-            while "RUNNING" not in s.root(["supervisorctl", "status", "interceptor:*"]).stdout:
+            while "RUNNING" not in s.root(["supervisorctl", "status", "interceptor"]).stdout:
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
             time.sleep(1.2)  # let init's watcher see each new pid

@@ -373,14 +373,14 @@ def test_dnsguard_restarts_alone(net, project):
                 assert time.time() - t0 < 15, "never resolved after the restart"
 
         resolved_after(0)
-        interceptor, guard = pid("interceptor:interceptor_0"), pid("dnsguard")
+        interceptor, guard = pid("interceptor"), pid("dnsguard")
         assert guard.isdigit() and interceptor.isdigit()
         restart = s.root(["supervisorctl", "restart", "dnsguard"])
         assert restart.returncode == 0, restart.stdout + restart.stderr
         t0 = time.time()
         resolved_after(t0)
         assert pid("dnsguard") not in (guard, "", "0")
-        assert pid("interceptor:interceptor_0") == interceptor
+        assert pid("interceptor") == interceptor
         verify = s.root(FIREWALL)
         assert verify.returncode == 0, verify.stdout + verify.stderr
     # Before, during and after the restart, the other name never left the sandbox.

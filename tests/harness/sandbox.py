@@ -296,9 +296,15 @@ class Session:
             env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
         )
 
+    def worker_pid(self, n: int) -> int:
+        """Interceptor worker n's pid (the pool names it interceptor-n), 0 when there is
+        none."""
+        out = self.root(["pgrep", "-x", f"interceptor-{n}"]).stdout.split()
+        return int(out[0]) if len(out) == 1 else 0
+
     def program_states(self) -> dict[str, str]:
-        """supervisorctl status as program -> state; a group (the interceptor's workers)
-        is RUNNING when all its processes are."""
+        """supervisorctl status as program -> state; a group is RUNNING when all its
+        processes are."""
         out = self.root(["supervisorctl", "status"]).stdout
         states: dict[str, str] = {}
         for ln in out.splitlines():

@@ -1,13 +1,9 @@
-"""The interceptor's workers as the init resolves them and supervisord names them."""
+"""The interceptor's workers as the init resolves them and waits for them."""
 
 from __future__ import annotations
 
-import xmlrpc.client
-
-import pytest
-
 from runtime import paths
-from runtime.container import services, supervisor
+from runtime.container import services
 
 
 def test_auto_is_the_cores_at_most_four(monkeypatch):
@@ -21,23 +17,13 @@ def test_readiness_waits_for_every_worker(monkeypatch, tmp_path):
     monkeypatch.setenv("SECURE_PROXY_RUN_DIR", str(tmp_path))
     monkeypatch.setenv(services.WORKERS_ENV, "3")
     parts = services.components("interceptor")
-    assert [c.name for c in parts] == [f"interceptor:interceptor_{n}" for n in range(3)]
+    # One supervisord program (the pool), one marker per worker, one shared log.
+    assert [c.name for c in parts] == ["interceptor"] * 3
     assert [c.marker.name for c in parts] == [
         "interceptor.ready",
         "interceptor-1.ready",
         "interceptor-2.ready",
     ]
-    assert parts[2].log == paths.component_log_dir() / "interceptor_2.log"
-    assert services.namespec("interceptor") == "interceptor:*"
-    assert services.namespec("dnsguard") == "dnsguard"
+    assert {c.log for c in parts} == {paths.component_log_dir() / "interceptor.log"}
     monkeypatch.delenv(services.WORKERS_ENV)
     assert len(services.components("interceptor")) == 1
-
-
-def test_a_group_call_fails_on_any_process_but_the_ignored_fault():
-    ok = {"name": "interceptor_0", "group": "interceptor", "status": supervisor.SUCCESS}
-    running = {**ok, "name": "interceptor_1", "status": supervisor.ALREADY_STARTED}
-    supervisor._group_result([ok, running], supervisor.ALREADY_STARTED)
-    supervisor._group_result(True)  # one process: no list
-    with pytest.raises(xmlrpc.client.Fault, match="interceptor:interceptor_1"):
-        supervisor._group_result([ok, {**running, "status": 50, "description": "SPAWN_ERROR"}])

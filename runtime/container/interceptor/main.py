@@ -27,7 +27,7 @@ from mitmproxy.master import Master
 from mitmproxy.options import Options
 
 from runtime import paths
-from runtime.container.interceptor import make_addons
+from runtime.container.interceptor import make_addons, pool
 from runtime.container.interceptor.gate import STREAM_LARGE_BODIES
 from runtime.container.interceptor.readiness import write_atomic
 
@@ -84,12 +84,18 @@ CLI: tuple[Flag, ...] = (
     ),
     Flag("--port", "listen_port", default=lambda: paths.INTERCEPTOR_PORT),
     Flag(
+        "--workers",
+        None,
+        help="import once, then fork N worker processes (0 .. N-1) and keep them running "
+        "(pool.py); without it this process is the one worker --worker names",
+    ),
+    Flag(
         "--worker",
         None,
         "SECURE_PROXY_WORKER",
         lambda: 0,
-        "this process is worker N of several (supervisord's process_num): it listens on "
-        "--port + N and writes its own readiness marker (default: 0)",
+        "this process is worker N of several: it listens on --port + N and writes its "
+        "own readiness marker (default: 0)",
     ),
     # supervisord sets no HOME, so never ~/.mitmproxy.
     Flag("--confdir", "confdir", default=lambda: str(paths.confdir())),
@@ -297,8 +303,37 @@ async def _run(argv: list[str] | None) -> int:
     return await serve(master, options)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The console script `secure-proxy-interceptor`."""
+def _log_to_stderr(worker: int | None = None) -> None:
+    """loguru's format; a worker of the pool (they share one log) names itself."""
+    who = "" if worker is None else f"worker {worker} | "
     logger.remove()
-    logger.add(sys.stderr, level=os.environ.get("SECURE_PROXY_LOG_LEVEL", "INFO"))
-    return asyncio.run(_run(argv))
+    logger.add(
+        sys.stderr,
+        level=os.environ.get("SECURE_PROXY_LOG_LEVEL", "INFO"),
+        format="<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> | <level>{level: <8}</level> | "
+        + who
+        + "<cyan>{name}</cyan>:<cyan>{function}</cyan>:<cyan>{line}</cyan> - "
+        "<level>{message}</level>",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script `secure-proxy-interceptor`: one worker, or with --workers N
+    the pool that forks N of them."""
+    argv = sys.argv[1:] if argv is None else argv
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--workers", type=int)
+    pre.add_argument("--worker")
+    known, rest = pre.parse_known_args(argv)
+    _log_to_stderr()
+    if known.workers is None:
+        return asyncio.run(_run(argv))
+    if known.worker is not None or known.workers < 1:
+        logger.error("not starting: --workers takes a number of at least 1, without --worker")
+        return 2
+
+    def serve(worker: int) -> int:
+        _log_to_stderr(worker)
+        return asyncio.run(_run([*rest, "--worker", str(worker)]))
+
+    return pool.run(known.workers, serve)

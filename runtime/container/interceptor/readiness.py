@@ -12,6 +12,7 @@ from loguru import logger
 from mitmproxy import ctx
 
 from runtime import fsutil, paths
+from runtime.container.interceptor import pool
 
 CA_CERT_NAME = paths.CA_CERT_NAME
 
@@ -73,6 +74,7 @@ class Readiness:
         marker.parent.mkdir(parents=True, exist_ok=True)
         info = {"pid": os.getpid(), "listening": listening, "ca_cert": str(target)}
         write_atomic(marker, (json.dumps(info) + "\n").encode(), 0o644)
+        pool.announce_ready()
         logger.info("interceptor ready: listening on {}, CA at {}", listening, target)
 
     def done(self) -> None:
