@@ -48,7 +48,7 @@ from tests.harness.upstream import UpstreamCA  # noqa: E402
 PROXY_UID = 64201
 UID_INTERCEPTOR, UID_PLAIN, UID_DIRECT, UID_SPREAD = 64202, 64203, 64204, 64205
 UID_NOLOG = 64206  # a second interceptor whose policy does not log (bulk section)
-#: Interceptor processes listen on 58080 .. 58080+N-1, as supervisord numprocs would.
+#: Interceptor processes listen on 58080 .. 58080+N-1, as the pool's N workers would.
 PORT_INTERCEPTOR, PORT_SECOND, PORT_PLAIN, PORT_NOLOG = 58080, 58081, 58090, 58085
 NAME = "bench.test"
 

@@ -219,7 +219,7 @@ def prepare_services(plan: Plan, resolved: Resolved, ids: Ids, run: Run) -> byte
         return None
     from runtime.container import ca, logguard, services
 
-    # The interceptor's processes, fixed for the run: supervisord's numprocs, the
+    # The interceptor's workers, fixed for the run: the interceptor's --workers, the
     # firewall's ports and the readiness all read this one number.
     workers = services.resolve_workers(resolved.config.workers)
     os.environ[services.WORKERS_ENV] = str(workers)
