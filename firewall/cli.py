@@ -37,7 +37,7 @@ from pathlib import Path
 from loguru import logger
 
 from runtime import fsutil, paths
-from runtime.resolve import read_policy
+from runtime.policyfile import read_policy
 
 from . import ipset, iptables
 from .iptables import FirewallError, HookPolicies

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime import fsutil, paths
+from runtime import paths
 from runtime.core.compile import built_in_rules, compile_policy, unfilled_entries
 from runtime.core.config import ConfigError, NetworkConfig, Problem, RuleSpec, parse_config
 from runtime.core.github import repository_of, repository_values
@@ -250,14 +250,3 @@ def _host_key(host: str) -> str:
         return normalize_host_pattern(host)
     except HostError:
         return host.lower()
-
-
-def write_policy(policy: Policy, target: Path | None = None) -> Path:
-    """Write policy.json atomically (temp file in the same directory, then rename)."""
-    text = json.dumps(policy.to_json(), indent=1) + "\n"
-    return fsutil.atomic_write(target or paths.policy_file(), text, 0o644)
-
-
-def read_policy(path: Path | None = None) -> Policy:
-    path = path or paths.policy_file()
-    return Policy.from_json(json.loads(path.read_text()))

@@ -526,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from firewall.ruleset import parse_resolv_conf
     from runtime import fsutil, paths
-    from runtime.resolve import read_policy
+    from runtime.policyfile import read_policy
     from runtime.trafficlog import TrafficLogWriter
 
     ap = argparse.ArgumentParser(prog="secure-proxy-dnsguard", description=__doc__.split("\n")[0])

@@ -49,6 +49,7 @@ from runtime.container.session import Session, read_only
 from runtime.container.signals import Interrupted
 from runtime.core.config import ConfigError
 from runtime.core.policy import Mode
+from runtime.policyfile import write_policy
 from runtime.resolve import (
     BUILT_IN,
     GLOBAL,
@@ -56,7 +57,6 @@ from runtime.resolve import (
     Resolved,
     resolve,
     values_from_environ,
-    write_policy,
 )
 
 if TYPE_CHECKING:

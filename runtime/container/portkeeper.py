@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from runtime import fsutil, paths
-    from runtime.resolve import read_policy
+    from runtime.policyfile import read_policy
 
     ap = argparse.ArgumentParser(prog="secure-proxy-portkeeper", description=__doc__.split("\n")[0])
     ap.add_argument("--policy", type=Path, default=paths.policy_file())

@@ -29,12 +29,11 @@ from runtime.container.console import SetupFailed
 from runtime.container.session import Session, SessionError, read_only
 from runtime.core.config import ConfigError
 from runtime.core.policy import Policy
+from runtime.policyfile import read_policy, write_policy
 from runtime.resolve import (
     compile_resolved,
     read_config,
-    read_policy,
     values_from_environ,
-    write_policy,
 )
 
 DEBOUNCE_SECONDS = 0.1

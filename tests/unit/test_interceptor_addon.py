@@ -50,7 +50,7 @@ from runtime.container.interceptor.upstream import UpstreamPinning
 from runtime.core.explain import explain
 from runtime.core.policy import Mode, Origin, Policy, make_rule
 from runtime.core.record import HTTP_FIELDS
-from runtime.resolve import write_policy
+from runtime.policyfile import write_policy
 from runtime.trafficlog import read_lines, schema_path
 
 CONFIG = "/work/.copilot_here/network.json"

@@ -13,7 +13,8 @@ import pytest
 from firewall.ruleset import LockLevel
 from runtime.container import reloader, services
 from runtime.container.console import SetupFailed
-from runtime.resolve import REPO, read_policy
+from runtime.policyfile import read_policy
+from runtime.resolve import REPO
 
 
 @pytest.fixture

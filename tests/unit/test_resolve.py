@@ -10,14 +10,13 @@ import pytest
 
 from runtime.core.config import ConfigError
 from runtime.core.policy import Mode, Policy
+from runtime.policyfile import read_policy, write_policy
 from runtime.resolve import (
     BUILT_IN,
     GLOBAL,
     REPO,
     load_built_in,
-    read_policy,
     resolve,
-    write_policy,
 )
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ from mitmproxy import ctx, exceptions
 
 from runtime import paths
 from runtime.core.policy import Mode, Policy
-from runtime.resolve import read_policy
+from runtime.policyfile import read_policy
 
 #: Until a policy is loaded nothing is allowed (and the interceptor does not start).
 NO_POLICY = Policy.build(Mode.ENFORCE, True, (), "no policy loaded (interceptor misconfigured)")
