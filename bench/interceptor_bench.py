@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from runtime.container import ca as container_ca  # noqa: E402
 from runtime.core.policy import Mode, Policy, make_rule  # noqa: E402
-from runtime.resolve import write_policy  # noqa: E402
+from runtime.policyfile import write_policy  # noqa: E402
 from tests.harness import Topology, cleanup_leftovers, python_bin, stage_source  # noqa: E402
 from tests.harness.upstream import UpstreamCA  # noqa: E402
 

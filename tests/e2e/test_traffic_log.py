@@ -26,7 +26,7 @@ import jsonschema
 import pytest
 
 from runtime.core.policy import Mode, Origin, Policy, make_rule
-from runtime.resolve import write_policy
+from runtime.policyfile import write_policy
 from runtime.trafficlog import schema_path
 from tests.harness import Topology, python_bin
 from tests.harness.interceptor import Interceptor
