@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from runtime.core.policy import Mode, Origin, Policy, make_rule
-from runtime.resolve import write_policy
+from runtime.policyfile import write_policy
 from tests.harness import Topology, python_bin
 from tests.harness.pathservers import (
     ADMIN_SECRET,
