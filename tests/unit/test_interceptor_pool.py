@@ -38,6 +38,9 @@ def serve(n):
             sys.exit(0)
     signal.signal(signal.SIGHUP, note)
     signal.signal(signal.SIGTERM, note)
+    (out / f"started-{n}").touch()
+    while mode == "slow" and not (out / "go").exists():
+        time.sleep(0.02)
     pool.announce_ready()
     tmp = out / f".pid-{n}"
     tmp.write_text(f"{os.getpid()}\n")
@@ -143,6 +146,23 @@ def test_sighup_reaches_every_worker(run):
     for n in range(2):
         wait_for(lambda n=n: r.signals(n) == ["SIGHUP"])
     assert [r.worker_pid(n) for n in range(2)] == pids and r.proc.poll() is None
+
+
+def test_sighup_to_a_worker_still_starting_waits_until_it_is_ready(run, tmp_path):
+    """Before then it may not handle SIGHUP (the default action kills it) and may
+    have read the policy before the edit: it gets the reload once it is ready."""
+    r = run(mode="slow")
+    for n in range(2):
+        wait_for(lambda n=n: (tmp_path / f"started-{n}").exists())
+    r.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.3)
+    assert [r.signals(n) for n in range(2)] == [[], []]
+    (tmp_path / "go").touch()
+    for n in range(2):
+        wait_for(lambda n=n: r.signals(n) == ["SIGHUP"])
+    time.sleep(0.2)
+    assert [r.signals(n) for n in range(2)] == [["SIGHUP"], ["SIGHUP"]]  # once each
+    assert r.proc.poll() is None
 
 
 def test_sigterm_stops_every_worker_then_the_pool(run):

@@ -19,7 +19,9 @@ synchronously (sigwaitinfo, as the init does):
   keeps dying; one that dies GIVE_UP times within CRASH_WINDOW makes the pool stop
   all and exit 1, and supervisord restarts the pool (its crash watch tells the user);
   meanwhile the firewall keeps the dead worker's connections refused (fail closed);
-- SIGHUP (a policy reload) is passed to every worker;
+- SIGHUP (a policy reload) is passed to every worker that is ready, and to one that
+  is still starting once it is: before then it may not handle SIGHUP yet (the
+  default action would kill it), and it may have read the policy before the edit;
 - SIGTERM or SIGINT stops the workers (SIGTERM each, SIGKILL after STOP_WAIT),
   then the pool exits 0;
 - a worker whose pool dies gets SIGTERM from the kernel (PR_SET_PDEATHSIG), so a
@@ -98,6 +100,8 @@ class Pool:
         self.serve = serve  # runs worker n in the forked process; its exit status
         self.pid = os.getpid()
         self.ready: set[int] = set()  # workers that were ready once
+        self.listening: set[int] = set()  # pids that said they are ready
+        self.owed_hup: set[int] = set()  # pids signalled SIGHUP before they were
         self.running: dict[int, int] = {}  # pid -> worker n
         self.deaths: dict[int, list[float]] = {}  # worker n -> monotonic times
         self.due: dict[int, float] = {}  # worker n -> when to fork it again
@@ -131,6 +135,8 @@ class Pool:
             if pid == 0:
                 return True
             n = self.running.pop(pid, None)
+            self.listening.discard(pid)
+            self.owed_hup.discard(pid)
             if n is None:
                 continue
             how = _exit_text(status)
@@ -157,6 +163,24 @@ class Pool:
             )
             self.due[n] = now + pause
         return True
+
+    def on_ready(self, pid: int) -> None:
+        if pid not in self.running:
+            return
+        self.ready.add(self.running[pid])
+        self.listening.add(pid)
+        if pid in self.owed_hup:
+            self.owed_hup.discard(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
+    def reload(self) -> None:
+        for pid in self.running:
+            if pid in self.listening:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGHUP)
+            else:
+                self.owed_hup.add(pid)
 
     def signal_all(self, signum: int) -> None:
         for pid in list(self.running):
@@ -207,10 +231,9 @@ class Pool:
                     self.stop()
                     return 1
             elif info.si_signo == READY:
-                if info.si_pid in self.running:
-                    self.ready.add(self.running[info.si_pid])
+                self.on_ready(info.si_pid)
             elif info.si_signo == signal.SIGHUP:
-                self.signal_all(signal.SIGHUP)
+                self.reload()
             else:
                 logger.info("interceptor pool: stopping {} worker(s)", len(self.running))
                 self.stop()
