@@ -47,6 +47,7 @@ WARM_PACKAGES = ("runtime.container", "firewall", "supervisor")
 WARM_MODULES = (
     "runtime.paths",
     "runtime.resolve",
+    "runtime.policyfile",
     "runtime.trafficlog",
     "runtime.fsutil",
     "iptc",
