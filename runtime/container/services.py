@@ -167,6 +167,11 @@ def switch(old: LockLevel, new: LockLevel) -> None:
     stricter = LEVELS.index(new) > LEVELS.index(old)
     try:
         for name in starting:
+            # A marker left by an earlier run of the program at this level (stopped when
+            # the level was lowered) would pass for its readiness before it listens.
+            for component in components(name):
+                with contextlib.suppress(FileNotFoundError):
+                    component.marker.unlink()
             supervisor.start_program(name)
         supervisor.wait_ready(
             [c for name in starting for c in components(name)], time.sleep, backoff_fails=stricter

@@ -33,6 +33,7 @@ from tests.harness.sandbox import (
     Internet,
     Resolver,
     Session,
+    client_script,
     enforce,
     host_logs,
     request_loop,
@@ -457,3 +458,64 @@ def test_writable_config_switches_rules_on_and_off_during_the_run(net, project):
         assert "takes effect live" in start[1]
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+# The agent, free at level none between two switches, takes the DNS guard's loopback
+# port (UDP and TCP) so that the guard the next switch starts cannot bind.
+DNS_SQUATTER = r"""
+import os, socket, time
+print("UP", flush=True)
+while not os.path.exists("/tmp/squat"):
+    time.sleep(0.05)
+held = []
+for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+    sock = socket.socket(socket.AF_INET, kind)
+    sock.bind(("127.0.0.1", 58053))
+    if kind == socket.SOCK_STREAM:
+        sock.listen(8)
+    held.append(sock)
+print("SQUATTING", flush=True)
+while not os.path.exists("/tmp/end"):
+    time.sleep(0.05)
+print("END", flush=True)
+"""
+
+
+def test_a_switch_back_to_rules_waits_for_the_new_dns_guard_not_its_old_marker(net, project):
+    """Rules on, off, on again: the DNS guard stopped at "off" left its readiness marker,
+    which passed for the new guard's readiness at once. Here the new guard cannot bind
+    (the agent holds its port): the reloader must say the level is in force failing
+    closed, not that all is well."""
+    write_config(project, enforce("api.github.com"))
+    argv = ["--network-config-write", "--", *client_script(DNS_SQUATTER)]
+    with Session(project, argv, net.internet) as s:
+        s.wait_for(lambda ln: ln == "UP")
+
+        def reloader_lines(text: str, limit: float = 30) -> list[str]:
+            deadline = time.monotonic() + limit
+            while True:
+                log = s.root(["cat", "/var/log/secure-proxy/reloader.log"]).stdout
+                lines = [ln for ln in log.splitlines() if text in ln]
+                if lines:
+                    return lines
+                assert time.monotonic() < deadline, log
+                time.sleep(0.2)
+
+        write_config(project, {"enabled": False}, approve=False)
+        reloader_lines("firewall level none in force")
+        deadline = time.monotonic() + 15
+        while s.program_states().get("dnsguard") == "RUNNING":
+            assert time.monotonic() < deadline, s.program_states()
+            time.sleep(0.2)
+        # What the stopped guard leaves: the condition this test is about.
+        marker = "/run/secure-proxy/interceptor/dnsguard.ready"
+        assert s.root(["test", "-e", marker]).returncode == 0
+
+        assert s.root(["touch", "/tmp/squat"]).returncode == 0
+        s.wait_for(lambda ln: ln == "SQUATTING")
+        write_config(project, enforce("api.github.com"), approve=False)
+        [line] = reloader_lines("firewall level full in force")
+        assert "failing closed" in line and "dnsguard" in line, line
+        assert s.root(["touch", "/tmp/end"]).returncode == 0
+        s.wait_for(lambda ln: ln == "END")
+        assert s.wait(timeout=30) == 0, s.stderr
