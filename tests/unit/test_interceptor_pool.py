@@ -31,6 +31,12 @@ out, mode, workers = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 def serve(n):
     if mode == "crash" or (mode == "late-crash" and n == 1 and (out / "crash").exists()):
         return 3
+    if mode == "ready-then-die" and n == 0 and not (out / "died").exists():
+        # Stop the pool so that it finds READY and SIGCHLD pending together.
+        os.kill(os.getppid(), signal.SIGSTOP)
+        pool.announce_ready()
+        (out / "died").touch()
+        return 3
     def note(signum, _frame):
         with open(out / f"signals-{n}", "a") as f:
             f.write(signal.Signals(signum).name + "\n")
@@ -182,6 +188,25 @@ def test_a_killed_pool_takes_its_workers_with_it(run):
     r.proc.wait(5)
     wait_for(lambda: not any(alive(p) for p in pids))
     assert [r.signals(n) for n in range(2)] == [["SIGTERM"], ["SIGTERM"]]
+
+
+def test_a_worker_that_was_ready_and_died_is_forked_again(run, tmp_path):
+    """READY and SIGCHLD pending at once (sigwaitinfo gives SIGCHLD first): it was
+    ready, so it is a crash to recover from, not a failed start."""
+    r = run(mode="ready-then-die")
+    wait_for(lambda: (tmp_path / "died").exists())
+    wait_for(lambda: Path(f"/proc/{r.proc.pid}/stat").read_text().split(") ")[1][0] == "T")
+    # The worker has exited (a zombie: its stopped pool cannot reap it), so SIGCHLD is
+    # pending beside READY.
+    wait_for(lambda: any(not alive(int(p)) for p in _children(r.proc.pid)))
+    os.kill(r.proc.pid, signal.SIGCONT)
+    assert r.worker_pid(0) and r.worker_pid(1)
+    assert r.proc.poll() is None, r.proc.stderr.read() if r.proc.stderr else ""
+
+
+def _children(pid: int) -> list[str]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return path.read_text().split() if path.exists() else []
 
 
 def test_a_worker_that_dies_while_starting_fails_the_start_at_once(run):

@@ -227,6 +227,10 @@ class Pool:
             if info is None:
                 continue
             if info.si_signo == signal.SIGCHLD:
+                # sigwaitinfo hands out SIGCHLD before a real-time signal: a worker that
+                # said it is ready and then died must count as having been ready.
+                while ready := signal.sigtimedwait([READY], 0):
+                    self.on_ready(ready.si_pid)
                 if not self.reap(time.monotonic()):
                     self.stop()
                     return 1
