@@ -198,8 +198,10 @@ class Topology:
         self.v6_net = ipaddress.ip_network(f"2001:db8:{n:x}::/64")
         self.net_ip = f"{self.v4_prefix}.1"
         self.box_ip = f"{self.v4_prefix}.2"
-        self.net_ip6 = f"2001:db8:{n:x}::1"
-        self.box_ip6 = f"2001:db8:{n:x}::2"
+        # Canonical text (2001:db8::1 for n = 0, not 2001:db8:0::1): tools and DNS
+        # answers print it so, and tests compare strings.
+        self.net_ip6 = str(self.v6_net[1])
+        self.box_ip6 = str(self.v6_net[2])
         self.extra_addresses: list[str] = []
         self.hosts: dict[str, list[str]] = {name: [self.net_ip] for name in DEFAULT_NAMES}
         if hosts:
