@@ -16,6 +16,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from tests.harness import Topology, cleanup_leftovers, stage_source  # noqa: E402
+from tests.harness.sandbox import Internet  # noqa: E402
 
 _cleaned = False
 
@@ -52,6 +53,18 @@ def staged_source() -> Iterator[str]:
     path = stage_source(base)
     yield path
     shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def internet(module_topology: Topology, staged_source: str) -> Iterator[Internet]:
+    """A module's test internet (sandbox.Internet): its HTTPS upstream records every
+    request that reaches it (`internet.record`). A module with other needs defines its
+    own `internet`."""
+    work = Path(tempfile.mkdtemp(prefix="sp-net-", dir="/tmp"))
+    os.chmod(work, 0o755)
+    net = Internet.start(module_topology, work, staged_source, record=work / "record.jsonl")
+    yield net
+    shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture

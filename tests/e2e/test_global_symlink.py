@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,14 +15,6 @@ import pytest
 from tests.harness.sandbox import Internet, enforce, run_cli, sh
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def internet(module_topology, staged_source) -> Iterator[Internet]:
-    work = Path(tempfile.mkdtemp(prefix="sp-gsym-", dir="/tmp"))
-    os.chmod(work, 0o755)
-    yield Internet.start(module_topology, work, staged_source)
-    shutil.rmtree(work, ignore_errors=True)
 
 
 PROBE = """

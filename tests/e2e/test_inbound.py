@@ -6,15 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.harness import python_bin
-from tests.harness.sandbox import Internet, Session, enforce, write_config
+from tests.harness.sandbox import Session, enforce, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -61,14 +57,6 @@ try:
 except OSError as exc:
     print(json.dumps({"status": type(exc).__name__}))
 """
-
-
-@pytest.fixture(scope="module")
-def internet(module_topology, staged_source) -> Iterator[Internet]:
-    work = Path(tempfile.mkdtemp(prefix="sp-in-", dir="/tmp"))
-    os.chmod(work, 0o755)
-    yield Internet.start(module_topology, work, staged_source)
-    shutil.rmtree(work, ignore_errors=True)
 
 
 def test_connections_from_outside_never_reach_a_listening_agent(internet, project):

@@ -99,15 +99,6 @@ print(f"BURST-DONE pool {pool} after {waited:.2f} s", flush=True)
 """
 
 
-@pytest.fixture(scope="module")
-def internet(module_topology, staged_source) -> Iterator[Internet]:
-    work = Path(tempfile.mkdtemp(prefix="sp-pr-", dir="/tmp"))
-    os.chmod(work, 0o755)
-    net = Internet.start(module_topology, work, staged_source, record=work / "record.jsonl")
-    yield net
-    shutil.rmtree(work, ignore_errors=True)
-
-
 class Run:
     def __init__(self, s: Session, project: Path, internet: Internet) -> None:
         self.s, self.project, self.internet, self.step = s, project, internet, 0

@@ -14,13 +14,11 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness.sandbox import (
-    Internet,
     Session,
     enforce,
     host_logs,
@@ -31,14 +29,6 @@ from tests.harness.sandbox import (
 )
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def internet(module_topology, staged_source) -> Iterator[Internet]:
-    work = Path(tempfile.mkdtemp(prefix="sp-rt-", dir="/tmp"))
-    os.chmod(work, 0o755)
-    yield Internet.start(module_topology, work, staged_source)
-    shutil.rmtree(work, ignore_errors=True)
 
 
 FIREWALL = ["/opt/secure-proxy/venv/bin/secure-proxy-firewall"]

@@ -26,14 +26,6 @@ pytestmark = pytest.mark.e2e
 TRUST = "copilot_here --network-trust"
 
 
-@pytest.fixture(scope="module")
-def internet(module_topology, staged_source) -> Iterator[Internet]:
-    work = Path(tempfile.mkdtemp(prefix="sp-trust-", dir="/tmp"))
-    os.chmod(work, 0o755)
-    yield Internet.start(module_topology, work, staged_source)
-    shutil.rmtree(work, ignore_errors=True)
-
-
 @dataclass
 class World:
     project: Path

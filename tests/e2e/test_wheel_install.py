@@ -64,14 +64,6 @@ def wheel_venv() -> Iterator[Path]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def internet(module_topology, staged_source) -> Iterator[Internet]:
-    work = Path(tempfile.mkdtemp(prefix="sp-wheel-net-", dir="/tmp"))
-    os.chmod(work, 0o755)
-    yield Internet.start(module_topology, work, staged_source)
-    shutil.rmtree(work, ignore_errors=True)
-
-
 PROBE = """
 ( curl -sS --max-time 10 https://api.github.com/from-wheel; echo ) | sed 's/^/ALLOWED /'
 ( curl -s -o /dev/null --max-time 10 -w '%{http_code}' https://evil.test/x; echo ) \\

@@ -12,19 +12,14 @@ again (supervisord's pool process stays); with workers 1 one process on 58080.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness.sandbox import (
-    Internet,
     Session,
     client_script,
     enforce,
@@ -77,15 +72,6 @@ for i in range(held):
     conn.close()
 print("END", flush=True)
 """
-
-
-@pytest.fixture(scope="module")
-def internet(module_topology, staged_source) -> Iterator[Internet]:
-    work = Path(tempfile.mkdtemp(prefix="sp-wk-", dir="/tmp"))
-    os.chmod(work, 0o755)
-    net = Internet.start(module_topology, work, staged_source, record=work / "record.jsonl")
-    yield net
-    shutil.rmtree(work, ignore_errors=True)
 
 
 def config(workers: int) -> dict:

@@ -121,15 +121,6 @@ MONITOR = {**enforce("api.github.com"), "mode": "monitor", "workers": 2}
 ENFORCE = {**MONITOR, "mode": "enforce"}
 
 
-@pytest.fixture(scope="module")
-def internet(module_topology, staged_source) -> Iterator[Internet]:
-    work = Path(tempfile.mkdtemp(prefix="sp-wa-", dir="/tmp"))
-    os.chmod(work, 0o755)
-    net = Internet.start(module_topology, work, staged_source, record=work / "record.jsonl")
-    yield net
-    shutil.rmtree(work, ignore_errors=True)
-
-
 class Run:
     def __init__(self, s: Session, project: Path, internet: Internet) -> None:
         self.s, self.project, self.internet = s, project, internet
