@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,9 @@ def init() -> Any:
 
 
 def interceptor() -> Any:
+    # A reload (SIGHUP) while it imports must wait, not kill it (the default action):
+    # the pool takes the signal once it runs and passes it on (interceptor/pool.py).
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGHUP])
     return load("runtime.container.interceptor.main:main")()
 
 

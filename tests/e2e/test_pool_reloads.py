@@ -60,10 +60,12 @@ print("END", flush=True)
 """
 
 # SIGHUP to the interceptor's pool every 10 ms for 1.5 s, from when it has forked a
-# worker (it blocks its signals before that; importing, it dies of one as any process
-# would). Not SigBlk in /proc: sigwaitinfo unblocks what it waits for while it sleeps.
+# worker (not SigBlk in /proc: sigwaitinfo unblocks what it waits for while it sleeps).
 # argv: the pool's pid, or "start" (supervisorctl start it, find the new pool at once:
-# its first workers start within some 50 ms). Prints the pool's pid.
+# its first workers start within some 50 ms), or "start-importing" (the same, but from
+# when its console script has blocked SIGHUP, while it still imports: before that line
+# the interpreter's own start dies of one, as any process would). Prints the pool's pid
+# and whether the first SIGHUP came before any worker existed.
 BURST = r"""
 import os, signal, subprocess, sys, time
 def pool_pid():
@@ -75,7 +77,12 @@ def pool_pid():
         if any(a.endswith(b"secure-proxy-interceptor") for a in argv) and b"--workers" in argv:
             return int(pid)
 t0 = time.monotonic()
-if sys.argv[1] == "start":
+def children(pid):
+    return open(f"/proc/{pid}/task/{pid}/children").read().split()
+def importing(pid):  # SIGHUP blocked alone: launch.py's line, before the pool's own
+    status = open(f"/proc/{pid}/status").read()
+    return int(status.split("SigBlk:")[1].split()[0], 16) == 1 << (signal.SIGHUP - 1)
+if sys.argv[1].startswith("start"):
     starting = subprocess.Popen(["supervisorctl", "start", "interceptor"],
                                 stdout=subprocess.DEVNULL)
     while (pool := pool_pid()) is None:
@@ -84,18 +91,20 @@ if sys.argv[1] == "start":
         time.sleep(0.001)
 else:
     pool = int(sys.argv[1])
-while not open(f"/proc/{pool}/task/{pool}/children").read().split():
+while not (importing(pool) if sys.argv[1] == "start-importing" else children(pool)):
     if time.monotonic() - t0 > 20:
-        sys.exit(f"pool {pool} forked no worker")
+        sys.exit(f"pool {pool}: no worker, or never SIGHUP blocked alone")
     time.sleep(0.001)
 waited = time.monotonic() - t0
+early = not children(pool)
 for i in range(150):
     try:
         os.kill(pool, signal.SIGHUP)
     except ProcessLookupError:
         sys.exit(f"pool {pool} gone after {i} SIGHUPs")
     time.sleep(0.01)
-print(f"BURST-DONE pool {pool} after {waited:.2f} s", flush=True)
+print(f"BURST-DONE pool {pool} after {waited:.2f} s, first before any worker: {early}",
+      flush=True)
 """
 
 
@@ -199,6 +208,30 @@ def test_a_reload_during_the_first_workers_start_does_not_fail_the_start(run: Ru
     assert "while starting" not in log and "killed by SIGHUP" not in log, log[-3000:]
     for n in (0, 1):  # the reloads reached both, and were applied
         assert f"| worker {n} | runtime.container.interceptor.policystore:reload" in log, n
+    outs = run.probe()
+    assert [p["out"] for p in outs if p["host"] == "api.github.com"] == ["HTTP/1.1 200 OK"] * 4
+    assert [p["out"] for p in outs if p["host"] == "evil.test"] == ["HTTP/1.1 403 Forbidden"] * 4
+    assert run.arrived(f"/s{run.step - 1}/evil.test/") == []
+
+
+def test_a_reload_while_the_pool_imports_waits_for_it(run: Run):
+    """SIGHUP to a pool that is still importing mitmproxy (no worker yet): its console
+    script blocked SIGHUP first, so the pool takes it once it runs instead of dying
+    of it (a failed start, supervisord's BACKOFF)."""
+    write_config(run.project, ONE, approve=False)  # in force already after the tests above
+    deadline = time.monotonic() + 10
+    while "mode enforce, 1 rules" not in run.s.root(["cat", RELOADER_LOG]).stdout:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert run.s.root(["supervisorctl", "stop", "interceptor"], timeout=30).returncode == 0
+    seen = len(run.log())
+    burst = run.s.root([python_bin(), "-c", BURST, "start-importing"], timeout=30)
+    assert "BURST-DONE" in burst.stdout, burst
+    assert "first before any worker: True" in burst.stdout, burst  # the window was hit
+    pool = burst.stdout.split()[2]
+    run.settled(pool)
+    log = run.log()[seen:]
+    assert "while starting" not in log and "killed by SIGHUP" not in log, log[-3000:]
     outs = run.probe()
     assert [p["out"] for p in outs if p["host"] == "api.github.com"] == ["HTTP/1.1 200 OK"] * 4
     assert [p["out"] for p in outs if p["host"] == "evil.test"] == ["HTTP/1.1 403 Forbidden"] * 4

@@ -327,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     known, rest = pre.parse_known_args(argv)
     _log_to_stderr()
     if known.workers is None:
+        # One worker alone takes SIGHUP as usual (launch.py blocked it for the pool).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGHUP])
         return asyncio.run(_run(argv))
     if known.worker is not None or known.workers < 1:
         logger.error("not starting: --workers takes a number of at least 1, without --worker")

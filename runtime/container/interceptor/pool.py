@@ -21,7 +21,9 @@ synchronously (sigwaitinfo, as the init does):
   meanwhile the firewall keeps the dead worker's connections refused (fail closed);
 - SIGHUP (a policy reload) is passed to every worker that is ready, and to one that
   is still starting once it is: before then it may not handle SIGHUP yet (the
-  default action would kill it), and it may have read the policy before the edit;
+  default action would kill it), and it may have read the policy before the edit.
+  The console script blocks SIGHUP before the import (launch.py), so one that comes
+  while the pool imports waits for it too;
 - SIGTERM or SIGINT stops the workers (SIGTERM each, SIGKILL after STOP_WAIT),
   then the pool exits 0;
 - a worker whose pool dies gets SIGTERM from the kernel (PR_SET_PDEATHSIG), so a
