@@ -118,6 +118,13 @@ class Run:
     def log(self) -> str:
         return self.s.root(["cat", LOG]).stdout
 
+    def wait_applied(self) -> None:
+        """The reloader has applied ONE (only api.github.com)."""
+        deadline = time.monotonic() + 10
+        while "mode enforce, 1 rules" not in self.s.root(["cat", RELOADER_LOG]).stdout:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
     def settled(self, pool: str) -> None:
         """The pool `pool` running with both workers ready (their markers)."""
         deadline = time.monotonic() + 20
@@ -176,10 +183,7 @@ def test_a_reload_during_a_forked_again_workers_start_is_applied_not_a_crash(run
     burst = run.s.root([python_bin(), "-c", BURST, pool], timeout=30)
     assert "BURST-DONE" in burst.stdout, burst
     run.settled(pool)  # the same pool: it never gave up
-    deadline = time.monotonic() + 10
-    while "mode enforce, 1 rules" not in run.s.root(["cat", RELOADER_LOG]).stdout:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    run.wait_applied()
     log = run.log()
     assert "killed by SIGHUP" not in log and "giving up" not in log, log[-3000:]
     outs = run.probe()
@@ -194,10 +198,7 @@ def test_a_reload_during_the_first_workers_start_does_not_fail_the_start(run: Ru
     workers start: it used to exit 1 ("died while starting"), and supervisord's
     retries met the same reloads; now it starts once and serves the policy in force."""
     write_config(run.project, ONE, approve=False)  # in force already after the test above
-    deadline = time.monotonic() + 10
-    while "mode enforce, 1 rules" not in run.s.root(["cat", RELOADER_LOG]).stdout:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    run.wait_applied()
     assert run.s.root(["supervisorctl", "stop", "interceptor"], timeout=30).returncode == 0
     seen = len(run.log())  # this restart's lines only
     burst = run.s.root([python_bin(), "-c", BURST, "start"], timeout=30)
@@ -219,10 +220,7 @@ def test_a_reload_while_the_pool_imports_waits_for_it(run: Run):
     script blocked SIGHUP first, so the pool takes it once it runs instead of dying
     of it (a failed start, supervisord's BACKOFF)."""
     write_config(run.project, ONE, approve=False)  # in force already after the tests above
-    deadline = time.monotonic() + 10
-    while "mode enforce, 1 rules" not in run.s.root(["cat", RELOADER_LOG]).stdout:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    run.wait_applied()
     assert run.s.root(["supervisorctl", "stop", "interceptor"], timeout=30).returncode == 0
     seen = len(run.log())
     burst = run.s.root([python_bin(), "-c", BURST, "start-importing"], timeout=30)
