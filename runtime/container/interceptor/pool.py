@@ -73,14 +73,19 @@ def _prctl(option: int, value: int | bytes) -> None:
         raise OSError(ctypes.get_errno(), f"prctl({option})")
 
 
+def _send(pid: int, signum: int) -> None:
+    """A signal to a process that may have just died (it is then no one's to take)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
 _pool_pid: int | None = None  # in a worker: its pool's
 
 
 def announce_ready() -> None:
     """A worker is listening (the readiness addon calls this); no-op outside a pool."""
     if _pool_pid is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(_pool_pid, READY)
+        _send(_pool_pid, READY)
 
 
 def _become_worker(n: int, pool: int) -> None:
@@ -173,21 +178,18 @@ class Pool:
         self.listening.add(pid)
         if pid in self.owed_hup:
             self.owed_hup.discard(pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGHUP)
+            _send(pid, signal.SIGHUP)
 
     def reload(self) -> None:
         for pid in self.running:
             if pid in self.listening:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGHUP)
+                _send(pid, signal.SIGHUP)
             else:
                 self.owed_hup.add(pid)
 
     def signal_all(self, signum: int) -> None:
         for pid in list(self.running):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+            _send(pid, signum)
 
     def stop(self) -> None:
         """SIGTERM every worker, wait for them, SIGKILL what is left after STOP_WAIT."""
