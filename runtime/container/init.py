@@ -84,6 +84,7 @@ class Plan:
 
     level: LockLevel
     writable: bool  # --network-config-write: an edit may raise the level later
+    ports: bool = False  # a rule opens non-HTTP ports (the port keeper's work)
 
     @property
     def supervised(self) -> bool:
@@ -92,7 +93,11 @@ class Plan:
     @classmethod
     def of(cls, resolved: Resolved) -> Plan:
         path = resolved.path
-        return cls(lock_level(resolved.policy), path is not None and not read_only(path.parent))
+        return cls(
+            lock_level(resolved.policy),
+            path is not None and not read_only(path.parent),
+            any(rule.ports for rule in resolved.policy.rules),
+        )
 
 
 @dataclass(frozen=True)
@@ -255,7 +260,9 @@ def start_services(plan: Plan, run: Run) -> None:
         return
     from runtime.container import services, supervisor
 
-    run.sup = supervisor.start({**os.environ, **services.autostart_env(plan.level)})
+    run.sup = supervisor.start(
+        {**os.environ, **services.autostart_env(plan.level, plan.writable, plan.ports)}
+    )
     checkpoint("supervisord started")
 
 
@@ -276,7 +283,9 @@ def wait_ready(plan: Plan, run: Run, pem: bytes | None) -> None:
         return
     from runtime.container import ca, services, supervisor
 
-    supervisor.wait_ready(services.readiness(plan.level), signals.check, run.sup)
+    supervisor.wait_ready(
+        services.readiness(plan.level, plan.writable, plan.ports), signals.check, run.sup
+    )
     ca.check_published_ca(pem)
     checkpoint(f"ready at level {plan.level.value}")
 

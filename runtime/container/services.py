@@ -5,13 +5,16 @@
     intercept  (log only)      yes        yes           -          -
     full       (rules)         yes        yes           yes        yes
 
-The port keeper runs at level full whether or not a rule has `ports` (it then opens
-nothing): an edit may add one during the run, and the level, not the rules, decides
-which programs run.
+With a writable config (--network-config-write) the level alone decides which
+programs run: the reloader applies edits live, may raise the level and lower it
+again (switch()), and an edit may add a `ports` rule, so the port keeper runs at
+level full even while no rule has ports. A read-only config fixes the policy for
+the run: no reloader, and the port keeper only when a rule has ports (started()).
+Each is a Python process importing for ~0.1 s of CPU at start on the container's
+cores, the start-up's critical resource (BENCHMARKS.md section 17).
 
-The log guard and the reloader run whenever supervisord does. supervisord runs
-when the level is not none, or when the config is writable: then the reloader
-may raise the level during the run, and lower it again (switch()).
+The log guard runs whenever supervisord does. supervisord runs when the level is
+not none, or when the config is writable.
 
 supervisord.conf's programs take `autostart` from the SECURE_PROXY_START_<NAME>
 variables the init gives it (autostart_env()), so one set of program files
@@ -57,9 +60,20 @@ SERVICES: dict[LockLevel, tuple[str, ...]] = {
 }
 
 
-def autostart_env(level: LockLevel) -> dict[str, str]:
+def started(level: LockLevel, live: bool = True, ports: bool = True) -> tuple[str, ...]:
+    """The level's services this run starts. `live`: the config is writable, so the
+    policy may change during the run; `ports`: a rule of the policy has `ports`. Only
+    a fixed policy without ports leaves the port keeper out: it would open nothing."""
+    if live or ports:
+        return SERVICES[level]
+    return tuple(name for name in SERVICES[level] if name != "portkeeper")
+
+
+def autostart_env(level: LockLevel, live: bool = True, ports: bool = True) -> dict[str, str]:
     """SECURE_PROXY_START_<PROGRAM>=true|false for supervisord.conf's `autostart`."""
-    on = {"logguard", "reloader", *SERVICES[level]}
+    on = {"logguard", *started(level, live, ports)}
+    if live:
+        on.add("reloader")
     if level is not LockLevel.NONE:
         on.add("firewall")
     return {f"SECURE_PROXY_START_{name.upper()}": str(name in on).lower() for name in PROGRAMS}
@@ -113,11 +127,14 @@ def components(name: str) -> list[supervisor.Component]:
     raise ValueError(f"no readiness marker for {name}")
 
 
-def readiness(level: LockLevel) -> list[supervisor.Component]:
-    """What the command waits for at start: the verified lock and every service."""
+def readiness(
+    level: LockLevel, live: bool = True, ports: bool = True
+) -> list[supervisor.Component]:
+    """What the command waits for at start: the verified lock and every service started
+    (started())."""
     if level is LockLevel.NONE:
         return []
-    return [c for name in ("firewall", *SERVICES[level]) for c in components(name)]
+    return [c for name in ("firewall", *started(level, live, ports)) for c in components(name)]
 
 
 def signal_services(level: LockLevel) -> list[str]:

@@ -10,8 +10,6 @@ import functools
 import ipaddress
 import re
 
-import idna
-
 
 class HostError(ValueError):
     """A host that cannot be used in a rule or judged; `suggestion` is the form to use."""
@@ -70,6 +68,8 @@ def normalize_host(raw: str) -> str:
                 "dot-separated labels of at most 63 characters)"
             )
         return name
+    import idna  # here: ~5 ms to import, for the rare non-ASCII name (every process imports us)
+
     try:
         return idna.encode(text, uts46=True).decode("ascii")
     except idna.IDNAError as exc:
