@@ -46,6 +46,11 @@ def firewall_marker() -> Path:
     return run_dir() / "firewall.verified"
 
 
+def prepared_marker() -> Path:
+    """The init's word that what the services read at start is written (launch.py)."""
+    return run_dir() / "prepared"
+
+
 def interceptor_run_dir() -> Path:
     """Owned by proxy-user (made by init): run_dir() itself is root's, so the
     interceptor can publish its marker without being able to touch policy.json,

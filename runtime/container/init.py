@@ -7,12 +7,14 @@ main() is the start-up as a straight line of phases, then the wait and the end:
                  whether the config may change it during the run (writable)
     ids          PUID/PGID and the app user's ids (never root, never proxy-user)
     services     only when the level is not none or the config is writable: a fresh
-                 run dir, the CA made and published (ca.py), policy.json,
-                 session.json (session.py), /logs for the interceptor, supervisord
-                 with the programs of the level (services.py)
+                 run dir, supervisord with the programs of the level (services.py),
+                 which import meanwhile; then what they read: the CA made and
+                 published (ca.py), policy.json, session.json (session.py), /logs
+                 for the interceptor
     sign-in      the token (taken out of the environment first thing) swapped for a
                  placeholder when rules are enabled, the pair for the interceptor
-                 alone (signin.py)
+                 alone (signin.py); then the `prepared` marker: the programs, which
+                 wait for it after their import (launch.py), go on
     appuser      created from PUID/PGID while the services start (users.py)
     trust        the CA for every client, while the services start (ca.py)
     readiness    the firewall's verified lock and every service's marker; fail closed
@@ -45,6 +47,7 @@ from firewall.level import LockLevel, lock_level
 from runtime import paths
 from runtime.container import command, leftovers, signals, signin, users
 from runtime.container.console import SetupFailed, say, trace
+from runtime.container.launch import PREPARED_ENV
 from runtime.container.session import Session, read_only
 from runtime.container.signals import Interrupted
 from runtime.core.config import ConfigError
@@ -183,6 +186,7 @@ def prepare_run_dir(proxy: tuple[int, int]) -> None:
     os.chown(own, *proxy)
     os.chmod(own, 0o755)
     stale = (
+        paths.prepared_marker(),
         paths.firewall_marker(),
         *paths.interceptor_markers(),
         paths.dnsguard_marker(),
@@ -218,11 +222,14 @@ def write_session(resolved: Resolved, ids: Ids, workers: int) -> None:
     ).write()
 
 
-def prepare_services(plan: Plan, resolved: Resolved, ids: Ids, run: Run) -> bytes | None:
-    """Everything the services read, before they start; the CA's certificate."""
+def start_services(plan: Plan, resolved: Resolved, ids: Ids, run: Run) -> None:
+    """supervisord, as early as the config allows: its programs import (0.1-0.4 s of
+    CPU each) while the init prepares what they read, which they wait for after their
+    import (services_prepared(); runtime.container.launch). The second core would
+    otherwise idle through the CA, the policy and the session (BENCHMARKS.md)."""
     if not plan.supervised:
-        return None
-    from runtime.container import ca, logguard, services
+        return
+    from runtime.container import services, supervisor
 
     # The interceptor's workers, fixed for the run: the interceptor's --workers, the
     # firewall's ports and the readiness all read this one number.
@@ -230,14 +237,34 @@ def prepare_services(plan: Plan, resolved: Resolved, ids: Ids, run: Run) -> byte
     os.environ[services.WORKERS_ENV] = str(workers)
     trace(f"{workers} interceptor process(es)")
     prepare_run_dir(ids.proxy)
+    env = {**os.environ, **services.autostart_env(plan.level, plan.writable, plan.ports)}
+    env[PREPARED_ENV] = str(paths.prepared_marker())
+    run.sup = supervisor.start(env)
+    checkpoint("supervisord started")
+
+
+def prepare_services(plan: Plan, resolved: Resolved, ids: Ids, run: Run) -> bytes | None:
+    """Everything the services read at start; the CA's certificate."""
+    if not plan.supervised:
+        return None
+    from runtime.container import ca, logguard, services
+
     pem = ca.make_ca(ids.proxy)
     checkpoint("CA made")
     write_policy(resolved.policy)
-    write_session(resolved, ids, workers)
+    write_session(resolved, ids, services.workers())
     run.logs_prepared = True
     logguard.prepare()
     checkpoint("policy, session and logs prepared")
     return pem
+
+
+def services_prepared(plan: Plan) -> None:
+    """The services' go: the policy, the session, the CA, the logs and the sign-in
+    tokens are in place (each written whole before this)."""
+    if plan.supervised:
+        paths.prepared_marker().touch()
+        checkpoint("services prepared")
 
 
 def sign_in(plan: Plan, ids: Ids, tokens: signin.Tokens) -> signin.Tokens:
@@ -253,17 +280,6 @@ def sign_in(plan: Plan, ids: Ids, tokens: signin.Tokens) -> signin.Tokens:
             )
         checkpoint("sign-in token swapped for a placeholder")
     return tokens
-
-
-def start_services(plan: Plan, run: Run) -> None:
-    if not plan.supervised:
-        return
-    from runtime.container import services, supervisor
-
-    run.sup = supervisor.start(
-        {**os.environ, **services.autostart_env(plan.level, plan.writable, plan.ports)}
-    )
-    checkpoint("supervisord started")
 
 
 def trust(ids: Ids, pem: bytes | None) -> dict[str, str]:
@@ -378,9 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         ids = read_ids()
         run.app_uid = ids.app_uid
         checkpoint("config read")
+        start_services(plan, resolved, ids, run)
         pem = prepare_services(plan, resolved, ids, run)
         sign_in(plan, ids, tokens)
-        start_services(plan, run)
+        services_prepared(plan)
         name = users.ensure_appuser(ids.app_uid, ids.app_gid)
         checkpoint("appuser ready")
         ca_env = trust(ids, pem)

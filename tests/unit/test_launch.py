@@ -86,3 +86,42 @@ def test_supervisord_runs_as_a_module_with_its_own_arguments() -> None:
         timeout=30,
     )
     assert bad.returncode != 0 and "usage" in bad.stderr
+
+
+# -- the init's `prepared` marker: supervised programs start once it exists ---------
+
+
+def test_a_supervised_program_runs_only_once_the_init_has_prepared(
+    probe_module: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    marker = tmp_path / "prepared"
+    monkeypatch.setenv(launch.PREPARED_ENV, str(marker))
+    ran: list[bool] = []
+    runner = threading.Thread(target=lambda: ran.append(launch.service(f"{probe_module}:main")))
+    runner.start()
+    runner.join(0.3)
+    assert runner.is_alive() and not ran  # imported, waiting: the init has not prepared
+    marker.touch()
+    runner.join(5)
+    assert ran == [True]
+    gc.unfreeze()
+
+
+def test_no_marker_in_time_is_a_failed_start(
+    probe_module: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(launch.PREPARED_ENV, str(tmp_path / "never"))
+    monkeypatch.setattr(launch, "PREPARED_TIMEOUT", 0.1)
+    with pytest.raises(SystemExit, match="did not appear within"):
+        launch.service(f"{probe_module}:main")
+    gc.unfreeze()
+
+
+def test_a_program_run_by_hand_does_not_wait(
+    probe_module: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(launch.PREPARED_ENV, raising=False)
+    assert launch.service(f"{probe_module}:main") is True
+    gc.unfreeze()
