@@ -156,18 +156,22 @@ def phases(ev: dict[str, float]) -> dict[str, float]:
     ready = next(v for k, v in ev.items() if k.startswith("ready at level"))
     return {
         "sandbox setup before init (netns, root, install)": t0 - ev["launch"],
-        "python start + config resolved + policy.json written": ev["/run/secure-proxy/policy.json"]
-        - t0,
-        "supervisord started": sup - t0,
+        # supervisord starts as soon as the config is read; the init then prepares
+        # what its programs read (the CA, policy.json, the session) while they import,
+        # and they wait for its `prepared` marker (runtime.container.launch).
+        "python start + config resolved (supervisord started)": sup - t0,
+        "CA made (from supervisord start)": ev["CA made"] - sup,
+        "services prepared: CA, policy.json, session, logs (from supervisord start)": ev[
+            "services prepared"
+        ]
+        - sup,
         "firewall verified (from supervisord start)": ev["/run/secure-proxy/firewall.verified"]
         - sup,
         "interceptor ready (from supervisord start)": ev[
             "/run/secure-proxy/interceptor/interceptor.ready"
         ]
         - sup,
-        # The init makes the CA before supervisord and trusts it while the firewall
-        # and the interceptor start, so these two overlap.
-        "CA made (before supervisord)": ev["CA made"] - t0,
+        # The CA is trusted while the firewall and the interceptor start: these overlap.
         "CA trust (system bundle written, env; from supervisord start)": ev["CA trusted"] - sup,
         "init saw every marker": ready - t0,
         "command launch (setpriv, exec)": ev["first instruction"] - ready,
