@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 
@@ -13,6 +12,8 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o644) -> Path:
     A reader (the interceptor on SIGHUP, the init waiting for a marker, an
     editor) sees the old file or the new one, never half of one.
     """
+    import tempfile  # here: an inactive start imports this module and writes nothing
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

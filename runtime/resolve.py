@@ -22,7 +22,6 @@ from runtime.core.config import ConfigError, NetworkConfig, Problem, RuleSpec, p
 from runtime.core.github import repository_of, repository_values
 from runtime.core.hosts import HostError, normalize_host_pattern
 from runtime.core.policy import Mode, Policy, Rule
-from runtime.registries import registry_hosts
 
 BUILT_IN_SOURCE = "built-in defaults"
 REPO, GLOBAL, BUILT_IN = "repo", "global", "built-in"
@@ -183,6 +182,8 @@ def built_in_specs(share: Path | None = None) -> tuple[list[dict[str, object]], 
     defaults = json.loads((share / "defaults.json").read_text())
     specs = [dict(spec) for spec in defaults.get("allowed_rules", [])]
     registries = [str(name) for name in defaults.get("package_registries", [])]
+    from runtime.registries import registry_hosts  # subprocess, sysconfig: with rules only
+
     hosts = registry_hosts(share)
     if hosts is None:
         return specs, tuple(registries)

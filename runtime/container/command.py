@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -20,6 +19,8 @@ from runtime.container.signals import FORWARDED
 
 
 def default_command() -> list[str]:
+    import shutil  # only without a command given; an inactive start stays a few imports
+
     if shutil.which("copilot"):
         return ["copilot"]
     return ["/bin/bash"] if Path("/bin/bash").exists() else ["/bin/sh"]

@@ -8,7 +8,6 @@ the fix, in the manner of smokescreen's ACL errors.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import ipaddress
 import json
 from collections.abc import Iterable, Mapping
@@ -545,6 +544,8 @@ def _unknown_keys(data: Mapping[str, Any], known: tuple[str, ...], pointer: str)
             continue
         guess = ALIASES.get(key.lower().replace("-", "_")) or ALIASES.get(key.lower())
         if guess not in known:
+            import difflib  # only for a wrong key: every program imports this module
+
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
             guess = close[0] if close else None
         fix = f'rename it to "{guess}"' if guess else "remove it; known keys: " + ", ".join(known)
