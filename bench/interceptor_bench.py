@@ -48,6 +48,8 @@ from tests.harness.upstream import UpstreamCA  # noqa: E402
 PROXY_UID = 64201
 UID_INTERCEPTOR, UID_PLAIN, UID_DIRECT, UID_SPREAD = 64202, 64203, 64204, 64205
 UID_NOLOG = 64206  # a second interceptor whose policy does not log (bulk section)
+UID_NGINX = 64207  # nginx terminating and re-originating TLS, in C (bulk section)
+PORT_NGINX = 58095
 #: Interceptor processes listen on 58080 .. 58080+N-1, as the pool's N workers would.
 PORT_INTERCEPTOR, PORT_SECOND, PORT_PLAIN, PORT_NOLOG = 58080, 58081, 58090, 58085
 NAME = "bench.test"
@@ -226,11 +228,79 @@ def curl_transfer(
     return {"seconds": float(secs), "mb_s": size / 1e6 / float(secs)}
 
 
+def start_nginx_proxy(topo: Topology, work: Path, upstream_ca: Path) -> tuple[Any, Path]:
+    """nginx (C, OpenSSL) doing what the interceptor does to a transfer: TLS terminated
+    with a certificate for NAME, the request re-sent over TLS to the upstream (verified),
+    bodies streamed both ways (no buffering). One process, as one interceptor worker.
+    The ceiling of any TLS-terminating proxy on this machine. Returns it and its CA."""
+    binary = shutil.which("nginx", path="/usr/sbin:/usr/bin")
+    if binary is None:
+        raise RuntimeError("nginx is not installed (Debian nginx)")
+    root = work / "nginx"
+    (root / "tmp").mkdir(parents=True)
+    cert = UpstreamCA.create(root / "ca", names=[NAME])
+    conf = root / "nginx.conf"
+    conf.write_text(
+        f"""daemon off;
+master_process off;
+worker_processes 1;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+  client_body_temp_path {root}/tmp;
+  proxy_temp_path {root}/tmp;
+  fastcgi_temp_path {root}/tmp;
+  uwsgi_temp_path {root}/tmp;
+  scgi_temp_path {root}/tmp;
+  access_log off;
+  server {{
+    listen 127.0.0.1:{PORT_NGINX} ssl http2;
+    listen [::1]:{PORT_NGINX} ssl http2;
+    ssl_certificate {cert.server_cert};
+    ssl_certificate_key {cert.server_key};
+    client_max_body_size 0;
+    location / {{
+      proxy_pass https://{topo.net_ip}:443;
+      proxy_http_version 1.1;
+      proxy_set_header Host {NAME};
+      proxy_buffering off;
+      proxy_request_buffering off;
+      proxy_ssl_server_name on;
+      proxy_ssl_name {NAME};
+      proxy_ssl_verify on;
+      proxy_ssl_trusted_certificate {upstream_ca};
+    }}
+  }}
+}}
+"""
+    )
+    proc = topo.box_popen(
+        [binary, "-p", str(root), "-e", str(root / "error.log"), "-c", str(conf)], text=True
+    )
+    topo.wait_tcp(topo.box, "127.0.0.1", PORT_NGINX, proc=proc)
+    redirect(topo, UID_NGINX, PORT_NGINX)
+    return proc, cert.ca_cert
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def bulk_section(
-    topo: Topology, work: Path, paths: dict[str, tuple[int, Path]], mb: int, rounds: int
+    topo: Topology,
+    work: Path,
+    paths: dict[str, tuple[int, Path]],
+    mb: int,
+    rounds: int,
+    proxies: dict[str, int],
 ) -> dict[str, Any]:
     """A `mb` MB HTTPS download and upload per path, paths interleaved in each round
-    (order rotated) so that load on the machine hits every path alike; the median."""
+    (order rotated) so that load on the machine hits every path alike; the median.
+    `proxies`: the process of each proxied path, whose CPU per transfer is recorded
+    (CPU seconds per GB: what the path costs whatever else loads the machine)."""
     size = mb * 1_000_000
     upload = work / "upload.bin"
     with upload.open("wb") as f:
@@ -245,23 +315,39 @@ def bulk_section(
     got: dict[str, dict[str, list[float]]] = {
         d: {n: [] for n in names} for d in ("download", "upload")
     }
+    cpu: dict[str, dict[str, list[float]]] = {d: {n: [] for n in proxies} for d in got}
     for rnd in range(rounds):
         order = names[rnd % len(names) :] + names[: rnd % len(names)]
         for direction in ("download", "upload"):
             for name in order:
                 uid, cafile = paths[name]
+                before = cpu_seconds(proxies[name]) if name in proxies else 0.0
                 out = curl_transfer(topo, uid, cafile, direction, size, upload)
                 got[direction][name].append(out["mb_s"])
-                print(f"bulk {direction} {mb} MB {name:22s} {out['mb_s']:7.1f} MB/s", flush=True)
-    summary: dict[str, Any] = {"mb": mb, "rounds": rounds, "mb_s": got, "median": {}}
-    print(f"\nbulk {mb} MB, median of {rounds} (MB/s and ratios):")
+                line = f"bulk {direction} {mb} MB {name:22s} {out['mb_s']:7.1f} MB/s"
+                if name in proxies:
+                    per_gb = (cpu_seconds(proxies[name]) - before) * 1000 / mb
+                    cpu[direction][name].append(per_gb)
+                    line += f"  proxy CPU {per_gb:5.2f} s/GB"
+                print(line, flush=True)
+    summary: dict[str, Any] = {
+        "mb": mb,
+        "rounds": rounds,
+        "mb_s": got,
+        "proxy_cpu_s_per_gb": cpu,
+        "median": {},
+    }
+    print(f"\nbulk {mb} MB, median of {rounds} (MB/s and ratios; proxy CPU s/GB):")
     for direction, by_path in got.items():
         med = {n: sorted(v)[len(v) // 2] for n, v in by_path.items()}
         summary["median"][direction] = med
         for n, v in med.items():
+            per_gb = sorted(cpu[direction].get(n) or [0.0])[len(cpu[direction].get(n) or [0]) // 2]
             print(
                 f"  {direction:8s} {n:22s} {v:7.1f} MB/s  vs mitmproxy "
-                f"x{ratio(v, med['mitmproxy']):.2f}  vs direct x{ratio(v, med['direct']):.2f}",
+                f"x{ratio(v, med['mitmproxy']):.2f}  vs direct x{ratio(v, med['direct']):.2f}"
+                + (f"  vs nginx x{ratio(v, med['nginx (C)']):.2f}" if "nginx (C)" in med else "")
+                + (f"  CPU {per_gb:5.2f} s/GB" if n in proxies else ""),
                 flush=True,
             )
     return summary
@@ -424,9 +510,17 @@ def main() -> int:
             write_policy(Policy.build(Mode.ENFORCE, False, bench_rules(1), "bench"), nolog_policy)
             nolog, _ = start_interceptor(PORT_NOLOG, "confdir3", "ca3", "run3", nolog_policy)
             paths["interceptor, log off"] = (UID_NOLOG, work / "ca3" / "ca.pem")
-            results["bulk"] = bulk_section(topo, work, paths, args.bulk_mb, args.rounds)
+            nginx, nginx_ca = start_nginx_proxy(topo, work, ca.ca_cert)
+            paths["nginx (C)"] = (UID_NGINX, nginx_ca)
+            proxies = {
+                "mitmproxy": plain.pid,
+                "interceptor": interceptor.pid,
+                "interceptor, log off": nolog.pid,
+                "nginx (C)": nginx.pid,
+            }
+            results["bulk"] = bulk_section(topo, work, paths, args.bulk_mb, args.rounds, proxies)
             results["machine"]["loadavg_after"] = Path("/proc/loadavg").read_text().strip()
-            for proc in (nolog, interceptor, plain, upstream):
+            for proc in (nginx, nolog, interceptor, plain, upstream):
                 topo.stop(proc)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=1))
