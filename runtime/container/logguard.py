@@ -3,12 +3,12 @@
     /logs               proxy-user 0755
     /logs/traffic.jsonl proxy-user 0644
 
-init calls prepare() before supervisord starts, so the interceptor always finds
-both in place. The supervised program then polls every 200 ms (a stat of two
-paths: cheap, and unlike inotify it also sees a file replaced or removed) and
-repairs any owner or mode change, recording each repair as one JSON line in its
-own log. Ownership and mode are set through a descriptor opened without
-following symlinks.
+init calls prepare() before the services' go (its `prepared` marker), so the
+interceptor always finds both in place. The supervised program then polls every
+200 ms (a stat of two paths: cheap, and unlike inotify it also sees a file replaced
+or removed) and repairs any owner or mode change, recording each repair as one
+JSON line in its own log. Ownership and mode are set through a descriptor opened
+without following symlinks.
 
 At exit, init (not this program) calls hand_over(): /logs and the log go to
 PUID:PGID, so the host user who mounted /logs owns the audit trail after the
@@ -112,6 +112,11 @@ def _check(path: Path, kind: str, uid: int, gid: int, mode: int) -> list[dict[st
                     "now": oct(mode),
                 }
             )
+    except OSError as exc:
+        if exc.errno is None or exc.filename is not None:
+            raise
+        # fchown/fchmod name no file: say which (the init's start-up error shows it).
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     finally:
         os.close(fd)
     return repairs
