@@ -255,6 +255,7 @@ def prepare_services(plan: Plan, resolved: Resolved, ids: Ids, run: Run) -> byte
     checkpoint("CA made")
     write_policy(resolved.policy)
     write_session(resolved, ids, services.workers())
+    logguard.check_log_place(os.environ.get("SECURE_PROXY_HOST_LOG_DIR"))  # /logs untouched
     run.logs_prepared = True
     logguard.prepare()
     checkpoint("policy, session and logs prepared")

@@ -318,3 +318,44 @@ def test_a_file_the_start_up_cannot_write_ends_it_with_the_services_stopped(proj
     steps = init_trace(r.stderr)
     assert "supervisord started" in steps and steps[-1] == "supervisord stopped", steps
     assert snapshot(logs) == before
+
+
+@pytest.mark.parametrize("planted", ["directory", "hard link"])
+def test_a_log_the_hand_over_could_not_give_back_is_refused_before_logs_changes_hands(
+    project, env, tmp_path, planted
+):
+    """A directory, or a file with another link (here a host file of the user's), at the
+    log's place: prepare would give /logs (and the other link's file) to proxy-user and
+    the hand-over refuses such a log, so /logs would stay proxy-user's and the next run
+    be refused. Refused first, with nothing changed."""
+    write_config(project, enforce("api.github.com"), state=env["XDG_STATE_HOME"])
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    other = tmp_path / "elsewhere.txt"
+    if planted == "directory":
+        (logs / "traffic.jsonl").mkdir()
+        what = "is a directory"
+    else:
+        other.write_text("the user's own file\n")
+        os.link(other, logs / "traffic.jsonl")
+        what = "has 2 hard links"
+
+    def state() -> tuple[object, ...]:
+        return snapshot(logs), other.exists() and (*owner(other), os.lstat(other).st_nlink)
+
+    before = state()
+    r = run_cli(project, ["--logs-dir", str(logs), "--", "echo", "SHOULD-NOT-RUN"], env=env)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "SHOULD-NOT-RUN" not in r.stdout
+    assert "Traceback" not in r.stderr, r.stderr
+    named = f"[Network] /logs/traffic.jsonl (on the host: {logs}/traffic.jsonl) {what}"
+    assert named in r.stderr, r.stderr
+    # Nothing changed hands (the other link's file included): the next run may use it.
+    assert state() == before
+    if planted == "directory":
+        (logs / "traffic.jsonl").rmdir()
+    else:
+        (logs / "traffic.jsonl").unlink()
+    again = run_cli(project, ["--logs-dir", str(logs), "--", "echo", "RAN"], env=env)
+    assert again.returncode == 0 and again.stdout.split() == ["RAN"], again.stderr
+    assert owner(logs) == owner(logs / "traffic.jsonl") == (os.getuid(), os.getgid())
