@@ -29,7 +29,9 @@ no firewall, no interceptor, no CA, no supervisord; one line says so and the
 command runs on an untouched network (NET_ADMIN not needed).
 
 Signals are taken synchronously (signals.py): one that arrives during the start-up
-aborts it at the next phase boundary, with 128+N.
+aborts it at the next phase boundary, with 128+N. A start-up that fails (SetupFailed,
+or an OSError: a file it must write cannot be) ends the same way, with 1: supervisord
+and its services stopped, /logs handed back if it was taken, the command never run.
 """
 
 from __future__ import annotations
@@ -253,6 +255,7 @@ def prepare_services(plan: Plan, resolved: Resolved, ids: Ids, run: Run) -> byte
     checkpoint("CA made")
     write_policy(resolved.policy)
     write_session(resolved, ids, services.workers())
+    logguard.check_log_place(os.environ.get("SECURE_PROXY_HOST_LOG_DIR"))  # /logs untouched
     run.logs_prepared = True
     logguard.prepare()
     checkpoint("policy, session and logs prepared")
@@ -410,6 +413,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     except SetupFailed as exc:
         say(f"[Network] {exc}")
+        finish(run)
+        return EXIT_SETUP
+    except OSError as exc:
+        # A file the start-up writes (the CA, the policy, the session, /logs, the sign-in
+        # pairs) cannot be: supervisord runs by then, so the same orderly end as any
+        # failed start (services stopped, /logs handed back), not a traceback and the
+        # services left to the kernel.
+        say(f"[Network] The start-up failed, the command was not started: {exc}")
         finish(run)
         return EXIT_SETUP
     except Interrupted as exc:

@@ -3,12 +3,12 @@
     /logs               proxy-user 0755
     /logs/traffic.jsonl proxy-user 0644
 
-init calls prepare() before supervisord starts, so the interceptor always finds
-both in place. The supervised program then polls every 200 ms (a stat of two
-paths: cheap, and unlike inotify it also sees a file replaced or removed) and
-repairs any owner or mode change, recording each repair as one JSON line in its
-own log. Ownership and mode are set through a descriptor opened without
-following symlinks.
+init calls prepare() before the services' go (its `prepared` marker), so the
+interceptor always finds both in place. The supervised program then polls every
+200 ms (a stat of two paths: cheap, and unlike inotify it also sees a file replaced
+or removed) and repairs any owner or mode change, recording each repair as one
+JSON line in its own log. Ownership and mode are set through a descriptor opened
+without following symlinks.
 
 At exit, init (not this program) calls hand_over(): /logs and the log go to
 PUID:PGID, so the host user who mounted /logs owns the audit trail after the
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from runtime import paths
+from runtime.container.console import SetupFailed
 from runtime.container.session import Session, SessionError
 from runtime.container.users import proxy_ids
 
@@ -112,6 +113,11 @@ def _check(path: Path, kind: str, uid: int, gid: int, mode: int) -> list[dict[st
                     "now": oct(mode),
                 }
             )
+    except OSError as exc:
+        if exc.errno is None or exc.filename is not None:
+            raise
+        # fchown/fchmod name no file: say which (the init's start-up error shows it).
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     finally:
         os.close(fd)
     return repairs
@@ -123,8 +129,34 @@ def check_once(uid: int, gid: int) -> list[dict[str, object]]:
     return repairs
 
 
+def check_log_place(host_dir: str | None = None) -> None:
+    """Before /logs changes at all (called by init): what is at the traffic log's place
+    must be something prepare() may take and hand_over() give back. A regular file with
+    one link is the log; a symlink, FIFO, ... is replaced (_check); a directory cannot be,
+    and a file with other links would take them along to proxy-user's uid. Either would
+    leave /logs proxy-user's after the run (hand_over refuses it), so the next run
+    refused. SetupFailed naming it, `host_dir` the host's logs directory."""
+    log = paths.traffic_log()
+    try:
+        st = os.lstat(log)
+    except FileNotFoundError:
+        return
+    where = f" (on the host: {host_dir.rstrip('/')}/{log.name})" if host_dir else ""
+    if stat.S_ISDIR(st.st_mode):
+        what = "is a directory"
+    elif stat.S_ISREG(st.st_mode) and st.st_nlink != 1:
+        what = f"has {st.st_nlink} hard links"
+    else:
+        return
+    raise SetupFailed(
+        f"{log}{where} {what}, not a traffic log the runtime can take: move it out of "
+        "the logs directory and start again (nothing there was changed)"
+    )
+
+
 def prepare() -> None:
-    """Create /logs and the traffic log before the interceptor starts (called by init)."""
+    """Create /logs and the traffic log before the interceptor starts (called by init,
+    after check_log_place)."""
     uid, gid = proxy_ids()
     check_once(uid, gid)
 

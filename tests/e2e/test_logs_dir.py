@@ -16,13 +16,23 @@ import os
 import secrets
 import shlex
 import stat
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.harness import python_bin
-from tests.harness.sandbox import Session, enforce, host_logs, run_cli, sh, write_config
+from tests.harness.sandbox import (
+    Session,
+    cli_argv,
+    cli_env,
+    enforce,
+    host_logs,
+    run_cli,
+    sh,
+    write_config,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -263,3 +273,89 @@ def test_a_run_creates_nothing_in_the_project_and_says_where_the_log_is(project,
     show = run_cli(project, ["--network-show"], env=env)
     assert f"Traffic log on the host: {logs}/traffic.jsonl" in show.stdout, show.stdout
     assert json.loads((project / ".copilot_here" / "network.json").read_text())["enabled"]
+
+
+# --------------------------------------------------------------------------- (e) a failed start
+
+#: argv prefix: the CLI in a mount namespace of its own (the sandbox's is a copy of it)
+#: where the directory given first is a read-only bind mount of itself.
+READ_ONLY = [
+    *("unshare", "--mount", "--propagation", "private", "sh", "-c"),
+    'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"',
+]
+
+
+def init_trace(stderr: str) -> list[str]:
+    return [line.split("] ", 1)[1] for line in stderr.splitlines() if line.startswith("[init +")]
+
+
+def test_a_file_the_start_up_cannot_write_ends_it_with_the_services_stopped(project, env, tmp_path):
+    """The init starts supervisord before it writes what the services read (the CA, the
+    policy, /logs): one of them that cannot be written (here /logs, read-only) ends the
+    start as any failure does: one line naming it, supervisord and its services stopped
+    before the init exits, exit 1, no command; not a traceback."""
+    write_config(project, enforce("api.github.com"), state=env["XDG_STATE_HOME"])
+    logs = tmp_path / "read-only-logs"
+    logs.mkdir()
+    before = snapshot(logs)
+    argv = [*READ_ONLY, str(logs)]
+    argv += cli_argv(["--logs-dir", str(logs), "--", "echo", "SHOULD-NOT-RUN"])
+    r = subprocess.run(
+        argv,
+        cwd=project,
+        env=cli_env({**env, "SECURE_PROXY_TRACE": "1"}),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "SHOULD-NOT-RUN" not in r.stdout
+    assert "Traceback" not in r.stderr, r.stderr
+    failed = "[Network] The start-up failed, the command was not started: "
+    assert failed + "[Errno 30] Read-only file system: '/logs'" in r.stderr.splitlines(), r.stderr
+    steps = init_trace(r.stderr)
+    assert "supervisord started" in steps and steps[-1] == "supervisord stopped", steps
+    assert snapshot(logs) == before
+
+
+@pytest.mark.parametrize("planted", ["directory", "hard link"])
+def test_a_log_the_hand_over_could_not_give_back_is_refused_before_logs_changes_hands(
+    project, env, tmp_path, planted
+):
+    """A directory, or a file with another link (here a host file of the user's), at the
+    log's place: prepare would give /logs (and the other link's file) to proxy-user and
+    the hand-over refuses such a log, so /logs would stay proxy-user's and the next run
+    be refused. Refused first, with nothing changed."""
+    write_config(project, enforce("api.github.com"), state=env["XDG_STATE_HOME"])
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    other = tmp_path / "elsewhere.txt"
+    if planted == "directory":
+        (logs / "traffic.jsonl").mkdir()
+        what = "is a directory"
+    else:
+        other.write_text("the user's own file\n")
+        os.link(other, logs / "traffic.jsonl")
+        what = "has 2 hard links"
+
+    def state() -> tuple[object, ...]:
+        return snapshot(logs), other.exists() and (*owner(other), os.lstat(other).st_nlink)
+
+    before = state()
+    r = run_cli(project, ["--logs-dir", str(logs), "--", "echo", "SHOULD-NOT-RUN"], env=env)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "SHOULD-NOT-RUN" not in r.stdout
+    assert "Traceback" not in r.stderr, r.stderr
+    named = f"[Network] /logs/traffic.jsonl (on the host: {logs}/traffic.jsonl) {what}"
+    assert named in r.stderr, r.stderr
+    # Nothing changed hands (the other link's file included): the next run may use it.
+    assert state() == before
+    if planted == "directory":
+        (logs / "traffic.jsonl").rmdir()
+    else:
+        (logs / "traffic.jsonl").unlink()
+    again = run_cli(project, ["--logs-dir", str(logs), "--", "echo", "RAN"], env=env)
+    assert again.returncode == 0 and again.stdout.split() == ["RAN"], again.stderr
+    assert owner(logs) == owner(logs / "traffic.jsonl") == (os.getuid(), os.getgid())
