@@ -41,6 +41,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -78,6 +79,7 @@ class Run:
     """What the end of the run needs to know about how far the start got."""
 
     sup: subprocess.Popen[bytes] | None = None
+    waking: threading.Thread | None = None  # supervisor.wake_when_listening
     reaped: dict[int, int] = field(default_factory=dict)
     app_uid: int | None = None
     logs_prepared: bool = False  # from then on /logs may be proxy-user's: hand it back
@@ -242,6 +244,7 @@ def start_services(plan: Plan, resolved: Resolved, ids: Ids, run: Run) -> None:
     env = {**os.environ, **services.autostart_env(plan.level, plan.writable, plan.ports)}
     env[PREPARED_ENV] = str(paths.prepared_marker())
     run.sup = supervisor.start(env)
+    run.waking = supervisor.wake_when_listening()
     checkpoint("supervisord started")
 
 
@@ -405,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint("appuser ready")
         ca_env = trust(ids, pem)
         wait_ready(plan, run, pem)
+        if run.waking is not None:
+            run.waking.join()  # the command's fork runs Python (preexec_fn): no thread of ours
         child = command.launch(
             argv or command.default_command(),
             ids.app_uid,

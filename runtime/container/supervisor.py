@@ -56,6 +56,26 @@ def knock() -> bool:
     return True
 
 
+#: How long wake_when_listening() knocks before it leaves it to wait_ready.
+WAKE_LIMIT = 5.0
+
+
+def wake_when_listening() -> threading.Thread:
+    """Knock (from a thread) until supervisord listens, so that it spawns its programs
+    then rather than at wait_ready's first look: they import while the init makes the
+    CA, writes what they read (they wait for its `prepared` marker: launch.py), creates
+    the app user and trusts the CA. Join it before forking the command."""
+
+    def run() -> None:
+        deadline = time.monotonic() + WAKE_LIMIT
+        while not knock() and time.monotonic() < deadline:
+            time.sleep(KNOCK_POLL)
+
+    thread = threading.Thread(target=run, name="supervisord-wake", daemon=True)
+    thread.start()
+    return thread
+
+
 def process_info(name: str) -> dict[str, Any] | None:
     """supervisord's view of one program, None when supervisord does not answer."""
     try:

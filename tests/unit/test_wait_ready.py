@@ -117,3 +117,42 @@ def test_a_fault_is_an_answer_the_knocking_stops(tmp_path, monkeypatch, clock) -
         supervisor.wait_ready(components(tmp_path)[:1], clock.pause)
     assert clock.now == pytest.approx(130.0, abs=0.3)
     assert len(asked) <= 30 / supervisor.STATE_POLL + 2  # not every KNOCK_POLL
+
+
+def test_the_wake_knocks_until_supervisord_listens_then_stops(tmp_path, monkeypatch) -> None:
+    """supervisord spawns at its first poll's return: the init's wake connects as soon
+    as its socket listens (a real unix socket here), once, and ends."""
+    import socket
+    import threading
+    import time
+
+    monkeypatch.setenv("SECURE_PROXY_RUN_DIR", str(tmp_path))
+    path = str(tmp_path / "supervisor.sock")
+    accepted: list[float] = []
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def listen_later() -> None:
+        time.sleep(0.2)
+        server.bind(path)
+        server.listen(8)
+        server.settimeout(2)
+        conn, _ = server.accept()
+        accepted.append(1)
+        conn.close()
+
+    listener = threading.Thread(target=listen_later)
+    listener.start()
+    waking = supervisor.wake_when_listening()
+    waking.join(3)
+    listener.join(3)
+    server.close()
+    assert not waking.is_alive()
+    assert accepted == [1]
+
+
+def test_the_wake_gives_up_when_supervisord_never_listens(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("SECURE_PROXY_RUN_DIR", str(tmp_path))
+    monkeypatch.setattr(supervisor, "WAKE_LIMIT", 0.1)
+    waking = supervisor.wake_when_listening()
+    waking.join(2)
+    assert not waking.is_alive()  # wait_ready's own looks take over
