@@ -33,7 +33,9 @@ REASON_TEXT = {
     Reason.HOST_MISMATCH: "the TLS server name (SNI) and the Host header name different hosts "
     "(domain fronting)",
     Reason.NOT_HTTP: "only HTTP requests and WebSockets can be judged; switching this "
-    "connection to another protocol is refused in every mode",
+    "connection to another protocol, or a request an HTTP/1.1 upstream would read as "
+    "another (a line break or NUL in a header, a method that is not a token, a target "
+    "that is not a path), is refused in every mode",
     Reason.LOG_UNAVAILABLE: "the traffic log cannot be written (disk full or I/O error) and "
     "this policy logs every request, so nothing is sent unlogged",
     Reason.PRIVATE_ADDRESS: "the host is allowed, but it resolves to an address off the "
@@ -86,7 +88,7 @@ def explain(decision: Decision, method: str, url: str, config_source: str) -> st
             lines.append("fix: send the request with matching SNI and Host header")
         elif decision.reason is Reason.NOT_HTTP:
             # No rule can help: the proxy has nothing to judge once the protocol changes.
-            lines.append("fix: none in the config; use plain HTTP(S) or a WebSocket")
+            lines.append("fix: none in the config; send well-formed HTTP(S) or a WebSocket")
         elif decision.reason is Reason.CREDENTIAL_LEAK:
             # No rule can help: the token goes only to GitHub's and Copilot's hosts.
             lines.append(

@@ -434,6 +434,125 @@ def test_forward_proxy_tricks_never_reach_a_disallowed_host(env: Env):
     assert_block_response(via_allowed.stdout, "host_not_allowed", "http://evil.test/repos/x")
 
 
+H2_CLIENT = """
+import json, socket, ssl, sys
+import h2.config, h2.connection, h2.events
+spec = json.loads(sys.argv[1])
+results = []
+for case in spec["cases"]:
+    got = {"name": case["name"], "status": None, "decision": None, "body": ""}
+    try:
+        ctx = ssl.create_default_context(cafile=spec["ca"])
+        ctx.set_alpn_protocols(["h2"])
+        raw = socket.create_connection((spec["addr"], 443), timeout=10)
+        sock = ctx.wrap_socket(raw, server_hostname=case["sni"])
+        assert sock.selected_alpn_protocol() == "h2"
+        # No client-side checks: the probe sends what an attacker would.
+        config = h2.config.H2Configuration(
+            client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False
+        )
+        conn = h2.connection.H2Connection(config)
+        conn.initiate_connection()
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in case["headers"]]
+        body = case.get("body", "").encode()
+        conn.send_headers(1, headers, end_stream=not body)
+        if body:  # a body without content-length: HTTP/2 frames it, HTTP/1.1 would not
+            conn.send_data(1, body, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        done, data = False, b""
+        while not done:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            for event in conn.receive_data(chunk):
+                if isinstance(event, h2.events.ResponseReceived):
+                    fields = {k.decode(): v.decode() for k, v in event.headers}
+                    got["status"] = int(fields[":status"])
+                    got["decision"] = fields.get("x-secure-proxy-decision")
+                elif isinstance(event, h2.events.DataReceived):
+                    data += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                elif isinstance(
+                    event, (h2.events.StreamEnded, h2.events.StreamReset,
+                            h2.events.ConnectionTerminated)
+                ):
+                    done = True
+            sock.sendall(conn.data_to_send())
+        got["body"] = data.decode(errors="replace")
+        sock.close()
+    except Exception as exc:
+        got["error"] = repr(exc)
+    results.append(got)
+print(json.dumps(results))
+print("H2-END")
+"""
+
+
+def h2_requests(env: Env, cases: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each case on its own HTTP/2 connection, as raw as the h2 library lets a client be."""
+    spec = {"addr": env.topo.net_ip, "ca": str(env.proxy_ca), "cases": cases}
+    r = env.python(H2_CLIENT, json.dumps(spec))
+    out = r.stdout.splitlines()
+    assert out[-1:] == ["H2-END"], (r.stdout, r.stderr)  # the client ran to its end
+    return {x["name"]: x for x in json.loads(out[-2])}
+
+
+def test_http2_requests_that_http1_would_read_as_others_never_reach_upstream(env: Env):
+    """The upstream speaks HTTP/1.1, so mitmproxy writes each HTTP/2 request out as
+    text: a line break in a header value, the :path or the :method, a :path in
+    absolute form, or a body without content-length would have the upstream read
+    requests nobody judged (here to evil.test and /admin, neither allowed). The
+    malformed ones are refused as not_http; the body goes out framed."""
+    marker = f"H2{secrets.token_hex(6)}"
+    smuggled = f"GET /admin/{marker}/%s HTTP/1.1\r\nHost: evil.test\r\nX-Pad: b"
+
+    def h(path: str, method: str = "GET", authority: str = "api.github.com", **extra: str):
+        pseudo = [(":method", method), (":scheme", "https"), (":authority", authority)]
+        return [*pseudo, (":path", path), *extra.items()]
+
+    repos = f"/repos/{marker}"
+    cases = [
+        {"name": "value", "headers": h(f"{repos}/v", x_pad="a\r\n\r\n" + smuggled % "value")},
+        {"name": "lf", "headers": h(f"{repos}/l", x_pad="a\n\n" + smuggled % "lf")},
+        {"name": "nul", "headers": h(f"{repos}/n", x_pad="a\x00b")},
+        {
+            "name": "path",
+            "headers": h(f"{repos}/p HTTP/1.1\r\nHost: api.github.com\r\n\r\n" + smuggled % "path"),
+        },
+        {"name": "method", "headers": h(f"{repos}/m", method=smuggled % "method" + "\r\n\r\nGET")},
+        {
+            "name": "absolute",
+            "headers": h(f"http://evil.test/admin/{marker}/absolute", authority="git.test"),
+        },
+        {
+            "name": "body",
+            "headers": h(f"{repos}/body", method="POST"),
+            "body": f"GET /admin/{marker}/body HTTP/1.1\r\nHost: evil.test\r\n\r\n",
+        },
+    ]
+    for case in cases:
+        case["headers"] = [(k.replace("_", "-"), v) for k, v in case["headers"]]
+        case["sni"] = dict(case["headers"])[":authority"]
+    before, since = env.mark(), time.time()
+    got = h2_requests(env, cases)
+    refused = [c["name"] for c in cases if c["name"] != "body"]
+    for name in refused:
+        assert got[name]["status"] == 403, got[name]
+        assert got[name]["decision"] == "block; reason=not_http", got[name]
+    assert got["body"]["status"] == 200, got["body"]
+    body_len = len(cases[-1]["body"])
+    assert json.loads(got["body"]["body"])["body_len"] == body_len
+    # The upstream's account: one request of this test reached it, the framed POST.
+    requests = [x for x in upstream_records(env, since) if x["ev"] == "request"]
+    assert [(x["method"], x["path"], x["host"]) for x in requests] == [
+        ("POST", f"{repos}/body", "api.github.com")
+    ], requests
+    lines = env.new_lines(before, len(cases))
+    by_reason = sorted(x["reason"] for x in lines)
+    assert by_reason == ["not_http"] * len(refused) + ["rule_match"], lines
+    assert all(x["method"] in ("GET", None) for x in lines if x["reason"] == "not_http")
+
+
 def test_sni_host_mismatch_blocked(env: Env):
     before = env.mark()
     r = env.curl("-i", "-H", "Host: evil.test", "https://api.github.com/repos/x")
@@ -964,7 +1083,7 @@ def test_zz_every_log_line_valid_and_clean(env: Env):
     assert len(starts) == sum(r["phase"] == "start" for r in records)  # one per id
     same = ("ts", "method", "scheme", "host", "port", "path", "http_version")
     for i, end in enumerate(records):
-        if end["phase"] != "end" or end["method"] is None:
+        if end["phase"] != "end" or (end["method"] is None and end["id"] not in starts):
             continue  # a start line, or a connection closed before any request (no start)
         where, start = starts.pop(end["id"])
         assert where < i and [start[k] for k in same] == [end[k] for k in same], (start, end)

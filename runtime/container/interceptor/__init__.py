@@ -37,6 +37,10 @@ Small addons, one concern each, in the order mitmproxy calls them:
 - Readiness (readiness.py): publishes the CA certificate, then the readiness
   marker, once mitmproxy is listening.
 
+framing.py makes mitmproxy frame an HTTP/2 request body that has no
+content-length (chunked) when it writes the request to an HTTP/1.1 upstream, which
+would otherwise read the body as further requests.
+
 main.py turns the command line into options and runs them (`secure-proxy-interceptor`,
 or `python -m runtime.container.interceptor`).
 """
@@ -49,6 +53,7 @@ from typing import Any
 from runtime.container.interceptor import lean  # noqa: F401  (installs itself)
 from runtime.container.interceptor.blocksink import BlockSink
 from runtime.container.interceptor.credentials import CredentialGuard
+from runtime.container.interceptor.framing import install as frame_http2_bodies
 from runtime.container.interceptor.gate import PolicyGate
 from runtime.container.interceptor.httponly import HttpOnly, UpgradeGuard
 from runtime.container.interceptor.logger import TrafficLogger
@@ -59,6 +64,7 @@ from runtime.container.interceptor.upstream import UpstreamPinning
 
 def make_addons() -> list[Any]:
     """The addons, wired to each other, in the order mitmproxy must call them."""
+    frame_http2_bodies()  # mitmproxy's HTTP/1 client, before any request goes out
     store = PolicyStore()
     sink = BlockSink()
     gate = PolicyGate(store, sink)

@@ -11,12 +11,14 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from loguru import logger
 from mitmproxy import http
 from mitmproxy.proxy.mode_specs import TransparentMode
 
 from runtime.core.explain import explain
 from runtime.core.hosts import HostError, normalize_host
 from runtime.core.policy import Action, Decision, Policy, Reason, Request
+from runtime.core.wellformed import malformed
 
 if TYPE_CHECKING:
     from runtime.container.interceptor.blocksink import BlockSink
@@ -195,6 +197,15 @@ class PolicyGate:
         policy = self.store.policy
         request, port = to_core_request(flow)
         decision = policy.decide(request)
+        data = flow.request.data
+        problem = malformed(data.method, data.path, data.headers.fields)
+        if problem is not None:
+            # Written out as HTTP/1.1 it would not be the request judged (HTTP/2 carries
+            # line breaks in fields): refused in every mode, nothing of it goes upstream.
+            logger.warning(
+                "refused {}://{} as not_http: {}", scheme_of(flow), decision.host, problem
+            )
+            decision = not_http_decision(policy, decision.host, decision.path)
         verdict = Verdict(
             decision=decision,
             policy=policy,

@@ -21,6 +21,7 @@ from runtime.container.interceptor.gate import (
 )
 from runtime.core.policy import Policy, Reason
 from runtime.core.record import END, START, HttpRecord, format_ts
+from runtime.core.wellformed import is_token
 from runtime.trafficlog import TrafficLogWriter
 
 if TYPE_CHECKING:
@@ -151,7 +152,8 @@ class TrafficLogger:
             reason=decision.reason.value,
             rule=rule.host if rule else None,
             rule_source=rule.origin.label if rule else None,
-            method=request.method,
+            # A method that is not a token was refused (not_http); the log says none.
+            method=request.method if is_token(request.data.method) else None,
             scheme=scheme_of(flow),
             host=decision.host,
             port=verdict.port,
