@@ -152,11 +152,42 @@ _UNRESERVED_ESCAPE = re.compile(r"%(?:3[0-9]|[46][1-9A-Fa-f]|[57][0-9Aa]|2[DdEe]
 
 def may_read_otherwise(raw: str) -> bool:
     """Whether an upstream may read `raw` as another path than normalize_path's (an
-    encoded separator or '%', a backslash, a ';' parameter); else it has one reading."""
-    return ";" in raw or (("%" in raw or "\\" in raw) and _AMBIGUOUS.search(raw) is not None)
+    encoded separator or '%', a backslash, a ';' parameter, two leading slashes); else
+    it has one reading."""
+    return (
+        ";" in raw
+        or raw.startswith("//")
+        or (("%" in raw or "\\" in raw) and _AMBIGUOUS.search(raw) is not None)
+    )
+
+
+def _authority_dropped(path: str) -> str | None:
+    """The path a WHATWG URL parser gives a target starting with two slashes (`\\` is `/`
+    to it), as Node's `new URL(req.url, base)` does: a scheme-relative URL, whose first
+    segment is a host. `//repos/admin` is `/admin` there. None for other targets."""
+    text = path.replace("\\", "/")
+    if not text.startswith("//"):
+        return None
+    return "/" + text.lstrip("/").partition("/")[2]
 
 
 def path_readings(raw: str) -> tuple[str, ...]:
+    """Every path an upstream, or a chain of them, may serve for `raw`; the first is
+    `normalize_path(raw)`, the path as written. See `_readings`; a target starting with
+    two slashes also has the readings of what follows its first segment, which a WHATWG
+    URL parser takes for a host (`_authority_dropped`)."""
+    readings = _readings(raw)
+    dropped = _authority_dropped(raw.split("#", 1)[0].split("?", 1)[0])
+    if dropped is None:
+        return readings
+    merged = dict.fromkeys(readings)
+    merged.update(dict.fromkeys(path_readings(dropped)))
+    if len(merged) > MAX_READINGS:
+        merged["/"] = None
+    return tuple(merged)
+
+
+def _readings(raw: str) -> tuple[str, ...]:
     """Every path an upstream, or a chain of them, may serve for `raw`; the first is
     `normalize_path(raw)`, the path as written.
 

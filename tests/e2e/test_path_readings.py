@@ -60,6 +60,9 @@ CLIMBING = [
     "/repos/..\\admin",
     "/repos/x%2f..\\..%2fadmin",
     "/repos/x%252f..%252f..%252fadmin",
+    # two leading slashes: to a WHATWG parser a scheme-relative URL, `repos` its host
+    "//repos/admin",
+    "///repos/admin",
 ]
 
 # What each server serves for these paths when they reach it (sent directly): the
@@ -86,6 +89,9 @@ NODE_SERVES = {
     # ... and resolves `x%2f..` / `..%2fadmin` as names before decodeURIComponent
     "/repos/x%2f..\\..%2fadmin": "/admin",
     "/repos/x%5c..%5c..%5cadmin": "/repos/x\\..\\..\\admin",
+    # `//repos/admin` is the URL https://repos/admin: its path is /admin
+    "//repos/admin": "/admin",
+    "///repos/admin": "/admin",
 }
 # Allowed, and must still arrive: plain, with an encoded unreserved character, and with
 # an encoded slash that stays inside /repos/ whichever way it is read.

@@ -140,6 +140,10 @@ def test_one_reading_for_ordinary_paths() -> None:
         ("/repos/..;x/admin", "/admin"),
         ("/..;x/repos/", "/..;x/repos/"),
         ("/.;x/repos/a", "/.;x/repos/a"),
+        # WHATWG URL (Node): two leading slashes make the first segment a host
+        ("//repos/admin", "/admin"),
+        ("///repos/admin", "/admin"),
+        ("/\\repos/admin", "/admin"),
     ],
 )
 def test_readings_include_what_upstreams_serve(raw: str, served: str) -> None:
@@ -210,8 +214,12 @@ def http_server(raw: str) -> str:
 
 
 def whatwg(raw: str) -> str:
-    """Node's `new URL(path, base).pathname`: '\\' is '/', `%2e` is '.', empty segments kept."""
-    segments = raw.replace("\\", "/").split("/")[1:]
+    """Node's `new URL(path, base).pathname`: '\\' is '/', `%2e` is '.', empty segments kept;
+    two leading slashes start a scheme-relative URL, whose first segment is the host."""
+    text = raw.replace("\\", "/")
+    if text.startswith("//"):
+        text = "/" + text.lstrip("/").partition("/")[2]
+    segments = text.split("/")[1:]
     out: list[str] = []
     for i, segment in enumerate(segments):
         lower = segment.lower()
