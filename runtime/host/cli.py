@@ -178,8 +178,18 @@ def precheck(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
         return
 
 
+def absolute_path(path: str) -> str:
+    """PATH without its empty and relative entries. An empty entry (a stray `:`) or `.`
+    means the current directory, which is the project: the agent's to write. The CLI
+    runs git, gh and the engine from PATH as you (root, for the sandbox engine), so a
+    `git` the agent left in the project would run on the host at the next start."""
+    return os.pathsep.join(d for d in path.split(os.pathsep) if os.path.isabs(d))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "PATH" in os.environ:
+        os.environ["PATH"] = absolute_path(os.environ["PATH"])
     parser = build_parser()
     try:
         precheck(parser, argv)

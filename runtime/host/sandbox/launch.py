@@ -15,6 +15,7 @@ from pathlib import Path
 
 from runtime.host.sandbox.network import REGISTRY, Network, cleanup_leftovers, starttime
 from runtime.host.sandbox.spec import SYSTEM_PATH, SandboxError, Spec
+from runtime.host.sandbox.terminal import Relay, host_terminals
 
 STAGE_PARENT = Path(os.environ.get("SECURE_PROXY_SANDBOX_STAGE", "/tmp"))
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
@@ -75,6 +76,7 @@ def run(spec: Spec, by_name: Mapping[str, str] | None = None) -> int:
     }
     reg.write_text(json.dumps(record))
     proc: subprocess.Popen[bytes] | None = None
+    relay: Relay | None = None
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
     try:
         net.create()
@@ -93,13 +95,10 @@ def run(spec: Spec, by_name: Mapping[str, str] | None = None) -> int:
             *("--propagation", "private", "--"),
             *(python, "-m", "runtime.host.sandbox", "--inner"),
         ]
-        tty = os.isatty(0)
 
         def forward(signum: int, _frame: object) -> None:
-            # A terminal's Ctrl-C reaches the foreground group (the command, or init
-            # during startup) by itself; anything else is passed on to init.
-            if signum == signal.SIGINT and tty:
-                return
+            # The sandbox has a terminal of its own (a host terminal's Ctrl-C reaches
+            # it as a byte, through the relay): every signal is passed on to init.
             if proc is not None:
                 inner = _inner_pid(proc.pid)
                 if inner:
@@ -108,7 +107,15 @@ def run(spec: Spec, by_name: Mapping[str, str] | None = None) -> int:
 
         for sig in SIGNALS:
             signal.signal(sig, forward)
-        proc = subprocess.Popen(argv, env=env)
+        # Never the host's terminal: a pseudo-terminal of the sandbox's own
+        # (runtime.host.sandbox.terminal says why).
+        terminals = host_terminals()
+        relay = Relay(terminals) if terminals else None
+        if relay is None:
+            proc = subprocess.Popen(argv, env=env, start_new_session=True)
+        else:
+            proc = subprocess.Popen(argv, env=env, preexec_fn=relay.session_leader, **relay.stdio())
+            relay.start()
         code = proc.wait()
         return 128 - code if code < 0 else code
     finally:
@@ -117,6 +124,8 @@ def run(spec: Spec, by_name: Mapping[str, str] | None = None) -> int:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+        if relay is not None:
+            relay.close()
         net.close()
         with contextlib.suppress(OSError):
             stage.rmdir()
