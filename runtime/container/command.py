@@ -45,7 +45,9 @@ def launch(command: list[str], uid: int, gid: int, env: dict[str, str]) -> subpr
         "setpriv",
         f"--reuid={uid}",
         f"--regid={gid}",
-        "--init-groups",
+        # Its own group only: PUID's user may be a real one of the host's /etc/group
+        # (the sandbox engine's overlay), whose groups (disk, docker, ...) it must not get.
+        "--clear-groups",
         "--no-new-privs",
         "--bounding-set=-all",
         "--inh-caps=-all",

@@ -7,6 +7,7 @@ SECURE_PROXY_UPSTREAM_CA, exactly as a corporate CA would.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -305,6 +306,32 @@ def test_appuser_cannot_touch_log_ca_key_supervisor_or_firewall(internet, projec
     assert not allowed, r.stdout
     # The forged line never made it into the audit trail.
     assert "forged" not in (host_logs(project) / "traffic.jsonl").read_text()
+
+
+def test_the_command_has_its_own_group_only(internet, project):
+    """No supplementary group: the sandbox's /etc/group is the host's (an overlay), where
+    the app user may be a host user renamed, and a group such as disk would open the
+    host's devices (/dev is the host's). Here the host's /etc/group names the app user
+    (and uid 1000's user, whom the init renames to it) in an extra group for the run."""
+    import pwd
+
+    group = Path("/etc/group")
+    saved = group.read_bytes()
+    members = ["appuser"]
+    with contextlib.suppress(KeyError):
+        members.append(pwd.getpwuid(1000).pw_name)
+    write_config(project, enforce("api.github.com"))
+    try:
+        group.write_bytes(saved + f"sp-test-extra:x:47113:{','.join(members)}\n".encode())
+        r = run_cli(project, ["--", *sh("echo GROUPS $(id -G) GID $(id -g); echo END")], internet)
+    finally:
+        group.write_bytes(saved)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "END" in lines, r.stdout
+    [line] = [x for x in lines if x.startswith("GROUPS ")]
+    groups, gid = line.removeprefix("GROUPS ").split(" GID ")
+    assert groups.split() == [gid], line
 
 
 def test_logguard_repairs_owner_and_mode_within_a_second(internet, project):
