@@ -15,8 +15,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-#: RFC 9110 section 5.6.2: a method and a field name are tokens.
-_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: RFC 9110 section 5.6.2: a method and a field name are tokens (the one definition:
+#: the interceptor's request-line check and the CLI's --method use it too).
+TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_TOKEN = re.compile(TOKEN)
 #: RFC 9110 section 5.5 / RFC 9113 section 8.2.1: never in a field value.
 _NOT_IN_VALUE = re.compile(rb"[\r\n\x00]")
 #: Whitespace and control characters end or corrupt a request line.

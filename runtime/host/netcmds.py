@@ -15,6 +15,7 @@ from runtime.core.config import AIRLOCK, parse_config
 from runtime.core.explain import explain, explain_port
 from runtime.core.hosts import HostError, normalize_host
 from runtime.core.policy import Mode, Request
+from runtime.core.wellformed import is_token
 from runtime.host import github, hostlogs, trust
 from runtime.host.fileproblems import FileProblem, problem
 from runtime.registries import REGISTRIES_FILE
@@ -343,11 +344,8 @@ def cmd_trust(project: Path, home: Path, state: Path, out) -> int:
     return EXIT_OK
 
 
-METHOD_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")  # RFC 9110 token
-
-
 def check_method(method: str) -> str:
-    if not METHOD_TOKEN.fullmatch(method):
+    if len(method) > 32 or not is_token(method):
         raise UsageError(f"--method {method!r} is not an HTTP method (GET, POST, PUT, ...)")
     return method.upper()
 

@@ -20,6 +20,7 @@ from mitmproxy.proxy.mode_specs import TransparentMode
 
 from runtime.container.interceptor.gate import not_http_decision, scheme_of
 from runtime.core.hosts import HostError, normalize_host
+from runtime.core.wellformed import TOKEN
 
 if TYPE_CHECKING:
     from runtime.container.interceptor.gate import PolicyGate
@@ -27,10 +28,9 @@ if TYPE_CHECKING:
     from runtime.container.interceptor.policystore import PolicyStore
 
 #: An HTTP/1 request line (RFC 9112 section 3): method token, target, version.
-_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_REQUEST_LINE = re.compile(_TOKEN + rb" [^\x00-\x20\x7f]+ HTTP/[0-9]\.[0-9]\r?\n")
+_REQUEST_LINE = re.compile(TOKEN + rb" [^\x00-\x20\x7f]+ HTTP/[0-9]\.[0-9]\r?\n")
 #: What a request line can look like before its end has arrived.
-_REQUEST_LINE_START = re.compile(_TOKEN + rb"(?: [^\x00-\x20\x7f]*(?: [HTP/0-9.]*\r?)?)?")
+_REQUEST_LINE_START = re.compile(TOKEN + rb"(?: [^\x00-\x20\x7f]*(?: [HTP/0-9.]*\r?)?)?")
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 #: A first line longer than this is not waited for.
 MAX_REQUEST_LINE = 64 * 1024
